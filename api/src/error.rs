@@ -1,0 +1,139 @@
+//! The API's errors, each rendered as RFC 9457 `application/problem+json`
+//! with a stable machine `code`.
+//!
+//! Internal causes (Redis errors) are logged with their whole chain and never
+//! put in a response.
+
+use std::fmt::Write as _;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::{HttpResponse, ResponseError};
+use kvq_shared::StoreError;
+use serde::Serialize;
+
+/// Everything a request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The key is empty, too long, not UTF-8 or has control characters.
+    #[error("{0}")]
+    InvalidKey(String),
+    /// The body is not JSON.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// The body is JSON but not the expected shape or out of range.
+    #[error("{0}")]
+    InvalidBody(String),
+    /// A query parameter or header is malformed.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body is not declared as JSON.
+    #[error("send the body as JSON with Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// The value (or the whole body) is larger than allowed.
+    #[error("{0}")]
+    ValueTooLarge(String),
+    /// No such key, job or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// The route exists but not for this method.
+    #[error("method not allowed on this path")]
+    MethodNotAllowed,
+    /// A Redis the request needs did not answer.
+    #[error("a backend is unavailable, retry later")]
+    BackendUnavailable(#[source] StoreError),
+}
+
+impl ApiError {
+    /// The stable machine code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidKey(_) => "invalid_key",
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::InvalidBody(_) => "invalid_body",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::ValueTooLarge(_) => "value_too_large",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BackendUnavailable(_) => "backend_unavailable",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ApiError::InvalidKey(_) => "Invalid key",
+            ApiError::MalformedJson(_) => "Malformed JSON",
+            ApiError::InvalidBody(_) => "Invalid request body",
+            ApiError::InvalidRequest(_) => "Invalid request",
+            ApiError::UnsupportedMediaType => "Unsupported media type",
+            ApiError::ValueTooLarge(_) => "Value too large",
+            ApiError::NotFound(_) => "Not found",
+            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::BackendUnavailable(_) => "Backend unavailable",
+        }
+    }
+}
+
+/// The RFC 9457 body.
+#[derive(Serialize)]
+struct Problem<'a> {
+    r#type: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    code: &'a str,
+}
+
+/// Seconds a client should wait before retrying a 503.
+pub const RETRY_AFTER_SECONDS: u32 = 1;
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidKey(_) | ApiError::MalformedJson(_) | ApiError::InvalidRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        if let ApiError::BackendUnavailable(cause) = self {
+            tracing::error!(error = %error_chain(cause), "backend unavailable");
+        }
+        let problem = Problem {
+            r#type: format!("urn:kvq:problem:{}", self.code()),
+            title: self.title(),
+            status: status.as_u16(),
+            detail: self.to_string(),
+            code: self.code(),
+        };
+        let mut response = HttpResponse::build(status);
+        response.insert_header((
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        ));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS.to_string()));
+        }
+        response.json(problem)
+    }
+}
+
+/// `error: cause: cause's cause ...`, for logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let _ = write!(text, ": {cause}");
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,18 @@
+//! `kvq-api`: kvq's HTTP API.
+//!
+//! Writes are validated, given the key's next sequence number, recorded as a
+//! job and pushed to the queue Redis; the answer is `202 Accepted` with the
+//! job's location. Reads go straight to the KV Redis, retried with backoff.
+//! Every error is RFC 9457 problem JSON with a stable `code`.
+//!
+//! # Layout
+//! - [`startup`]: [`startup::Application`] builds the server (listener bound
+//!   first, so tests use port 0) and runs it.
+//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`.
+//! - [`error`]: [`error::ApiError`] and its problem JSON.
+//! - [`request_id`]: the request id middleware.
+
+pub mod error;
+pub mod request_id;
+pub mod routes;
+pub mod startup;

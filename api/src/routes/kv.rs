@@ -1,0 +1,424 @@
+//! `/v1/kv`: create, update, delete (queued) and read (direct) of keys.
+//!
+//! A key in a path is the rest of the path after `/v1/kv/`, percent-decoded,
+//! so it may contain `/` (`/v1/kv/users/42/name`) and any UTF-8 (`%C3%A9`).
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::{HttpRequest, HttpResponse, web};
+use kvq_shared::jobs::{ApplyJob, Op, now_ms, rfc3339};
+use kvq_shared::{StoreError, retry};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use validator::Validate;
+
+use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::startup::AppState;
+
+/// The longest TTL: one year.
+pub const MAX_TTL_SECONDS: u64 = 31_536_000;
+
+/// The most keys one list page holds.
+pub const MAX_LIST_LIMIT: usize = 1_000;
+
+/// `POST /v1/kv` body.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    /// The key to create.
+    pub key: String,
+    /// Any JSON.
+    pub value: serde_json::Value,
+    /// Expiry in seconds.
+    #[validate(range(min = 1, max = 31_536_000))]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `PUT /v1/kv/{key}` body.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    /// Any JSON.
+    pub value: serde_json::Value,
+    /// Expiry in seconds; absent clears any expiry.
+    #[validate(range(min = 1, max = 31_536_000))]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// `PUT /v1/kv/{key}` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateQuery {
+    /// `true`: create the key if it is absent.
+    #[serde(default)]
+    pub upsert: bool,
+}
+
+/// `GET /v1/kv` query.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only keys starting with this.
+    #[serde(default)]
+    pub prefix: String,
+    /// Page size, 1 to 1,000 (default 100).
+    #[validate(range(min = 1, max = 1_000))]
+    pub limit: Option<usize>,
+    /// The previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
+/// The 202 body of every write.
+#[derive(Debug, Serialize)]
+pub struct Accepted<'a> {
+    /// The job id; poll `GET /v1/jobs/{job_id}`.
+    pub job_id: &'a str,
+    /// Always `queued`.
+    pub status: &'static str,
+    /// The operation.
+    pub op: Op,
+    /// The key.
+    pub key: &'a str,
+    /// The key's sequence number for this write.
+    pub seq: u64,
+}
+
+/// The 200 body of a read.
+#[derive(Debug, Serialize)]
+pub struct KeyBody<'a> {
+    /// The key.
+    pub key: &'a str,
+    /// The value, as written.
+    pub value: &'a RawValue,
+    /// Grows by one on every write to the key, deletes included.
+    pub version: u64,
+    /// RFC 3339.
+    pub updated_at: String,
+    /// RFC 3339, or `null` without a TTL.
+    pub expires_at: Option<String>,
+}
+
+/// The 200 body of a list.
+#[derive(Debug, Serialize)]
+pub struct ListBody {
+    /// Keys, sorted within the page.
+    pub keys: Vec<String>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Registers the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/kv")
+            .route(web::post().to(create))
+            .route(web::get().to(list))
+            .default_service(web::to(crate::routes::method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/kv/{key:.*}")
+            .route(web::get().to(read))
+            .route(web::put().to(update))
+            .route(web::delete().to(delete))
+            .default_service(web::to(crate::routes::method_not_allowed)),
+    );
+}
+
+/// Checks a key against the limits: 1 to `max_bytes` bytes, no control
+/// characters.
+pub fn validate_key(key: &str, max_bytes: usize) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(ApiError::InvalidKey("the key is empty".into()));
+    }
+    if key.len() > max_bytes {
+        return Err(ApiError::InvalidKey(format!(
+            "the key is {} bytes long; the limit is {max_bytes}",
+            key.len()
+        )));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(ApiError::InvalidKey(
+            "the key contains a control character".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The key in the request's path, percent-decoded and validated.
+fn path_key(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
+    let raw = req.path().strip_prefix("/v1/kv/").unwrap_or_default();
+    let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
+    let key = String::from_utf8(bytes)
+        .map_err(|_| ApiError::InvalidKey("the key is not valid UTF-8".into()))?;
+    validate_key(&key, state.config.max_key_bytes)?;
+    Ok(key)
+}
+
+/// Checks `validator` rules, describing each failed field.
+fn validation(input: &impl Validate) -> Result<(), String> {
+    input.validate().map_err(|errors| {
+        let fields: Vec<String> = errors
+            .field_errors()
+            .keys()
+            .map(|field| match field.as_ref() {
+                "ttl_seconds" => format!("ttl_seconds must be 1 to {MAX_TTL_SECONDS}"),
+                "limit" => format!("limit must be 1 to {MAX_LIST_LIMIT}"),
+                other => format!("{other} is invalid"),
+            })
+            .collect();
+        fields.join("; ")
+    })
+}
+
+fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
+    validation(body).map_err(ApiError::InvalidBody)
+}
+
+/// Serializes the value compactly and checks it against the size limit.
+///
+/// Parsing the body into a `serde_json::Value` first is what rejects JSON a
+/// reader could not load back: numbers out of `f64` range and nesting deeper
+/// than 128 levels are 400s.
+fn checked_value(value: &serde_json::Value, state: &AppState) -> Result<Box<RawValue>, ApiError> {
+    let text = serde_json::to_string(value)
+        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))?;
+    let limit = state.config.max_value_bytes;
+    if text.len() > limit {
+        return Err(ApiError::ValueTooLarge(format!(
+            "the value is {} bytes of JSON; the limit is {limit}",
+            text.len()
+        )));
+    }
+    RawValue::from_string(text)
+        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))
+}
+
+/// Parses `If-Match: "<version>"`. `None` without the header.
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(raw) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    raw.to_str()
+        .ok()
+        .map(str::trim)
+        .and_then(|s| s.strip_prefix('"'))
+        .and_then(|s| s.strip_suffix('"'))
+        .and_then(|s| s.parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "If-Match must be one version in quotes, as the ETag gives it, e.g. \"3\"".into(),
+            )
+        })
+}
+
+/// `POST /v1/kv`: queue a create.
+async fn create(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<CreateBody>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    validate_key(&body.key, state.config.max_key_bytes)?;
+    validate_body(&body)?;
+    let value = checked_value(&body.value, &state)?;
+    enqueue(
+        &req,
+        &state,
+        Op::Create,
+        body.key,
+        Some(value),
+        body.ttl_seconds,
+        None,
+    )
+    .await
+}
+
+/// `PUT /v1/kv/{key}`: queue an update (or upsert).
+async fn update(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    query: web::Query<UpdateQuery>,
+    body: web::Json<UpdateBody>,
+) -> Result<HttpResponse, ApiError> {
+    let key = path_key(&req, &state)?;
+    let body = body.into_inner();
+    validate_body(&body)?;
+    let value = checked_value(&body.value, &state)?;
+    let expected = if_match(req.headers())?;
+    let op = if query.upsert { Op::Upsert } else { Op::Update };
+    enqueue(
+        &req,
+        &state,
+        op,
+        key,
+        Some(value),
+        body.ttl_seconds,
+        expected,
+    )
+    .await
+}
+
+/// `DELETE /v1/kv/{key}`: queue a delete.
+async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let key = path_key(&req, &state)?;
+    let expected = if_match(req.headers())?;
+    enqueue(&req, &state, Op::Delete, key, None, None, expected).await
+}
+
+/// Gives the write its `seq`, records the job and pushes it: 202 once the job
+/// is in the queue Redis, 503 if it is not (then nothing was queued).
+async fn enqueue(
+    req: &HttpRequest,
+    state: &AppState,
+    op: Op,
+    key: String,
+    value: Option<Box<RawValue>>,
+    ttl_seconds: Option<u64>,
+    if_match: Option<u64>,
+) -> Result<HttpResponse, ApiError> {
+    let request_id = RequestId::of(req);
+    let seq = state
+        .kv
+        .next_seq(&key)
+        .await
+        .map_err(ApiError::BackendUnavailable)?;
+    let job = ApplyJob {
+        id: uuid::Uuid::now_v7().to_string(),
+        op,
+        key,
+        seq,
+        value,
+        ttl_seconds,
+        if_match,
+        request_id: request_id.clone(),
+        enqueued_at: now_ms(),
+    };
+    if let Err(e) = record_and_push(state, &job).await {
+        // Tell the key's later writes not to wait for this seq.
+        if let Err(mark) = state.kv.abandon_seq(&job.key, seq).await {
+            tracing::warn!(seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+        }
+        return Err(ApiError::BackendUnavailable(e));
+    }
+    tracing::info!(job_id = %job.id, op = %op, seq, "job queued");
+    let location = format!("/v1/jobs/{}", job.id);
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::LOCATION, location))
+        .json(Accepted {
+            job_id: &job.id,
+            status: "queued",
+            op,
+            key: &job.key,
+            seq,
+        }))
+}
+
+/// Records the job and pushes it; on failure removes the record again.
+async fn record_and_push(state: &AppState, job: &ApplyJob) -> Result<(), StoreError> {
+    state.records.create(job).await?;
+    if let Err(e) = state.queue.push(job).await {
+        if let Err(cleanup) = state.records.discard(&job.id).await {
+            tracing::warn!(job_id = %job.id, error = %cleanup, "could not discard the record of an unqueued job");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Whether `If-None-Match` lists `version` (or is `*`).
+fn none_match(headers: &HeaderMap, version: u64) -> bool {
+    let etag = format!("\"{version}\"");
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == "*" || tag == etag)
+}
+
+/// `GET /v1/kv/{key}`: read straight from the KV Redis, retrying transient
+/// errors; 503 when the retries run out.
+async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let key = path_key(&req, &state)?;
+    let entry = retry::with_backoff(
+        state.config.read_retry_max,
+        state.read_attempt_timeout(),
+        || state.kv.get(&key),
+    )
+    .await
+    .map_err(ApiError::BackendUnavailable)?
+    .ok_or_else(|| ApiError::NotFound(format!("no key {key:?}")))?;
+    let etag = format!("\"{}\"", entry.version);
+    if none_match(req.headers(), entry.version) {
+        return Ok(HttpResponse::build(StatusCode::NOT_MODIFIED)
+            .insert_header((header::ETAG, etag))
+            .finish());
+    }
+    Ok(HttpResponse::Ok()
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .json(KeyBody {
+            key: &key,
+            value: &entry.value,
+            version: entry.version,
+            updated_at: rfc3339(entry.updated_at),
+            expires_at: entry.expires_at.map(rfc3339),
+        }))
+}
+
+/// `GET /v1/kv?prefix=&limit=&cursor=`: live keys by prefix, paginated.
+async fn list(
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    validation(&query).map_err(ApiError::InvalidRequest)?;
+    let cursor = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(
+            c.parse::<u64>()
+                .map_err(|_| ApiError::InvalidRequest("cursor is not one this API gave".into()))?,
+        ),
+    };
+    let limit = query.limit.unwrap_or(100);
+    let (keys, next) = retry::with_backoff(
+        state.config.read_retry_max,
+        state.read_attempt_timeout(),
+        || state.kv.list(&query.prefix, limit, cursor),
+    )
+    .await
+    .map_err(ApiError::BackendUnavailable)?;
+    Ok(HttpResponse::Ok().json(ListBody {
+        keys,
+        next_cursor: next.map(|c| c.to_string()),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked() {
+        assert!(validate_key("users/42/name", 512).is_ok());
+        assert!(validate_key("é", 2).is_ok());
+        assert!(validate_key("é", 1).is_err());
+        assert!(validate_key("", 512).is_err());
+        assert!(validate_key("a\u{0}b", 512).is_err());
+        assert!(validate_key("a\nb", 512).is_err());
+        assert!(validate_key("a\u{9f}b", 512).is_err());
+    }
+
+    #[test]
+    fn if_none_match_lists() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            "\"2\", W/\"3\"".parse().expect("header"),
+        );
+        assert!(none_match(&headers, 3));
+        assert!(!none_match(&headers, 4));
+    }
+}

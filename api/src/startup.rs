@@ -1,0 +1,121 @@
+//! Building and running the HTTP server. The listener is bound in
+//! [`Application::build`], so tests can ask for port 0 and read the port.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::error::{JsonPayloadError, QueryPayloadError};
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpRequest, HttpServer, web};
+use kvq_shared::Config;
+use kvq_shared::jobs::JobRecords;
+use kvq_shared::queue::JobQueue;
+use kvq_shared::store::{self, KvStore};
+
+use crate::error::ApiError;
+use crate::routes;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// The KV Redis.
+    pub kv: KvStore,
+    /// Job records in the queue Redis.
+    pub records: JobRecords,
+    /// The queue.
+    pub queue: JobQueue,
+}
+
+impl AppState {
+    /// How long one read attempt may take before it is retried.
+    pub fn read_attempt_timeout(&self) -> Duration {
+        self.config
+            .redis_timeout
+            .min(Duration::from_secs(1))
+            .max(Duration::from_millis(50))
+    }
+}
+
+/// A bound, not yet running, API server.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+/// Space for the rest of a write's body beyond the value itself.
+const BODY_OVERHEAD_BYTES: usize = 64 * 1024;
+
+impl Application {
+    /// Connects to both Redis servers (lazily: the API starts, and reports
+    /// not ready, while they are down) and binds `config.bind`.
+    pub async fn build(config: Config) -> Result<Self, anyhow::Error> {
+        let listener = TcpListener::bind(config.bind)?;
+        let port = listener.local_addr()?.port();
+        let kv_conn = store::connect(&config.kv_redis_url, config.redis_timeout)?;
+        let queue_conn = store::connect(&config.queue_redis_url, config.redis_timeout)?;
+        let state = web::Data::new(AppState {
+            kv: KvStore::new(kv_conn, &config.namespace),
+            records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
+            queue: JobQueue::new(queue_conn, &config),
+            config: Arc::new(config),
+        });
+        let body_limit = state.config.max_value_bytes + BODY_OVERHEAD_BYTES;
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(
+                    web::JsonConfig::default()
+                        .limit(body_limit)
+                        .error_handler(json_error),
+                )
+                .app_data(web::QueryConfig::default().error_handler(query_error))
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
+                )
+                .wrap(from_fn(crate::request_id::middleware))
+                .configure(routes::health::configure)
+                .configure(routes::kv::configure)
+                .configure(routes::jobs::configure)
+                .default_service(web::to(routes::not_found))
+        })
+        .listen(listener)?
+        .shutdown_timeout(10)
+        .run();
+        Ok(Self { port, server })
+    }
+
+    /// The port the API listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until the process is told to stop (SIGTERM / ctrl-c), then
+    /// finishes in-flight requests.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    let api = match &err {
+        JsonPayloadError::OverflowKnownLength { length, limit } => {
+            ApiError::ValueTooLarge(format!("the body is {length} bytes; the limit is {limit}"))
+        }
+        JsonPayloadError::Overflow { limit } => {
+            ApiError::ValueTooLarge(format!("the body is larger than {limit} bytes"))
+        }
+        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
+        JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::InvalidBody(e.to_string()),
+        JsonPayloadError::Deserialize(e) => ApiError::MalformedJson(e.to_string()),
+        _ => ApiError::MalformedJson("the body could not be read".into()),
+    };
+    api.into()
+}
+
+fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {
+    ApiError::InvalidRequest(format!("bad query string: {err}")).into()
+}

@@ -1,0 +1,60 @@
+//! `/healthz`, `/readyz` and start-up configuration errors.
+
+use std::time::Duration;
+
+use kvq_testkit::{KvqProcess, Stack};
+use reqwest::Method;
+use serde_json::Value;
+
+#[tokio::test]
+async fn ready_only_while_both_redis_servers_answer() {
+    let mut stack = Stack::builder().workers(0).start().await;
+    let status = |stack: &Stack, path: &'static str| {
+        let request = stack.request(Method::GET, path);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status(&stack, "/healthz").await, 200);
+    assert_eq!(status(&stack, "/readyz").await, 200);
+
+    stack.queue.stop();
+    let response = stack.request(Method::GET, "/readyz").send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "backend_unavailable");
+    assert_eq!(
+        status(&stack, "/healthz").await,
+        200,
+        "liveness ignores Redis"
+    );
+
+    stack.queue.restart();
+    kvq_testkit::eventually(Duration::from_secs(10), "ready again", || async {
+        (status(&stack, "/readyz").await == 200).then_some(())
+    })
+    .await;
+
+    stack.kv.stop();
+    assert_eq!(status(&stack, "/readyz").await, 503);
+}
+
+#[tokio::test]
+async fn a_bad_setting_stops_the_api_naming_the_variable() {
+    for (var, value) in [
+        ("KVQ_WORKER_CONCURRENCY", "zero"),
+        ("KVQ_KV_REDIS_URL", "http://127.0.0.1:1"),
+        ("KVQ_AUTH_DISABLED", "perhaps"),
+        ("KVQ_BIND", "not-an-address"),
+    ] {
+        for bin in ["kvq-api", "kvq-worker"] {
+            let mut process = KvqProcess::spawn(bin, &[(var.to_owned(), value.to_owned())]);
+            let status = process.wait_exit(Duration::from_secs(10)).await;
+            assert_eq!(status.code(), Some(2), "{bin} with {var}={value}");
+            let stderr = process.stderr().join("\n");
+            assert!(stderr.contains(var), "{bin}: {stderr}");
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! kvq-api's integration tests: real redis-server processes, the real
+//! `kvq-api` and `kvq-worker` binaries, HTTP over loopback.
+
+#![allow(clippy::unwrap_used)]
+
+mod errors;
+mod health;
+mod jobs;
+mod kv;
+mod resilience;

@@ -1,0 +1,107 @@
+//! Reads retry a failing KV Redis with backoff, answer 503 when the retries
+//! run out, and work again as soon as Redis is back.
+
+use std::time::{Duration, Instant};
+
+use kvq_testkit::{Stack, eventually};
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn reads_answer_503_while_the_kv_redis_is_down_and_recover_after() {
+    let mut stack = Stack::start().await;
+    stack
+        .finished(stack.create("steady", json!("before")).await)
+        .await;
+
+    stack.kv.stop();
+    let started = Instant::now();
+    let response = stack.get("steady").await;
+    let took = started.elapsed();
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "backend_unavailable");
+    assert!(took < Duration::from_secs(8), "the 503 took {took:?}");
+    assert!(stack.api().is_running());
+
+    // Writes are refused too (the key's sequence lives in the KV Redis), and
+    // nothing is queued.
+    let write = stack.put("steady", json!({"value": "during"})).await;
+    assert_eq!(write.status(), 503);
+
+    // Persistence is off in tests, so the restarted Redis is empty: a 404
+    // (not a 503) shows the API reads from it again, without a restart.
+    stack.kv.restart();
+    eventually(Duration::from_secs(10), "reads to work again", || async {
+        (stack.get("steady").await.status() == 404).then_some(())
+    })
+    .await;
+    let job = stack
+        .finished(stack.create("steady", json!("after")).await)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let read: Value = stack.get("steady").await.json().await.unwrap();
+    assert_eq!(read["value"], "after");
+}
+
+#[tokio::test]
+async fn a_read_retried_through_a_short_outage_succeeds() {
+    let stack = Stack::builder()
+        .env("KVQ_READ_RETRY_MAX_MS", "8000")
+        .start()
+        .await;
+    stack.finished(stack.create("brief", json!(1)).await).await;
+    let pid = stack.kv.pid().unwrap();
+    // SIGSTOP: the connection stays open but Redis does not answer.
+    kvq_testkit::signal(pid, "STOP");
+    let reader = {
+        let request = stack.request(reqwest::Method::GET, "/v1/kv/brief");
+        tokio::spawn(async move { request.send().await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kvq_testkit::signal(pid, "CONT");
+    let response = reader.await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["value"], 1);
+}
+
+#[tokio::test]
+async fn a_write_refused_with_503_never_applies_and_does_not_stall_the_key() {
+    // A long gap timeout: only the abandoned-seq mark can unblock the key.
+    let mut stack = Stack::builder()
+        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "600")
+        .start()
+        .await;
+    stack.finished(stack.create("gap", json!("v1")).await).await;
+
+    // The key's next seq is handed out by the KV Redis, then queueing fails.
+    stack.queue.stop();
+    let refused = stack.put("gap", json!({"value": "refused"})).await;
+    assert_eq!(refused.status(), 503);
+    stack.queue.restart();
+
+    let accepted = eventually(
+        Duration::from_secs(10),
+        "a write to be accepted",
+        || async {
+            let response = stack.put("gap", json!({"value": "v2"})).await;
+            (response.status() == 202).then_some(response)
+        },
+    )
+    .await;
+    let body: Value = accepted.json().await.unwrap();
+    assert!(body["seq"].as_u64().unwrap() >= 3, "{body}");
+    let job = stack.wait_job(body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let read: Value = stack.get("gap").await.json().await.unwrap();
+    assert_eq!(read["value"], "v2");
+    assert_eq!(
+        read["version"], 2,
+        "the refused write must not have applied"
+    );
+}

@@ -1,0 +1,371 @@
+//! The one typed configuration of kvq, read once from `KVQ_*` environment
+//! variables at start.
+//!
+//! Every variable has a default (see the README's table), and a value that does
+//! not parse stops the process with a [`ConfigError`] naming the variable. No
+//! config file is needed.
+
+use std::fmt;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A configuration value that was missing, malformed or out of range.
+#[derive(Debug, Error)]
+#[error("{var}: {message}")]
+pub struct ConfigError {
+    /// The environment variable at fault, e.g. `KVQ_BIND`.
+    pub var: &'static str,
+    /// What is wrong with it, in words a user can act on.
+    pub message: String,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable, coloured lines (the default on a terminal).
+    Pretty,
+    /// One JSON object per line (the default elsewhere).
+    Json,
+}
+
+/// A string that must never be printed: `Debug` and `Display` show `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// A Redis URL (`redis://` or `rediss://`, possibly with a password), shown
+/// with its password masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    /// The full URL, password included, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `scheme://user:password@host` → `scheme://user:***@host`
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                let userinfo = &self.0[scheme_end + 3..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                write!(
+                    f,
+                    "{}{}:***{}",
+                    &self.0[..scheme_end + 3],
+                    user,
+                    &self.0[at..]
+                )
+            }
+            _ => f.write_str(&self.0),
+        }
+    }
+}
+
+/// kvq's configuration, shared by `kvq-api` and `kvq-worker`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `KVQ_BIND`: the API's listen address.
+    pub bind: SocketAddr,
+    /// `KVQ_KV_REDIS_URL`: the Redis that holds the data.
+    pub kv_redis_url: RedisUrl,
+    /// `KVQ_QUEUE_REDIS_URL`: the Redis that holds the job queue and job records.
+    pub queue_redis_url: RedisUrl,
+    /// `KVQ_NAMESPACE`: prefix of every Redis key kvq writes.
+    pub namespace: String,
+    /// `KVQ_WORKER_CONCURRENCY`: jobs one worker process runs at once.
+    pub worker_concurrency: usize,
+    /// `KVQ_WORKER_HEALTH_BIND`: the worker's `/healthz` listen address.
+    pub worker_health_bind: SocketAddr,
+    /// `KVQ_WORKER_MAX_ATTEMPTS`: runs of a job that hit infrastructure errors
+    /// before it is `dead`.
+    pub worker_max_attempts: u32,
+    /// `KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS`: how long a stopping worker waits
+    /// for in-flight jobs.
+    pub worker_shutdown_timeout: Duration,
+    /// `KVQ_WORKER_HEARTBEAT_MS`: the queue poll / heartbeat period; an idle
+    /// worker picks up a new job within about this time.
+    pub worker_heartbeat: Duration,
+    /// `KVQ_ORDER_GAP_TIMEOUT_SECONDS`: how long a job waits for a predecessor
+    /// (lower `seq` of the same key) that never arrives before it skips the gap.
+    pub order_gap_timeout: Duration,
+    /// `KVQ_AUTH_JWT_SECRET`: HS256 secret for bearer tokens.
+    pub auth_jwt_secret: Option<Secret>,
+    /// `KVQ_AUTH_JWT_PUBLIC_KEY_FILE`: RS256 public key (PEM) for bearer tokens.
+    pub auth_jwt_public_key_file: Option<PathBuf>,
+    /// `KVQ_AUTH_DISABLED`: `true` serves every route without a token.
+    pub auth_disabled: bool,
+    /// `KVQ_MAX_KEY_BYTES`: the longest key, in bytes of UTF-8.
+    pub max_key_bytes: usize,
+    /// `KVQ_MAX_VALUE_BYTES`: the largest value, as serialized JSON.
+    pub max_value_bytes: usize,
+    /// `KVQ_JOB_RETENTION_SECONDS`: how long finished job records are kept.
+    pub job_retention: Duration,
+    /// `KVQ_REDIS_TIMEOUT_MS`: how long one Redis command may take.
+    pub redis_timeout: Duration,
+    /// `KVQ_READ_RETRY_MAX_MS`: total time a read retries a failing Redis
+    /// before answering 503.
+    pub read_retry_max: Duration,
+    /// `KVQ_LOG_FORMAT`: `pretty` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (name → value), so tests can
+    /// supply variables without touching the process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(&lookup);
+        let namespace = env.string("KVQ_NAMESPACE", "kvq");
+        if namespace.is_empty()
+            || !namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+        {
+            return Err(ConfigError {
+                var: "KVQ_NAMESPACE",
+                message: format!(
+                    "{namespace:?} must be non-empty ASCII letters, digits, '-', '_', '.' or ':'"
+                ),
+            });
+        }
+        let config = Self {
+            bind: env.parse("KVQ_BIND", "127.0.0.1:8080")?,
+            kv_redis_url: env.redis_url("KVQ_KV_REDIS_URL", "redis://127.0.0.1:6379")?,
+            queue_redis_url: env.redis_url("KVQ_QUEUE_REDIS_URL", "redis://127.0.0.1:6380")?,
+            namespace,
+            worker_concurrency: env.ranged("KVQ_WORKER_CONCURRENCY", 32, 1, 10_000)?,
+            worker_health_bind: env.parse("KVQ_WORKER_HEALTH_BIND", "127.0.0.1:9091")?,
+            worker_max_attempts: env.ranged("KVQ_WORKER_MAX_ATTEMPTS", 5, 1, 25)?,
+            worker_shutdown_timeout: Duration::from_secs(env.ranged(
+                "KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS",
+                25,
+                1,
+                3_600,
+            )?),
+            worker_heartbeat: Duration::from_millis(env.ranged(
+                "KVQ_WORKER_HEARTBEAT_MS",
+                250,
+                10,
+                30_000,
+            )?),
+            order_gap_timeout: Duration::from_secs(env.ranged(
+                "KVQ_ORDER_GAP_TIMEOUT_SECONDS",
+                30,
+                1,
+                86_400,
+            )?),
+            auth_jwt_secret: env.optional("KVQ_AUTH_JWT_SECRET").map(Secret::new),
+            auth_jwt_public_key_file: env
+                .optional("KVQ_AUTH_JWT_PUBLIC_KEY_FILE")
+                .map(PathBuf::from),
+            auth_disabled: env.bool("KVQ_AUTH_DISABLED", false)?,
+            max_key_bytes: env.ranged("KVQ_MAX_KEY_BYTES", 512, 1, 65_536)?,
+            max_value_bytes: env.ranged("KVQ_MAX_VALUE_BYTES", 1_048_576, 1, 512 * 1_048_576)?,
+            job_retention: Duration::from_secs(env.ranged(
+                "KVQ_JOB_RETENTION_SECONDS",
+                86_400,
+                1,
+                365 * 86_400,
+            )?),
+            redis_timeout: Duration::from_millis(env.ranged(
+                "KVQ_REDIS_TIMEOUT_MS",
+                5_000,
+                50,
+                600_000,
+            )?),
+            read_retry_max: Duration::from_millis(env.ranged(
+                "KVQ_READ_RETRY_MAX_MS",
+                3_000,
+                0,
+                600_000,
+            )?),
+            log_format: match env.optional("KVQ_LOG_FORMAT").as_deref() {
+                None => {
+                    if std::io::stdout().is_terminal() {
+                        LogFormat::Pretty
+                    } else {
+                        LogFormat::Json
+                    }
+                }
+                Some("pretty") => LogFormat::Pretty,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    return Err(ConfigError {
+                        var: "KVQ_LOG_FORMAT",
+                        message: format!("{other:?} is neither \"pretty\" nor \"json\""),
+                    });
+                }
+            },
+        };
+        Ok(config)
+    }
+}
+
+/// Typed access to the variables, each error naming its variable.
+struct Env<'a>(&'a dyn Fn(&str) -> Option<String>);
+
+impl Env<'_> {
+    fn optional(&self, var: &str) -> Option<String> {
+        (self.0)(var).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.optional(var).unwrap_or_else(|| default.to_owned())
+    }
+
+    fn parse<T>(&self, var: &'static str, default: &str) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr,
+        T::Err: fmt::Display,
+    {
+        let raw = self.string(var, default);
+        raw.parse().map_err(|e| ConfigError {
+            var,
+            message: format!("{raw:?} is not valid: {e}"),
+        })
+    }
+
+    fn ranged<T>(&self, var: &'static str, default: T, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+        T::Err: fmt::Display,
+    {
+        let value = match self.optional(var) {
+            None => default,
+            Some(raw) => raw.trim().parse().map_err(|e| ConfigError {
+                var,
+                message: format!("{raw:?} is not a number: {e}"),
+            })?,
+        };
+        if value < min || value > max {
+            return Err(ConfigError {
+                var,
+                message: format!("{value} is outside {min}..={max}"),
+            });
+        }
+        Ok(value)
+    }
+
+    fn bool(&self, var: &'static str, default: bool) -> Result<bool, ConfigError> {
+        match self
+            .optional(var)
+            .map(|v| v.to_ascii_lowercase())
+            .as_deref()
+        {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(ConfigError {
+                var,
+                message: format!("{other:?} is not a boolean (true or false)"),
+            }),
+        }
+    }
+
+    fn redis_url(&self, var: &'static str, default: &str) -> Result<RedisUrl, ConfigError> {
+        let raw = self.string(var, default);
+        let url = RedisUrl(raw);
+        if !(url.0.starts_with("redis://") || url.0.starts_with("rediss://")) {
+            return Err(ConfigError {
+                var,
+                message: format!("{url} must start with redis:// or rediss://"),
+            });
+        }
+        redis::Client::open(url.expose()).map_err(|e| ConfigError {
+            var,
+            message: format!("{url} is not a usable Redis URL ({:?})", e.kind()),
+        })?;
+        Ok(url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = config(&[]).expect("defaults are valid");
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.kv_redis_url.expose(), "redis://127.0.0.1:6379");
+        assert_eq!(c.queue_redis_url.expose(), "redis://127.0.0.1:6380");
+        assert_eq!(c.namespace, "kvq");
+        assert_eq!(c.worker_concurrency, 32);
+        assert_eq!(c.worker_health_bind.to_string(), "127.0.0.1:9091");
+        assert!(!c.auth_disabled);
+        assert_eq!((c.max_key_bytes, c.max_value_bytes), (512, 1_048_576));
+        assert_eq!(c.job_retention, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        for (var, value) in [
+            ("KVQ_BIND", "nowhere"),
+            ("KVQ_KV_REDIS_URL", "http://x"),
+            ("KVQ_QUEUE_REDIS_URL", "redis://"),
+            ("KVQ_WORKER_CONCURRENCY", "0"),
+            ("KVQ_AUTH_DISABLED", "maybe"),
+            ("KVQ_MAX_VALUE_BYTES", "-1"),
+            ("KVQ_NAMESPACE", "a{b}"),
+            ("KVQ_LOG_FORMAT", "xml"),
+        ] {
+            let err = config(&[(var, value)]).expect_err(var);
+            assert_eq!(err.var, var);
+            assert!(err.to_string().starts_with(var), "{err}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        let c = config(&[("KVQ_KV_REDIS_URL", "redis://:hunter2@127.0.0.1:1/0")]).expect("ok");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redis://:***@127.0.0.1:1/0"), "{shown}");
+        let c = config(&[("KVQ_AUTH_JWT_SECRET", "topsecret")]).expect("ok");
+        assert!(!format!("{c:?}").contains("topsecret"));
+    }
+}

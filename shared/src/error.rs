@@ -1,0 +1,49 @@
+//! Errors of the Redis-backed stores.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A store operation that did not complete.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Redis refused, dropped or failed the command.
+    #[error("redis command failed")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer in time.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The queue library failed for a reason other than Redis.
+    #[error("queue error: {0}")]
+    Queue(String),
+    /// Redis answered with data kvq did not write.
+    #[error("unexpected data in redis: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (connection and timeout
+    /// errors), as opposed to a bug or corrupt data.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_timeout()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || matches!(
+                        e.kind(),
+                        redis::ErrorKind::Server(
+                            redis::ServerErrorKind::BusyLoading
+                                | redis::ServerErrorKind::TryAgain
+                                | redis::ServerErrorKind::ClusterDown
+                                | redis::ServerErrorKind::MasterDown
+                                | redis::ServerErrorKind::ReadOnly
+                        )
+                    )
+            }
+            StoreError::Corrupt(_) | StoreError::Queue(_) => false,
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Job types: what the API enqueues ([`ApplyJob`]), what applying one can end
+//! in ([`Outcome`]), and the job records clients poll ([`JobRecord`], kept in
+//! the queue Redis by [`JobRecords`]).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::error::StoreError;
+use crate::keys;
+
+/// The queue's name below the namespace; see [`keys::queue_name`].
+pub const QUEUE: &str = "apply";
+
+/// A write operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    /// `POST /v1/kv`: fails with `already_exists` if the key is live.
+    Create,
+    /// `PUT /v1/kv/{key}`: fails with `not_found` if the key is absent.
+    Update,
+    /// `PUT /v1/kv/{key}?upsert=true`: creates or updates.
+    Upsert,
+    /// `DELETE /v1/kv/{key}`: fails with `not_found` if the key is absent.
+    Delete,
+}
+
+impl Op {
+    /// The lowercase name used in JSON, job records and the apply script.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Update => "update",
+            Op::Upsert => "upsert",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// Parses [`Op::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "create" => Op::Create,
+            "update" => Op::Update,
+            "upsert" => Op::Upsert,
+            "delete" => Op::Delete,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One accepted write, as queued for the workers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyJob {
+    /// The job id (a UUID), also the apalis task id.
+    pub id: String,
+    /// What to do.
+    pub op: Op,
+    /// The user key.
+    pub key: String,
+    /// The key's sequence number, given at enqueue; writes to one key apply in
+    /// `seq` order.
+    pub seq: u64,
+    /// The new value as JSON text (create, update, upsert).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Box<RawValue>>,
+    /// Expiry of the new value, in seconds; `None` means no expiry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
+    /// `If-Match`: the version the key must have when the job applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_match: Option<u64>,
+    /// The id of the HTTP request that enqueued the job, for logs.
+    pub request_id: String,
+    /// When the API accepted the write, Unix ms.
+    pub enqueued_at: i64,
+}
+
+/// A business failure: final, never retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailCode {
+    /// Create of a key that is live.
+    AlreadyExists,
+    /// Update or delete of a key that is absent.
+    NotFound,
+    /// `If-Match` did not match the key's version (or the key was absent).
+    VersionMismatch,
+}
+
+impl FailCode {
+    /// The stable machine code.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailCode::AlreadyExists => "already_exists",
+            FailCode::NotFound => "not_found",
+            FailCode::VersionMismatch => "version_mismatch",
+        }
+    }
+
+    /// A sentence for humans.
+    pub fn message(self) -> &'static str {
+        match self {
+            FailCode::AlreadyExists => "the key already exists",
+            FailCode::NotFound => "the key does not exist",
+            FailCode::VersionMismatch => "the key's version does not match If-Match",
+        }
+    }
+}
+
+/// What applying a job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The key was created with this version.
+    Created(u64),
+    /// The key was updated to this version.
+    Updated(u64),
+    /// The key was deleted; the delete took this version.
+    Deleted(u64),
+    /// Nothing changed.
+    Failed(FailCode),
+}
+
+impl Outcome {
+    /// Parses the compact form the apply script records: `created:3`,
+    /// `not_found:0`, ...
+    pub fn parse(s: &str) -> Option<Self> {
+        let (name, version) = s.split_once(':')?;
+        let version: u64 = version.parse().ok()?;
+        Some(match name {
+            "created" => Outcome::Created(version),
+            "updated" => Outcome::Updated(version),
+            "deleted" => Outcome::Deleted(version),
+            "already_exists" => Outcome::Failed(FailCode::AlreadyExists),
+            "not_found" => Outcome::Failed(FailCode::NotFound),
+            "version_mismatch" => Outcome::Failed(FailCode::VersionMismatch),
+            _ => return None,
+        })
+    }
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Accepted, waiting for a worker.
+    Queued,
+    /// A worker is applying it.
+    Running,
+    /// Applied.
+    Succeeded,
+    /// Ended by a business failure (`already_exists`, `not_found`,
+    /// `version_mismatch`); not retried.
+    Failed,
+    /// Infrastructure errors exhausted the retries.
+    Dead,
+}
+
+impl JobStatus {
+    /// The lowercase name used in JSON and job records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Dead => "dead",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "succeeded" => JobStatus::Succeeded,
+            "failed" => JobStatus::Failed,
+            "dead" => JobStatus::Dead,
+            _ => return None,
+        })
+    }
+
+    /// Whether the job will change no more.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobStatus::Succeeded | JobStatus::Failed | JobStatus::Dead
+        )
+    }
+}
+
+/// A successful job's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// `created`, `updated` or `deleted`.
+    pub outcome: String,
+    /// The key's version after the write.
+    pub version: u64,
+}
+
+/// A failed or dead job's error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    /// Stable machine code: `already_exists`, `not_found`,
+    /// `version_mismatch`, `backend_unavailable`, ...
+    pub code: String,
+    /// A sentence for humans.
+    pub message: String,
+}
+
+/// The record of one job, as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    /// The job id.
+    pub id: String,
+    /// The operation.
+    pub op: Op,
+    /// The user key.
+    pub key: String,
+    /// The key's sequence number.
+    pub seq: u64,
+    /// Where the job is.
+    pub status: JobStatus,
+    /// How many times a worker started it.
+    pub attempts: u32,
+    /// Set once succeeded.
+    pub result: Option<JobResult>,
+    /// Set once failed or dead.
+    pub error: Option<JobError>,
+    /// Unix ms.
+    pub enqueued_at: i64,
+    /// Unix ms of the latest start.
+    pub started_at: Option<i64>,
+    /// Unix ms.
+    pub finished_at: Option<i64>,
+    /// The id of the request that enqueued it.
+    pub request_id: Option<String>,
+}
+
+impl JobRecord {
+    fn from_hash(mut h: HashMap<String, String>) -> Result<Self, StoreError> {
+        let corrupt = |field: &str| StoreError::Corrupt(format!("job record field {field}"));
+        let mut take = |field: &str| h.remove(field);
+        let id = take("id").ok_or_else(|| corrupt("id"))?;
+        let op = take("op")
+            .as_deref()
+            .and_then(Op::parse)
+            .ok_or_else(|| corrupt("op"))?;
+        let key = take("key").ok_or_else(|| corrupt("key"))?;
+        let seq = take("seq")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("seq"))?;
+        let status = take("status")
+            .as_deref()
+            .and_then(JobStatus::parse)
+            .ok_or_else(|| corrupt("status"))?;
+        let attempts = take("attempts").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let result = take("result").and_then(|s| serde_json::from_str(&s).ok());
+        let error = take("error").and_then(|s| serde_json::from_str(&s).ok());
+        let enqueued_at = take("enqueued_at")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| corrupt("enqueued_at"))?;
+        let started_at = take("started_at").and_then(|s| s.parse().ok());
+        let finished_at = take("finished_at").and_then(|s| s.parse().ok());
+        let request_id = take("request_id");
+        Ok(Self {
+            id,
+            op,
+            key,
+            seq,
+            status,
+            attempts,
+            result,
+            error,
+            enqueued_at,
+            started_at,
+            finished_at,
+            request_id,
+        })
+    }
+}
+
+/// How a job ended, for [`JobRecords::finish`].
+#[derive(Debug, Clone)]
+pub enum Final {
+    /// Applied.
+    Succeeded(JobResult),
+    /// Business failure.
+    Failed(JobError),
+    /// Retries exhausted.
+    Dead(JobError),
+}
+
+/// The job records in the queue Redis: written by the API at enqueue, updated
+/// by the worker, read by `GET /v1/jobs/{id}`, expired after the retention
+/// period.
+#[derive(Clone)]
+pub struct JobRecords {
+    conn: ConnectionManager,
+    namespace: String,
+    retention: Duration,
+}
+
+impl JobRecords {
+    /// Job records under `namespace`, kept for `retention` once written.
+    pub fn new(conn: ConnectionManager, namespace: &str, retention: Duration) -> Self {
+        Self {
+            conn,
+            namespace: namespace.to_owned(),
+            retention,
+        }
+    }
+
+    fn retention_secs(&self) -> i64 {
+        i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// Records a job as `queued`.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn create(&self, job: &ApplyJob) -> Result<(), StoreError> {
+        let key = keys::job_key(&self.namespace, &job.id);
+        let fields: [(&str, String); 8] = [
+            ("id", job.id.clone()),
+            ("op", job.op.as_str().to_owned()),
+            ("key", job.key.clone()),
+            ("seq", job.seq.to_string()),
+            ("status", JobStatus::Queued.as_str().to_owned()),
+            ("attempts", "0".to_owned()),
+            ("enqueued_at", job.enqueued_at.to_string()),
+            ("request_id", job.request_id.clone()),
+        ];
+        redis::pipe()
+            .atomic()
+            .hset_multiple(&key, &fields)
+            .ignore()
+            .expire(&key, self.retention_secs())
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a record whose job could not be queued.
+    pub async fn discard(&self, job_id: &str) -> Result<(), StoreError> {
+        let _: () = self
+            .conn
+            .clone()
+            .del(keys::job_key(&self.namespace, job_id))
+            .await?;
+        Ok(())
+    }
+
+    /// Marks a job `running` for its `attempt`-th start.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn start(&self, job: &ApplyJob, attempt: u32, now: i64) -> Result<(), StoreError> {
+        let key = keys::job_key(&self.namespace, &job.id);
+        // HSET re-creates a record whose retention ran out while it was queued.
+        let fields: [(&str, String); 9] = [
+            ("id", job.id.clone()),
+            ("op", job.op.as_str().to_owned()),
+            ("key", job.key.clone()),
+            ("seq", job.seq.to_string()),
+            ("enqueued_at", job.enqueued_at.to_string()),
+            ("request_id", job.request_id.clone()),
+            ("status", JobStatus::Running.as_str().to_owned()),
+            ("attempts", attempt.to_string()),
+            ("started_at", now.to_string()),
+        ];
+        redis::pipe()
+            .atomic()
+            .hset_multiple(&key, &fields)
+            .ignore()
+            .hdel(&key, "finished_at")
+            .ignore()
+            .expire(&key, self.retention_secs())
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Records how a job ended; the record then lives for the retention period.
+    #[tracing::instrument(skip_all, fields(job_id = %job_id))]
+    pub async fn finish(&self, job_id: &str, end: &Final, now: i64) -> Result<(), StoreError> {
+        let key = keys::job_key(&self.namespace, job_id);
+        let (status, field, json) = match end {
+            Final::Succeeded(r) => (JobStatus::Succeeded, "result", serde_json::to_string(r)),
+            Final::Failed(e) => (JobStatus::Failed, "error", serde_json::to_string(e)),
+            Final::Dead(e) => (JobStatus::Dead, "error", serde_json::to_string(e)),
+        };
+        let json = json.map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let fields: [(&str, String); 3] = [
+            ("status", status.as_str().to_owned()),
+            ("finished_at", now.to_string()),
+            (field, json),
+        ];
+        redis::pipe()
+            .atomic()
+            .hset_multiple(&key, &fields)
+            .ignore()
+            .expire(&key, self.retention_secs())
+            .ignore()
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Reads a job's record; `None` if unknown or expired.
+    #[tracing::instrument(skip(self))]
+    pub async fn get(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
+        let hash: HashMap<String, String> = self
+            .conn
+            .clone()
+            .hgetall(keys::job_key(&self.namespace, job_id))
+            .await?;
+        if hash.is_empty() {
+            return Ok(None);
+        }
+        JobRecord::from_hash(hash).map(Some)
+    }
+}
+
+/// The current time as Unix milliseconds.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with milliseconds,
+/// e.g. `2026-11-22T04:29:28.123Z`.
+pub fn rfc3339(ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_parse() {
+        assert_eq!(Outcome::parse("created:1"), Some(Outcome::Created(1)));
+        assert_eq!(
+            Outcome::parse("version_mismatch:0"),
+            Some(Outcome::Failed(FailCode::VersionMismatch))
+        );
+        assert_eq!(Outcome::parse("bogus:1"), None);
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_235_368_123), "2026-11-22T04:29:28.123Z");
+    }
+}

@@ -1,0 +1,28 @@
+//! `kvq-shared`: what the kvq API and workers agree on.
+//!
+//! kvq is a key-value store whose writes go through a durable queue: the API
+//! validates a write, gives it the key's next sequence number, records a job
+//! and pushes it to an apalis queue on the *queue* Redis; workers apply jobs to
+//! the *KV* Redis with one atomic Lua script; reads go straight to the KV Redis.
+//!
+//! # Layout
+//! - [`config`]: the typed `KVQ_*` configuration.
+//! - [`keys`]: every Redis key's shape, one function each.
+//! - [`jobs`]: the job type, outcomes, and the job records clients poll.
+//! - [`store`]: the KV Redis: reads, sequence numbers, the apply script.
+//! - [`queue`]: connecting apalis' Redis storage with kvq's settings.
+//! - [`retry`]: the one retry policy for Redis calls.
+//! - [`error`]: store errors.
+//! - [`telemetry`]: log set-up.
+
+pub mod config;
+pub mod error;
+pub mod jobs;
+pub mod keys;
+pub mod queue;
+pub mod retry;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::StoreError;

@@ -1,0 +1,56 @@
+-- Applies one write to one user key, atomically; see kvq_shared::store.
+-- KEYS[1] value key, KEYS[2] meta key (one hash slot: both carry the key's tag)
+-- ARGV[1] op: create | update | upsert | delete
+-- ARGV[2] seq: the job's per-key sequence number
+-- ARGV[3] value: JSON text (ignored by delete)
+-- ARGV[4] ttl in ms, 0 for none
+-- ARGV[5] If-Match version, '' for none
+-- ARGV[6] now, Unix ms
+-- ARGV[7] '1' to apply even though earlier seqs are missing (gap timed out)
+-- ARGV[8] how many recent outcomes to remember for redelivered jobs
+-- Returns {'done', outcome} | {'dup', outcome or ''} | {'wait', last applied seq}
+-- where outcome is '<created|updated|deleted>:<version>' or '<code>:0'.
+local vkey, mkey = KEYS[1], KEYS[2]
+local op, seq = ARGV[1], tonumber(ARGV[2])
+local applied = tonumber(redis.call('HGET', mkey, 'seq') or '0')
+if seq <= applied then
+  return {'dup', redis.call('HGET', mkey, 'r:' .. ARGV[2]) or ''}
+end
+-- Sequence numbers the API handed out but could not queue are marked
+-- abandoned ('x:<seq>'); step over them.
+while seq > applied + 1 and redis.call('HDEL', mkey, 'x:' .. tostring(applied + 1)) == 1 do
+  applied = applied + 1
+  redis.call('HSET', mkey, 'seq', tostring(applied))
+end
+if seq > applied + 1 and ARGV[7] ~= '1' then
+  return {'wait', tostring(applied)}
+end
+local live = redis.call('EXISTS', vkey) == 1
+local current = '0'
+if live then current = redis.call('HGET', vkey, 'ver') or '0' end
+local outcome
+if ARGV[5] ~= '' and (not live or current ~= ARGV[5]) then
+  outcome = 'version_mismatch:0'
+elseif op == 'create' and live then
+  outcome = 'already_exists:0'
+elseif (op == 'update' or op == 'delete') and not live then
+  outcome = 'not_found:0'
+else
+  local version = redis.call('HINCRBY', mkey, 'ver', 1)
+  if op == 'delete' then
+    redis.call('DEL', vkey)
+    outcome = 'deleted:' .. version
+  else
+    redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6])
+    local ttl = tonumber(ARGV[4])
+    if ttl > 0 then
+      redis.call('PEXPIRE', vkey, ttl)
+    else
+      redis.call('PERSIST', vkey)
+    end
+    if live then outcome = 'updated:' .. version else outcome = 'created:' .. version end
+  end
+end
+redis.call('HSET', mkey, 'seq', ARGV[2], 'r:' .. ARGV[2], outcome)
+redis.call('HDEL', mkey, 'r:' .. tostring(seq - tonumber(ARGV[8])))
+return {'done', outcome}

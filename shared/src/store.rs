@@ -1,0 +1,235 @@
+//! The KV Redis: reads, sequence numbers, and the atomic apply script.
+//!
+//! Per user key there are two Redis keys in one hash slot (see
+//! [`crate::keys`]): the live value (a hash, with Redis' expiry as the TTL) and
+//! the metadata (a hash that outlives delete and expiry, so versions never
+//! repeat). Every write goes through `scripts/apply.lua`, which checks the
+//! job's `seq` against the key's last applied `seq`: a redelivered job reports
+//! the outcome recorded the first time and changes nothing, and a job whose
+//! predecessor has not been applied yet is told to wait.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use serde_json::value::RawValue;
+
+use crate::config::RedisUrl;
+use crate::error::StoreError;
+use crate::jobs::{ApplyJob, Outcome};
+use crate::keys;
+
+/// How many recent outcomes the metadata remembers for redelivered jobs.
+const REMEMBERED_OUTCOMES: u64 = 64;
+
+/// Marks ARGV[1] abandoned in meta key KEYS[1] unless it was applied already.
+const ABANDON_SCRIPT: &str = r"
+if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
+  redis.call('HSET', KEYS[1], 'x:' .. ARGV[1], '1')
+end
+";
+
+/// Opens a lazily connected, self-reconnecting Redis connection that every
+/// caller shares (one multiplexed connection: faster than a pool here).
+///
+/// `timeout` bounds each command; connecting is bounded by the same time or
+/// 2 s, whichever is shorter.
+pub fn connect(url: &RedisUrl, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url.expose())?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(timeout.min(Duration::from_secs(2))))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+}
+
+/// A value hash's `v`, `ver` and `ts` fields.
+type ValueFields = (Option<String>, Option<u64>, Option<i64>);
+
+/// A live key as read.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    /// The value, as the JSON text that was written.
+    pub value: Box<RawValue>,
+    /// The key's version (the ETag).
+    pub version: u64,
+    /// When the value was written, Unix ms.
+    pub updated_at: i64,
+    /// When the key expires, Unix ms; `None` if never.
+    pub expires_at: Option<i64>,
+}
+
+/// What the apply script did with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied now (or failed for a business reason, which is also final).
+    Done(Outcome),
+    /// Applied before (a redelivery); the outcome recorded then, if still
+    /// remembered, or `None` if the job's `seq` was skipped over.
+    Duplicate(Option<Outcome>),
+    /// An earlier `seq` of this key has not been applied yet.
+    Wait {
+        /// The key's last applied `seq`.
+        applied: u64,
+    },
+}
+
+/// The KV Redis.
+#[derive(Clone)]
+pub struct KvStore {
+    conn: ConnectionManager,
+    namespace: String,
+    apply_script: Script,
+    abandon_script: Script,
+}
+
+impl KvStore {
+    /// The store under `namespace` on `conn`.
+    pub fn new(conn: ConnectionManager, namespace: &str) -> Self {
+        Self {
+            conn,
+            namespace: namespace.to_owned(),
+            apply_script: Script::new(include_str!("scripts/apply.lua")),
+            abandon_script: Script::new(ABANDON_SCRIPT),
+        }
+    }
+
+    /// Answers `PING`.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Reads a live key; `None` if absent or expired.
+    #[tracing::instrument(skip(self))]
+    pub async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
+        let vkey = keys::value_key(&self.namespace, key);
+        let (fields, expire_ms): (ValueFields, i64) = redis::pipe()
+            .atomic()
+            .hmget(&vkey, &["v", "ver", "ts"])
+            .cmd("PEXPIRETIME")
+            .arg(&vkey)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let (Some(value), Some(version), Some(updated_at)) = fields else {
+            return Ok(None);
+        };
+        let value = RawValue::from_string(value)
+            .map_err(|_| StoreError::Corrupt(format!("value of {vkey} is not JSON")))?;
+        Ok(Some(Entry {
+            value,
+            version,
+            updated_at,
+            expires_at: (expire_ms > 0).then_some(expire_ms),
+        }))
+    }
+
+    /// Hands out the key's next sequence number (1, 2, 3, ...).
+    #[tracing::instrument(skip(self))]
+    pub async fn next_seq(&self, key: &str) -> Result<u64, StoreError> {
+        let seq = self
+            .conn
+            .clone()
+            .hincr(keys::meta_key(&self.namespace, key), "next", 1)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Marks `seq` of `key` as handed out but never queued, so the key's later
+    /// writes do not wait for it.
+    #[tracing::instrument(skip(self))]
+    pub async fn abandon_seq(&self, key: &str, seq: u64) -> Result<(), StoreError> {
+        let _: () = self
+            .abandon_script
+            .key(keys::meta_key(&self.namespace, key))
+            .arg(seq)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Applies `job` atomically. With `skip_gap`, applies it even though
+    /// earlier `seq`s of the key are missing (they are then skipped for good).
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, seq = job.seq))]
+    pub async fn apply(
+        &self,
+        job: &ApplyJob,
+        skip_gap: bool,
+        now_ms: i64,
+    ) -> Result<Applied, StoreError> {
+        let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
+        let (kind, detail): (String, String) = self
+            .apply_script
+            .key(keys::value_key(&self.namespace, &job.key))
+            .key(keys::meta_key(&self.namespace, &job.key))
+            .arg(job.op.as_str())
+            .arg(job.seq)
+            .arg(job.value.as_ref().map_or("null", |v| v.get()))
+            .arg(ttl_ms)
+            .arg(job.if_match.map(|v| v.to_string()).unwrap_or_default())
+            .arg(now_ms)
+            .arg(if skip_gap { "1" } else { "0" })
+            .arg(REMEMBERED_OUTCOMES)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let outcome = |s: &str| {
+            Outcome::parse(s).ok_or_else(|| StoreError::Corrupt(format!("apply outcome {s:?}")))
+        };
+        match kind.as_str() {
+            "done" => Ok(Applied::Done(outcome(&detail)?)),
+            "dup" if detail.is_empty() => Ok(Applied::Duplicate(None)),
+            "dup" => Ok(Applied::Duplicate(Some(outcome(&detail)?))),
+            "wait" => Ok(Applied::Wait {
+                applied: detail
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("applied seq {detail:?}")))?,
+            }),
+            other => Err(StoreError::Corrupt(format!("apply answer {other:?}"))),
+        }
+    }
+
+    /// Lists live user keys starting with `prefix`, at most about `limit` per
+    /// page, in no particular order. `cursor` is the previous page's
+    /// `next_cursor` (`None` for the first page); the returned cursor is
+    /// `None` on the last page.
+    #[tracing::instrument(skip(self))]
+    pub async fn list(
+        &self,
+        prefix: &str,
+        limit: usize,
+        cursor: Option<u64>,
+    ) -> Result<(Vec<String>, Option<u64>), StoreError> {
+        let pattern = keys::value_key_pattern(&self.namespace, prefix);
+        let mut conn = self.conn.clone();
+        let mut cursor = cursor.unwrap_or(0);
+        let mut found = Vec::new();
+        // Bounded: each round asks Redis to look at `count` keys.
+        let count = limit.clamp(10, 1_000);
+        for _ in 0..64 {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut conn)
+                .await?;
+            found.extend(
+                batch
+                    .iter()
+                    .filter_map(|k| keys::user_key_of(&self.namespace, k)),
+            );
+            cursor = next;
+            if cursor == 0 || found.len() >= limit {
+                break;
+            }
+        }
+        found.sort();
+        found.dedup();
+        Ok((found, (cursor != 0).then_some(cursor)))
+    }
+}

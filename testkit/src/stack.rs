@@ -1,0 +1,200 @@
+//! A whole kvq stack for one test: two Redis servers, an API, workers.
+
+use std::time::Duration;
+
+use reqwest::{Client, Method, Response};
+use serde_json::Value;
+
+use crate::{KvqProcess, TestRedis, eventually};
+
+/// How long a test waits for a job to end before failing.
+pub const JOB_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How long a test waits for a process to start.
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Options for [`Stack`].
+pub struct StackBuilder {
+    workers: usize,
+    env: Vec<(String, String)>,
+}
+
+impl StackBuilder {
+    /// Starts this many workers (default 1).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Sets an environment variable for the API and the workers.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts everything and waits until it is up.
+    pub async fn start(self) -> Stack {
+        let kv = TestRedis::start();
+        let queue = TestRedis::start();
+        let mut stack = Stack {
+            api: None,
+            workers: Vec::new(),
+            base: String::new(),
+            http: Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+            extra_env: self.env,
+            kv,
+            queue,
+        };
+        stack.start_api().await;
+        for _ in 0..self.workers {
+            stack.start_worker().await;
+        }
+        stack
+    }
+}
+
+/// A running stack. Everything is stopped on drop.
+pub struct Stack {
+    // kvq processes first: fields drop in order, so they stop before Redis.
+    api: Option<KvqProcess>,
+    /// The running workers.
+    pub workers: Vec<KvqProcess>,
+    /// The KV Redis.
+    pub kv: TestRedis,
+    /// The queue Redis.
+    pub queue: TestRedis,
+    base: String,
+    http: Client,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Stack {
+    /// A stack with one worker and default settings.
+    pub async fn start() -> Self {
+        Self::builder().workers(1).start().await
+    }
+
+    /// Options.
+    pub fn builder() -> StackBuilder {
+        StackBuilder {
+            workers: 1,
+            env: Vec::new(),
+        }
+    }
+
+    /// The environment every kvq process of this stack gets.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let mut env = vec![
+            ("KVQ_KV_REDIS_URL".to_owned(), self.kv.url()),
+            ("KVQ_QUEUE_REDIS_URL".to_owned(), self.queue.url()),
+            ("KVQ_BIND".to_owned(), "127.0.0.1:0".to_owned()),
+            (
+                "KVQ_WORKER_HEALTH_BIND".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            ("KVQ_AUTH_DISABLED".to_owned(), "true".to_owned()),
+        ];
+        env.extend(self.extra_env.iter().cloned());
+        env
+    }
+
+    async fn start_api(&mut self) {
+        let api = KvqProcess::spawn("kvq-api", &self.env());
+        let line = api.wait_for_log("kvq-api listening", START_DEADLINE).await;
+        let port = line["port"].as_u64().unwrap();
+        self.base = format!("http://127.0.0.1:{port}");
+        self.api = Some(api);
+    }
+
+    /// Starts one more worker and waits until it runs.
+    pub async fn start_worker(&mut self) -> &mut KvqProcess {
+        let worker = KvqProcess::spawn("kvq-worker", &self.env());
+        worker.wait_for_log("worker running", START_DEADLINE).await;
+        self.workers.push(worker);
+        self.workers.last_mut().unwrap()
+    }
+
+    /// The API process.
+    pub fn api(&mut self) -> &mut KvqProcess {
+        self.api.as_mut().unwrap()
+    }
+
+    /// `http://127.0.0.1:PORT` of the API.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// A request to the API; `path` is sent as given (already encoded).
+    pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base))
+    }
+
+    /// `POST /v1/kv` with `{key, value}`.
+    pub async fn create(&self, key: &str, value: Value) -> Response {
+        self.request(Method::POST, "/v1/kv")
+            .json(&serde_json::json!({"key": key, "value": value}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `PUT /v1/kv/{path}` with `body`.
+    pub async fn put(&self, path: &str, body: Value) -> Response {
+        self.request(Method::PUT, &format!("/v1/kv/{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `DELETE /v1/kv/{path}`.
+    pub async fn delete(&self, path: &str) -> Response {
+        self.request(Method::DELETE, &format!("/v1/kv/{path}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /v1/kv/{path}`.
+    pub async fn get(&self, path: &str) -> Response {
+        self.request(Method::GET, &format!("/v1/kv/{path}"))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /v1/jobs/{id}`'s body.
+    pub async fn job(&self, id: &str) -> Value {
+        let response = self
+            .request(Method::GET, &format!("/v1/jobs/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "GET /v1/jobs/{id}");
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the job of a 202 response is final and returns its record.
+    pub async fn finished(&self, accepted: Response) -> Value {
+        assert_eq!(accepted.status(), 202, "the write was not accepted");
+        let body: Value = accepted.json().await.unwrap();
+        let id = body["job_id"].as_str().unwrap().to_owned();
+        self.wait_job(&id).await
+    }
+
+    /// Waits until job `id` is `succeeded`, `failed` or `dead`.
+    pub async fn wait_job(&self, id: &str) -> Value {
+        eventually(JOB_DEADLINE, &format!("job {id} to finish"), || async {
+            let job = self.job(id).await;
+            matches!(
+                job["status"].as_str(),
+                Some("succeeded" | "failed" | "dead")
+            )
+            .then_some(job)
+        })
+        .await
+    }
+}

@@ -1,0 +1,67 @@
+//! `kvq-worker`: loads the configuration, sets up logging, consumes jobs
+//! until SIGTERM or ctrl-c, then drains.
+
+use std::process::ExitCode;
+
+use kvq_shared::{Config, telemetry};
+use kvq_worker::startup::Worker;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("kvq-worker: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let worker = match Worker::build(config.clone()) {
+        Ok(worker) => worker,
+        Err(e) => {
+            tracing::error!(error = %e, "could not start");
+            eprintln!("kvq-worker: could not start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        worker = worker.name(),
+        health_port = worker.health_port(),
+        kv_redis = %config.kv_redis_url,
+        queue_redis = %config.queue_redis_url,
+        namespace = %config.namespace,
+        "kvq-worker starting"
+    );
+    match worker.run_until(shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!("kvq-worker stopped");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "kvq-worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only ctrl-c stops the worker");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,8 @@
+//! kvq-worker's integration tests: real redis-server processes, the real
+//! `kvq-api` and `kvq-worker` binaries, signals sent to real processes.
+
+#![allow(clippy::unwrap_used)]
+
+mod lifecycle;
+mod pickup;
+mod retries;
