@@ -170,7 +170,7 @@ impl Config {
             namespace,
             worker_concurrency: env.ranged("KVQ_WORKER_CONCURRENCY", 32, 1, 10_000)?,
             worker_health_bind: env.parse("KVQ_WORKER_HEALTH_BIND", "127.0.0.1:9091")?,
-            worker_max_attempts: env.ranged("KVQ_WORKER_MAX_ATTEMPTS", 5, 1, 25)?,
+            worker_max_attempts: env.ranged("KVQ_WORKER_MAX_ATTEMPTS", 10, 1, 25)?,
             worker_shutdown_timeout: Duration::from_secs(env.ranged(
                 "KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS",
                 25,

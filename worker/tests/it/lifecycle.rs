@@ -7,9 +7,15 @@ use serde_json::{Value, json};
 
 #[tokio::test]
 async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
-    let mut stack = Stack::start().await;
-    // Hold the KV Redis' writes for 3 s so the job stays in flight.
-    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    let mut stack = Stack::builder()
+        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "3")
+        .start()
+        .await;
+    // Hand out seq 1 of the key without queueing it: the write below gets
+    // seq 2 and stays in flight, waiting for seq 1, for the 3 s gap timeout.
+    let _: i64 = stack
+        .kv
+        .cmd(&["HINCRBY", "kvq:meta:{in-flight}", "next", "1"]);
     let accepted = stack.create("in-flight", json!("kept")).await;
     assert_eq!(accepted.status(), 202);
     let id = accepted.json::<Value>().await.unwrap()["job_id"]
