@@ -3,6 +3,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,18 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
-type Lines = Arc<Mutex<Vec<String>>>;
+/// Captured lines, and whether the stream has ended.
+#[derive(Clone, Default)]
+struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    ended: Arc<AtomicBool>,
+}
+
+impl Lines {
+    fn get(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+}
 
 /// A kvq process with its stdout and stderr lines captured; killed on drop.
 pub struct KvqProcess {
@@ -43,13 +55,14 @@ pub struct KvqProcess {
 }
 
 fn capture(stream: impl Read + Send + 'static) -> Lines {
-    let lines: Lines = Arc::default();
+    let lines = Lines::default();
     let sink = lines.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
+            sink.lines.lock().unwrap().push(line);
         }
+        sink.ended.store(true, Ordering::SeqCst);
     });
     lines
 }
@@ -94,12 +107,12 @@ impl KvqProcess {
 
     /// Every stdout line so far.
     pub fn logs(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
+        self.stdout.get()
     }
 
     /// Every stderr line so far.
     pub fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.get()
     }
 
     /// Waits for a stdout line containing `needle` and returns it parsed as
@@ -128,15 +141,23 @@ impl KvqProcess {
         }
     }
 
-    /// Waits for the process to exit, panicking after `deadline`.
+    /// Waits for the process to exit and for its output to be read to the
+    /// end, panicking after `deadline`.
     pub async fn wait_exit(&mut self, deadline: Duration) -> ExitStatus {
         let what = format!("{} to exit", self.name);
         let child = self.child.as_mut().unwrap();
-        eventually(deadline, &what, || {
+        let status = eventually(deadline, &what, || {
             let status = child.try_wait().unwrap();
             async move { status }
         })
-        .await
+        .await;
+        let (out, err) = (self.stdout.ended.clone(), self.stderr.ended.clone());
+        eventually(deadline, "the output to be read", || {
+            let ended = out.load(Ordering::SeqCst) && err.load(Ordering::SeqCst);
+            async move { ended.then_some(()) }
+        })
+        .await;
+        status
     }
 }
 
