@@ -17,7 +17,7 @@ mod redis_server;
 mod stack;
 
 pub use process::{KvqProcess, bin_path};
-pub use redis_server::TestRedis;
+pub use redis_server::{TestRedis, free_port};
 pub use stack::{Stack, StackBuilder};
 
 use std::future::Future;

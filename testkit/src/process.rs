@@ -9,28 +9,26 @@ use std::time::Duration;
 
 use crate::eventually;
 
-/// Where the kvq binaries are: `$KVQ_BIN_DIR`, else the `target/<profile>`
-/// folder this test binary was built into (`cargo test --workspace` builds
-/// both binaries there first).
+/// Where the kvq binaries are: `$KVQ_BIN_DIR`, else beside the running
+/// executable or one folder up (a test binary lives in `target/<profile>/deps`;
+/// `cargo test --workspace` builds both binaries into `target/<profile>`).
 pub fn bin_path(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("KVQ_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
+    let candidates: Vec<PathBuf> = match std::env::var_os("KVQ_BIN_DIR") {
+        Some(dir) => vec![PathBuf::from(dir)],
         None => {
             let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/<test binary>
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .unwrap()
-                .to_path_buf()
+            exe.ancestors().skip(1).take(2).map(PathBuf::from).collect()
         }
     };
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --bins` (or set KVQ_BIN_DIR)",
-        path.display()
-    );
-    path
+    candidates
+        .iter()
+        .map(|dir| dir.join(name))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| {
+            panic!(
+                "{name} is not in {candidates:?}: run `cargo build --workspace --bins` (or set KVQ_BIN_DIR)"
+            )
+        })
 }
 
 /// Captured lines, and whether the stream has ended.

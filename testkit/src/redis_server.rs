@@ -151,8 +151,8 @@ impl Drop for TestRedis {
     }
 }
 
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -1,0 +1,218 @@
+//! Load that needs to know about kvq: bursts timed until applied, and a
+//! steady write rate with write-to-visible latency.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use reqwest::Client;
+use serde_json::json;
+use tokio::sync::Mutex;
+
+/// A client for load: keep-alive pool, short timeouts.
+pub fn client() -> Client {
+    Client::builder()
+        .pool_max_idle_per_host(256)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Number of keys in the KV Redis.
+async fn dbsize(kv: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    Ok(redis::cmd("DBSIZE").query_async(kv).await?)
+}
+
+/// The result of a burst.
+#[derive(Debug, Clone)]
+pub struct Burst {
+    /// Writes sent.
+    pub writes: u64,
+    /// Writes per second accepted (first send to last 202).
+    pub accepted_per_s: f64,
+    /// Writes per second applied (first send to last applied).
+    pub applied_per_s: f64,
+    /// Whether every write was applied before the deadline.
+    pub complete: bool,
+}
+
+/// Sends `writes` creates of fresh keys from 50 concurrent clients, then
+/// waits (at most `deadline`) until every one is applied. A create adds one
+/// metadata key at accept and one value key at apply, so "applied" is read
+/// off `DBSIZE`.
+pub async fn burst(
+    base: &str,
+    kv_url: &str,
+    tag: &str,
+    writes: u64,
+    value: &str,
+    deadline: Duration,
+) -> anyhow::Result<Burst> {
+    let http = client();
+    let mut kv = redis::Client::open(kv_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let before = dbsize(&mut kv).await?;
+    let started = Instant::now();
+    let url = format!("{base}/v1/kv");
+    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..writes)
+        .map(|i| {
+            let http = http.clone();
+            let url = url.clone();
+            let body = json!({"key": format!("burst/{tag}/{i}"), "value": value});
+            async move {
+                let response = http.post(&url).json(&body).send().await?;
+                if response.status() != 202 {
+                    bail!("write answered {}", response.status());
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let accepted_in = started.elapsed();
+    let failed = results.iter().filter(|r| r.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {writes} writes were not accepted");
+    }
+    let target = before + 2 * writes;
+    let mut complete = false;
+    while started.elapsed() < deadline {
+        if dbsize(&mut kv).await? >= target {
+            complete = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied_in = started.elapsed();
+    Ok(Burst {
+        writes,
+        accepted_per_s: writes as f64 / accepted_in.as_secs_f64(),
+        applied_per_s: writes as f64 / applied_in.as_secs_f64(),
+        complete,
+    })
+}
+
+/// Write-to-visible latency at a steady rate.
+#[derive(Debug, Clone)]
+pub struct Visibility {
+    /// Writes sent per second (target).
+    pub rate: u32,
+    /// Writes whose visibility was timed.
+    pub sampled: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Sampled writes not visible within 10 s.
+    pub lost: usize,
+}
+
+/// Sends `rate` upserts per second for `duration`; every 10th write is then
+/// read back every millisecond until its value shows, timing send → visible.
+pub async fn visibility(base: &str, rate: u32, duration: Duration) -> anyhow::Result<Visibility> {
+    let http = client();
+    let latencies: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let lost: Arc<Mutex<usize>> = Arc::default();
+    let mut tasks = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut i: u64 = 0;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        i += 1;
+        let (http, base) = (http.clone(), base.to_owned());
+        let (latencies, lost) = (latencies.clone(), lost.clone());
+        let sampled = i.is_multiple_of(10);
+        tasks.push(tokio::spawn(async move {
+            let key = format!("visible/{i}");
+            let sent = Instant::now();
+            let response = http
+                .put(format!("{base}/v1/kv/{key}?upsert=true"))
+                .json(&json!({"value": i}))
+                .send()
+                .await;
+            if !matches!(&response, Ok(r) if r.status() == 202) || !sampled {
+                return;
+            }
+            while sent.elapsed() < Duration::from_secs(10) {
+                if let Ok(r) = http.get(format!("{base}/v1/kv/{key}")).send().await
+                    && r.status() == 200
+                {
+                    latencies
+                        .lock()
+                        .await
+                        .push(sent.elapsed().as_secs_f64() * 1000.0);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            *lost.lock().await += 1;
+        }));
+    }
+    for task in tasks {
+        task.await.context("visibility task")?;
+    }
+    let mut latencies = latencies.lock().await.clone();
+    latencies.sort_by(f64::total_cmp);
+    let pick = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let lost = *lost.lock().await;
+    Ok(Visibility {
+        rate,
+        sampled: latencies.len(),
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        lost,
+    })
+}
+
+/// Sends `writes` creates paced at `rate` per second (so the queue never
+/// builds a backlog), then waits until all are applied.
+pub async fn paced(
+    base: &str,
+    kv_url: &str,
+    tag: &str,
+    writes: u64,
+    rate: u32,
+    deadline: Duration,
+) -> anyhow::Result<bool> {
+    let http = client();
+    let mut kv = redis::Client::open(kv_url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let before = dbsize(&mut kv).await?;
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
+    let mut tasks = Vec::new();
+    for i in 0..writes {
+        ticker.tick().await;
+        let http = http.clone();
+        let url = format!("{base}/v1/kv");
+        let body = json!({"key": format!("paced/{tag}/{i}"), "value": i});
+        tasks.push(tokio::spawn(async move {
+            matches!(http.post(&url).json(&body).send().await, Ok(r) if r.status() == 202)
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        if task.await? {
+            accepted += 1;
+        }
+    }
+    let target = before + 2 * accepted;
+    while started.elapsed() < deadline {
+        if dbsize(&mut kv).await? >= target {
+            return Ok(accepted == writes);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
+}

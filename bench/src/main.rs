@@ -1,0 +1,466 @@
+//! `kvq-bench`: kvq against Redis itself, in one run on one machine.
+//!
+//! Starts its own stack on 127.0.0.1 (two fresh redis-servers, the release
+//! `kvq-api`, one then two `kvq-worker`s), runs each measurement for a bounded
+//! time, stops everything, and prints a markdown table; with `--out DIR` it
+//! also writes `DIR/results.md` and `DIR/chart.svg`.
+//!
+//! ```text
+//! cargo build --release --bins && target/release/kvq-bench [--quick] [--out bench/results]
+//! ```
+//!
+//! `--quick` runs every measurement small (under a minute) as a smoke test.
+//!
+//! # Layout
+//! - `tools`: `wrk` and `redis-benchmark` runs and their output.
+//! - `load`: bursts timed until applied, and steady-rate visibility.
+//! - `report`: the table and the chart.
+
+#![allow(clippy::print_stdout)]
+
+mod load;
+mod report;
+mod tools;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use kvq_testkit::{KvqProcess, TestRedis};
+use report::{Bar, Row};
+use tools::Load;
+
+/// How big each measurement is.
+struct Plan {
+    /// Length of each wrk run.
+    wrk: Duration,
+    /// redis-benchmark requests per test.
+    redis_requests: u64,
+    /// Writes per end-to-end burst.
+    burst: u64,
+    /// Length of the steady-rate visibility run.
+    visibility: Duration,
+    /// Jobs run for the queue-memory measurement.
+    memory_jobs: u64,
+}
+
+const RETENTION_SECONDS: u64 = 5;
+const VALUE_100_BYTES: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let plan = if quick {
+        Plan {
+            wrk: Duration::from_secs(3),
+            redis_requests: 50_000,
+            burst: 2_000,
+            visibility: Duration::from_secs(3),
+            memory_jobs: 2_000,
+        }
+    } else {
+        Plan {
+            wrk: Duration::from_secs(10),
+            redis_requests: 300_000,
+            burst: 20_000,
+            visibility: Duration::from_secs(10),
+            memory_jobs: 20_000,
+        }
+    };
+    let started = Instant::now();
+    let rows = run(&plan, out.as_ref()).await?;
+    println!("\n{}", report::table(&rows));
+    println!(
+        "{} run on {} cores, {:.0} s",
+        if quick { "quick" } else { "full" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn step(text: &str) {
+    println!("== {text}");
+}
+
+async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
+    let kv = TestRedis::start();
+    let queue = TestRedis::start();
+
+    step("redis-benchmark GET/SET on the KV Redis (50 clients, no pipelining, 100 B)");
+    let (redis_get, redis_set) = tools::redis_benchmark(kv.port(), plan.redis_requests)?;
+    let _: () = kv.cmd(&["FLUSHALL"]);
+
+    // Logs at warn (per-job info lines would cost throughput), so ports are
+    // chosen here rather than read from the start-up log line.
+    let port = kvq_testkit::free_port();
+    let env = vec![
+        ("KVQ_KV_REDIS_URL".to_owned(), kv.url()),
+        ("KVQ_QUEUE_REDIS_URL".to_owned(), queue.url()),
+        ("KVQ_BIND".to_owned(), format!("127.0.0.1:{port}")),
+        ("KVQ_AUTH_DISABLED".to_owned(), "true".to_owned()),
+        (
+            "KVQ_JOB_RETENTION_SECONDS".to_owned(),
+            RETENTION_SECONDS.to_string(),
+        ),
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
+    ];
+    let api = KvqProcess::spawn("kvq-api", &env);
+    let base = format!("http://127.0.0.1:{port}");
+    let probe = load::client();
+    kvq_testkit::eventually(Duration::from_secs(20), "kvq-api to be ready", || async {
+        let r = probe.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let mut workers = vec![start_worker(&env).await];
+
+    step("kvq GET of a 100-byte value (wrk, 50 connections)");
+    let body = serde_json::json!({"key": "bench/get", "value": VALUE_100_BYTES});
+    let http = load::client();
+    let response = http
+        .post(format!("{base}/v1/kv"))
+        .json(&body)
+        .send()
+        .await?;
+    if response.status() != 202 {
+        bail!("preload answered {}", response.status());
+    }
+    kvq_testkit::eventually(Duration::from_secs(10), "the preload", || async {
+        let r = http
+            .get(format!("{base}/v1/kv/bench/get"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let kvq_get = tools::wrk(&format!("{base}/v1/kv/bench/get"), 50, plan.wrk, None)?;
+
+    step("kvq writes accepted (wrk POST of fresh keys, 50 connections, no worker)");
+    for worker in &mut workers {
+        worker.signal("TERM");
+        worker.wait_exit(Duration::from_secs(30)).await;
+    }
+    workers.clear();
+    let kvq_accept = tools::wrk(&format!("{base}/v1/kv"), 50, plan.wrk, Some(&post_script()))?;
+    let _: () = kv.cmd(&["FLUSHALL"]);
+    let _: () = queue.cmd(&["FLUSHALL"]);
+
+    let mut bursts = Vec::new();
+    for n in 1..=2 {
+        step(&format!(
+            "end to end: {} writes, {n} worker(s), timed until applied",
+            plan.burst
+        ));
+        workers.push(start_worker(&env).await);
+        let burst = load::burst(
+            &base,
+            &kv.url(),
+            &format!("w{n}"),
+            plan.burst,
+            VALUE_100_BYTES,
+            Duration::from_secs(120),
+        )
+        .await?;
+        bursts.push(burst);
+    }
+    let alive = workers
+        .iter_mut()
+        .map(|w| w.is_running())
+        .filter(|running| *running)
+        .count();
+
+    step("write-to-visible latency at 1,000 writes/s (2 workers)");
+    let visible = load::visibility(&base, 1_000, plan.visibility).await?;
+
+    step("queue Redis memory after retention");
+    tokio::time::sleep(Duration::from_secs(RETENTION_SECONDS + 1)).await;
+    let baseline = used_memory(&queue);
+    let all_applied = load::paced(
+        &base,
+        &kv.url(),
+        "mem",
+        plan.memory_jobs,
+        1_000,
+        Duration::from_secs(180),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(RETENTION_SECONDS + 1)).await;
+    let after = used_memory(&queue);
+    let per_100k_mib =
+        (after as f64 - baseline as f64) / plan.memory_jobs as f64 * 100_000.0 / 1_048_576.0;
+
+    let api_rss = tools::peak_rss_mib(api.pid()).unwrap_or(f64::NAN);
+    let worker_rss = workers
+        .iter()
+        .filter_map(|w| tools::peak_rss_mib(w.pid()))
+        .fold(0.0_f64, f64::max);
+
+    let rows = rows(
+        &redis_get,
+        &redis_set,
+        &kvq_get,
+        &kvq_accept,
+        &bursts,
+        alive,
+        &visible,
+        (baseline, after, per_100k_mib, all_applied),
+        (api_rss, worker_rss),
+    );
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("results.md"), report::table(&rows))?;
+        std::fs::write(
+            dir.join("chart.svg"),
+            chart(
+                &redis_get,
+                &redis_set,
+                &kvq_get,
+                &kvq_accept,
+                &bursts,
+                &visible,
+            ),
+        )?;
+        println!("wrote {}/results.md and chart.svg", dir.display());
+    }
+    Ok(rows)
+}
+
+async fn start_worker(env: &[(String, String)]) -> KvqProcess {
+    let health = kvq_testkit::free_port();
+    let mut env = env.to_vec();
+    env.push((
+        "KVQ_WORKER_HEALTH_BIND".to_owned(),
+        format!("127.0.0.1:{health}"),
+    ));
+    let worker = KvqProcess::spawn("kvq-worker", &env);
+    let probe = load::client();
+    kvq_testkit::eventually(Duration::from_secs(20), "kvq-worker to be up", || async {
+        let r = probe
+            .get(format!("http://127.0.0.1:{health}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    worker
+}
+
+fn used_memory(redis: &TestRedis) -> u64 {
+    let info: String = redis.cmd(&["INFO", "memory"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// wrk script: POST creates of fresh keys, unique across wrk's threads.
+fn post_script() -> String {
+    format!(
+        r#"local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/v1/kv", nil,
+    '{{"key":"accept/' .. id .. '/' .. counter .. '","value":"{VALUE_100_BYTES}"}}')
+end
+"#
+    )
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { f64::NAN }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows(
+    redis_get: &Load,
+    redis_set: &Load,
+    kvq_get: &Load,
+    kvq_accept: &Load,
+    bursts: &[load::Burst],
+    alive: usize,
+    visible: &load::Visibility,
+    memory: (u64, u64, f64, bool),
+    rss: (f64, f64),
+) -> Vec<Row> {
+    let get_ratio = ratio(kvq_get.rps, redis_get.rps);
+    let accept_ratio = ratio(kvq_accept.rps, redis_set.rps);
+    let mut rows = vec![
+        Row {
+            what: "redis-benchmark GET (50 clients)".into(),
+            value: format!(
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+                redis_get.rps, redis_get.p50_ms, redis_get.p99_ms
+            ),
+            target: None,
+        },
+        Row {
+            what: "redis-benchmark SET (50 clients)".into(),
+            value: format!(
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms",
+                redis_set.rps, redis_set.p50_ms, redis_set.p99_ms
+            ),
+            target: None,
+        },
+        Row {
+            what: "kvq GET /v1/kv/{key} (50 connections)".into(),
+            value: format!(
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} x redis GET, {} errors",
+                kvq_get.rps, kvq_get.p50_ms, kvq_get.p99_ms, get_ratio, kvq_get.errors
+            ),
+            target: Some((
+                "≥ 0.5 x redis GET".into(),
+                get_ratio >= 0.5 && kvq_get.errors == 0,
+            )),
+        },
+        Row {
+            what: "kvq writes accepted, 202 (50 connections)".into(),
+            value: format!(
+                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} x redis SET, {} errors",
+                kvq_accept.rps,
+                kvq_accept.p50_ms,
+                kvq_accept.p99_ms,
+                accept_ratio,
+                kvq_accept.errors
+            ),
+            target: Some((
+                "≥ 0.25 x redis SET".into(),
+                accept_ratio >= 0.25 && kvq_accept.errors == 0,
+            )),
+        },
+    ];
+    for (i, burst) in bursts.iter().enumerate() {
+        let workers = i + 1;
+        rows.push(Row {
+            what: format!(
+                "applied writes end to end, {workers} worker(s), burst of {}",
+                burst.writes
+            ),
+            value: format!(
+                "{:.0}/s (accepted at {:.0}/s){}",
+                burst.applied_per_s,
+                burst.accepted_per_s,
+                if burst.complete {
+                    ""
+                } else {
+                    ", NOT all applied within 120 s"
+                }
+            ),
+            target: (workers == 2).then(|| {
+                (
+                    "≥ 10,000/s with 2 workers".into(),
+                    burst.complete && burst.applied_per_s >= 10_000.0,
+                )
+            }),
+        });
+    }
+    rows.push(Row {
+        what: "workers still running after the bursts".into(),
+        value: format!("{alive} of {}", bursts.len()),
+        target: None,
+    });
+    rows.push(Row {
+        what: format!(
+            "write → visible at {}/s ({} sampled)",
+            visible.rate, visible.sampled
+        ),
+        value: format!(
+            "p50 {:.1} ms, p99 {:.1} ms, {} not visible in 10 s",
+            visible.p50_ms, visible.p99_ms, visible.lost
+        ),
+        target: Some((
+            "p50 ≤ 5 ms, p99 ≤ 50 ms".into(),
+            visible.p50_ms <= 5.0 && visible.p99_ms <= 50.0 && visible.lost == 0,
+        )),
+    });
+    rows.push(Row {
+        what: "peak RSS kvq-api / kvq-worker".into(),
+        value: format!("{:.1} MiB / {:.1} MiB", rss.0, rss.1),
+        target: Some(("≤ 64 MiB each".into(), rss.0 <= 64.0 && rss.1 <= 64.0)),
+    });
+    let (baseline, after, per_100k, all_applied) = memory;
+    rows.push(Row {
+        what: format!("queue Redis memory {RETENTION_SECONDS} s after the jobs finished"),
+        value: format!(
+            "{:.1} MiB → {:.1} MiB: {per_100k:.1} MiB per 100k jobs{}",
+            baseline as f64 / 1_048_576.0,
+            after as f64 / 1_048_576.0,
+            if all_applied {
+                ""
+            } else {
+                " (not all applied)"
+            }
+        ),
+        target: Some((
+            "back to baseline (≤ 1 MiB per 100k)".into(),
+            per_100k <= 1.0 && all_applied,
+        )),
+    });
+    rows
+}
+
+fn chart(
+    redis_get: &Load,
+    redis_set: &Load,
+    kvq_get: &Load,
+    kvq_accept: &Load,
+    bursts: &[load::Burst],
+    visible: &load::Visibility,
+) -> String {
+    let per_s = |label: &str, value: f64, reference: bool| Bar {
+        label: label.into(),
+        value,
+        text: format!("{value:.0}/s"),
+        reference,
+    };
+    let ms = |label: &str, value: f64, reference: bool| Bar {
+        label: label.into(),
+        value,
+        text: format!("{value:.2} ms"),
+        reference,
+    };
+    let mut throughput = vec![
+        per_s("redis GET", redis_get.rps, true),
+        per_s("kvq GET", kvq_get.rps, false),
+        per_s("redis SET", redis_set.rps, true),
+        per_s("kvq writes accepted", kvq_accept.rps, false),
+    ];
+    for (i, burst) in bursts.iter().enumerate() {
+        throughput.push(per_s(
+            &format!("kvq applied, {} worker(s)", i + 1),
+            burst.applied_per_s,
+            false,
+        ));
+    }
+    let latency = vec![
+        ms("redis GET p50", redis_get.p50_ms, true),
+        ms("kvq GET p50", kvq_get.p50_ms, false),
+        ms("redis GET p99", redis_get.p99_ms, true),
+        ms("kvq GET p99", kvq_get.p99_ms, false),
+        ms("kvq accept p99", kvq_accept.p99_ms, false),
+        ms("write→visible p50", visible.p50_ms, false),
+        ms("write→visible p99", visible.p99_ms, false),
+    ];
+    report::chart(
+        "kvq vs redis-benchmark, same machine, one run",
+        &[
+            ("throughput (higher is better)", throughput),
+            ("latency (lower is better)", latency),
+        ],
+    )
+}

@@ -1,0 +1,158 @@
+//! Running `wrk` and `redis-benchmark` and reading their output.
+
+use std::io::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+/// Throughput and latency of one load run.
+#[derive(Debug, Clone, Default)]
+pub struct Load {
+    /// Requests per second.
+    pub rps: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Responses that were not 2xx/3xx.
+    pub errors: u64,
+}
+
+/// `redis-benchmark` GET and SET against `port`: 50 clients, no pipelining,
+/// 100-byte values.
+pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)> {
+    let output = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", "50", "-n", &requests.to_string(), "-d", "100"])
+        .args(["-t", "get,set", "--csv"])
+        .output()
+        .context("run redis-benchmark (package redis-tools)")?;
+    if !output.status.success() {
+        bail!(
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut get = None;
+    let mut set = None;
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split(',').map(|f| f.trim_matches('"')).collect();
+        // "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms"
+        if fields.len() < 7 {
+            continue;
+        }
+        let load = || -> Option<Load> {
+            Some(Load {
+                rps: fields[1].parse().ok()?,
+                p50_ms: fields[4].parse().ok()?,
+                p99_ms: fields[6].parse().ok()?,
+                errors: 0,
+            })
+        };
+        match fields[0] {
+            "GET" => get = load(),
+            "SET" => set = load(),
+            _ => {}
+        }
+    }
+    match (get, set) {
+        (Some(get), Some(set)) => Ok((get, set)),
+        _ => bail!("unexpected redis-benchmark output: {text}"),
+    }
+}
+
+/// `wrk` with 2 threads and `connections` connections for `duration` against
+/// `url`, with an optional Lua script.
+pub fn wrk(
+    url: &str,
+    connections: u32,
+    duration: Duration,
+    script: Option<&str>,
+) -> anyhow::Result<Load> {
+    let mut cmd = Command::new("wrk");
+    cmd.args(["-t", "2", "-c", &connections.to_string()])
+        .args(["-d", &format!("{}s", duration.as_secs().max(1))])
+        .args(["--timeout", "5s", "--latency"]);
+    let mut _script_file = None;
+    if let Some(script) = script {
+        let mut file = tempfile::Builder::new()
+            .prefix("kvq-bench-")
+            .suffix(".lua")
+            .tempfile()?;
+        file.write_all(script.as_bytes())?;
+        cmd.arg("-s").arg(file.path());
+        _script_file = Some(file);
+    }
+    let output = cmd.arg(url).output().context("run wrk (package wrk)")?;
+    if !output.status.success() {
+        bail!("wrk failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    parse_wrk(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn parse_wrk(text: &str) -> anyhow::Result<Load> {
+    let mut load = Load::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            load.rps = rest.trim().parse()?;
+        } else if let Some(rest) = line.strip_prefix("50%") {
+            load.p50_ms = duration_ms(rest.trim())?;
+        } else if let Some(rest) = line.strip_prefix("99%") {
+            load.p99_ms = duration_ms(rest.trim())?;
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            load.errors += rest.trim().parse::<u64>()?;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            load.errors += rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    if load.rps == 0.0 {
+        bail!("unexpected wrk output: {text}");
+    }
+    Ok(load)
+}
+
+/// `512.00us`, `2.10ms`, `1.20s` → milliseconds.
+fn duration_ms(text: &str) -> anyhow::Result<f64> {
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .context("no unit")?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse()?;
+    Ok(match unit {
+        "us" => number / 1000.0,
+        "ms" => number,
+        "s" => number * 1000.0,
+        "m" => number * 60_000.0,
+        other => bail!("unknown unit {other}"),
+    })
+}
+
+/// Peak resident set size (VmHWM) of a process, MiB.
+pub fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_output() {
+        let text = "Running 1s test @ http://x\n  Latency Distribution\n     50%  512.00us\n     75%    1.00ms\n     99%    2.10ms\n  1000 requests in 1.00s\nSocket errors: connect 0, read 2, write 0, timeout 1\nNon-2xx or 3xx responses: 4\nRequests/sec:  41152.12\n";
+        let load = parse_wrk(text).expect("parses");
+        assert_eq!(load.rps, 41152.12);
+        assert_eq!(load.p50_ms, 0.512);
+        assert_eq!(load.p99_ms, 2.1);
+        assert_eq!(load.errors, 7);
+    }
+}
