@@ -9,10 +9,10 @@ use actix_web::dev::Server;
 use actix_web::error::{JsonPayloadError, QueryPayloadError};
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
-use kvq_shared::Config;
 use kvq_shared::jobs::JobRecords;
 use kvq_shared::queue::JobQueue;
 use kvq_shared::store::{self, KvStore};
+use kvq_shared::{Config, StoreError};
 
 use crate::error::ApiError;
 use crate::routes;
@@ -30,6 +30,22 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Lazily connected stores for one worker thread.
+    fn new(
+        config: &Arc<Config>,
+        kv: &redis::Client,
+        queue: &redis::Client,
+    ) -> Result<Self, StoreError> {
+        let kv_conn = store::manager(kv, config.redis_timeout)?;
+        let queue_conn = store::manager(queue, config.redis_timeout)?;
+        Ok(Self {
+            kv: KvStore::new(kv_conn, &config.namespace),
+            records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
+            queue: JobQueue::new(queue_conn, config),
+            config: config.clone(),
+        })
+    }
+
     /// How long one read attempt may take before it is retried.
     pub fn read_attempt_timeout(&self) -> Duration {
         self.config
@@ -54,18 +70,19 @@ impl Application {
     pub async fn build(config: Config) -> Result<Self, anyhow::Error> {
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
-        let kv_conn = store::connect(&config.kv_redis_url, config.redis_timeout)?;
-        let queue_conn = store::connect(&config.queue_redis_url, config.redis_timeout)?;
-        let state = web::Data::new(AppState {
-            kv: KvStore::new(kv_conn, &config.namespace),
-            records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
-            queue: JobQueue::new(queue_conn, &config),
-            config: Arc::new(config),
-        });
-        let body_limit = state.config.max_value_bytes + BODY_OVERHEAD_BYTES;
+        let kv_client = store::client(&config.kv_redis_url)?;
+        let queue_client = store::client(&config.queue_redis_url)?;
+        let config = Arc::new(config);
+        // Fail now, not in a worker thread, if the connections cannot be made.
+        AppState::new(&config, &kv_client, &queue_client)?;
+        let body_limit = config.max_value_bytes + BODY_OVERHEAD_BYTES;
         let server = HttpServer::new(move || {
+            // One set of connections per worker thread: each thread's requests
+            // then never wait on another thread's connection task.
+            let state = AppState::new(&config, &kv_client, &queue_client)
+                .expect("connections were checked before the server started");
             App::new()
-                .app_data(state.clone())
+                .app_data(web::Data::new(state))
                 .app_data(
                     web::JsonConfig::default()
                         .limit(body_limit)

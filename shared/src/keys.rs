@@ -41,8 +41,9 @@ pub fn unescape(escaped: &str) -> Option<String> {
 }
 
 /// The live value of a user key, a hash with fields `v` (the value as JSON),
-/// `ver` (its version) and `ts` (updated at, Unix ms); Redis' expiry on it is
-/// the key's TTL: `{ns}:kv:{<escaped key>}`.
+/// `ver` (its version), `ts` (updated at, Unix ms) and, with a TTL, `exp`
+/// (expires at, Unix ms, also set as Redis' own expiry on the key):
+/// `{ns}:kv:{<escaped key>}`.
 pub fn value_key(ns: &str, key: &str) -> String {
     format!("{ns}:kv:{{{}}}", escape(key))
 }

@@ -29,24 +29,37 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
 end
 ";
 
-/// Opens a lazily connected, self-reconnecting Redis connection that every
-/// caller shares (one multiplexed connection: faster than a pool here).
+/// Checks a Redis URL and makes a client for it (no connection yet).
+pub fn client(url: &RedisUrl) -> Result<redis::Client, StoreError> {
+    Ok(redis::Client::open(url.expose())?)
+}
+
+/// Opens a lazily connected, self-reconnecting, multiplexed Redis connection
+/// (faster than a pool here). Its I/O task runs on the runtime that first
+/// uses it, so give each thread-per-core runtime its own.
 ///
 /// `timeout` bounds each command; connecting is bounded by the same time or
 /// 2 s, whichever is shorter.
-pub fn connect(url: &RedisUrl, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url.expose())?;
+pub fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, StoreError> {
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_response_timeout(Some(timeout))
         .set_connection_timeout(Some(timeout.min(Duration::from_secs(2))))
         .set_number_of_retries(2)
         .set_min_delay(Duration::from_millis(20))
         .set_max_delay(Duration::from_millis(500));
-    Ok(ConnectionManager::new_lazy_with_config(client, config)?)
+    Ok(ConnectionManager::new_lazy_with_config(
+        client.clone(),
+        config,
+    )?)
 }
 
-/// A value hash's `v`, `ver` and `ts` fields.
-type ValueFields = (Option<String>, Option<u64>, Option<i64>);
+/// [`client`] and [`manager`] in one step.
+pub fn connect(url: &RedisUrl, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    manager(&client(url)?, timeout)
+}
+
+/// A value hash's `v`, `ver`, `ts` and `exp` fields.
+type ValueFields = (Option<String>, Option<u64>, Option<i64>, Option<i64>);
 
 /// A live key as read.
 #[derive(Debug, Clone)]
@@ -108,14 +121,13 @@ impl KvStore {
     #[tracing::instrument(skip(self))]
     pub async fn get(&self, key: &str) -> Result<Option<Entry>, StoreError> {
         let vkey = keys::value_key(&self.namespace, key);
-        let (fields, expire_ms): (ValueFields, i64) = redis::pipe()
-            .atomic()
-            .hmget(&vkey, &["v", "ver", "ts"])
-            .cmd("PEXPIRETIME")
-            .arg(&vkey)
-            .query_async(&mut self.conn.clone())
+        // One HMGET: the apply script keeps the expiry in the hash too.
+        let (value, version, updated_at, expires_at): ValueFields = self
+            .conn
+            .clone()
+            .hmget(&vkey, &["v", "ver", "ts", "exp"])
             .await?;
-        let (Some(value), Some(version), Some(updated_at)) = fields else {
+        let (Some(value), Some(version), Some(updated_at)) = (value, version, updated_at) else {
             return Ok(None);
         };
         let value = RawValue::from_string(value)
@@ -124,7 +136,7 @@ impl KvStore {
             value,
             version,
             updated_at,
-            expires_at: (expire_ms > 0).then_some(expire_ms),
+            expires_at,
         }))
     }
 

@@ -217,3 +217,48 @@ async fn writes_to_one_key_apply_in_the_order_they_were_accepted() {
     assert_eq!(read["value"], 59);
     assert_eq!(read["version"], 60);
 }
+
+#[tokio::test]
+async fn ttl_sets_expires_at_an_update_without_it_clears_it_and_keys_expire() {
+    let stack = Stack::start().await;
+    let job = stack
+        .finished(
+            stack
+                .request(Method::POST, "/v1/kv")
+                .json(&json!({"key": "t", "value": 1, "ttl_seconds": 3600}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(job["status"], "succeeded");
+    let read: Value = stack.get("t").await.json().await.unwrap();
+    let expires = read["expires_at"].as_str().unwrap().to_owned();
+    assert!(
+        expires > read["updated_at"].as_str().unwrap().to_owned(),
+        "{read}"
+    );
+    let ttl: i64 = stack.kv.cmd(&["TTL", "kvq:kv:{t}"]);
+    assert!((3590..=3600).contains(&ttl), "Redis TTL {ttl}");
+
+    stack
+        .finished(stack.put("t", json!({"value": 2})).await)
+        .await;
+    let read: Value = stack.get("t").await.json().await.unwrap();
+    assert_eq!(read["expires_at"], Value::Null);
+    let ttl: i64 = stack.kv.cmd(&["TTL", "kvq:kv:{t}"]);
+    assert_eq!(ttl, -1, "an update without ttl_seconds clears the TTL");
+
+    stack
+        .finished(stack.put("t", json!({"value": 3, "ttl_seconds": 1})).await)
+        .await;
+    kvq_testkit::eventually(
+        std::time::Duration::from_secs(5),
+        "the key to expire",
+        || async { (stack.get("t").await.status() == 404).then_some(()) },
+    )
+    .await;
+    // Expiry keeps the version counter: a re-create continues from it.
+    let job = stack.finished(stack.create("t", json!(4)).await).await;
+    assert_eq!(job["result"], json!({"outcome": "created", "version": 4}));
+}

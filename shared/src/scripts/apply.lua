@@ -41,11 +41,15 @@ else
     redis.call('DEL', vkey)
     outcome = 'deleted:' .. version
   else
-    redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6])
     local ttl = tonumber(ARGV[4])
     if ttl > 0 then
-      redis.call('PEXPIRE', vkey, ttl)
+      -- 'exp' repeats Redis' own expiry so that a read is one HMGET.
+      local at = tonumber(ARGV[6]) + ttl
+      redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6], 'exp', tostring(at))
+      redis.call('PEXPIREAT', vkey, at)
     else
+      redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6])
+      redis.call('HDEL', vkey, 'exp')
       redis.call('PERSIST', vkey)
     end
     if live then outcome = 'updated:' .. version else outcome = 'created:' .. version end
