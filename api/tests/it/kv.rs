@@ -235,7 +235,7 @@ async fn ttl_sets_expires_at_an_update_without_it_clears_it_and_keys_expire() {
     let read: Value = stack.get("t").await.json().await.unwrap();
     let expires = read["expires_at"].as_str().unwrap().to_owned();
     assert!(
-        expires > read["updated_at"].as_str().unwrap().to_owned(),
+        expires.as_str() > read["updated_at"].as_str().unwrap(),
         "{read}"
     );
     let ttl: i64 = stack.kv.cmd(&["TTL", "kvq:kv:{t}"]);
