@@ -113,9 +113,6 @@ pub struct Config {
     /// `KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS`: how long a stopping worker waits
     /// for in-flight jobs.
     pub worker_shutdown_timeout: Duration,
-    /// `KVQ_WORKER_HEARTBEAT_MS`: the queue poll / heartbeat period; an idle
-    /// worker picks up a new job within about this time.
-    pub worker_heartbeat: Duration,
     /// `KVQ_ORDER_GAP_TIMEOUT_SECONDS`: how long a job waits for a predecessor
     /// (lower `seq` of the same key) that never arrives before it skips the gap.
     pub order_gap_timeout: Duration,
@@ -176,12 +173,6 @@ impl Config {
                 25,
                 1,
                 3_600,
-            )?),
-            worker_heartbeat: Duration::from_millis(env.ranged(
-                "KVQ_WORKER_HEARTBEAT_MS",
-                250,
-                10,
-                30_000,
             )?),
             order_gap_timeout: Duration::from_secs(env.ranged(
                 "KVQ_ORDER_GAP_TIMEOUT_SECONDS",

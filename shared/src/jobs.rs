@@ -325,9 +325,8 @@ impl JobRecords {
         i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX)
     }
 
-    /// Records a job as `queued`.
-    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn create(&self, job: &ApplyJob) -> Result<(), StoreError> {
+    /// Adds the commands that record `job` as `queued` to `pipe`.
+    pub fn add_create(&self, pipe: &mut redis::Pipeline, job: &ApplyJob) {
         let key = keys::job_key(&self.namespace, &job.id);
         let fields: [(&str, String); 8] = [
             ("id", job.id.clone()),
@@ -339,25 +338,10 @@ impl JobRecords {
             ("enqueued_at", job.enqueued_at.to_string()),
             ("request_id", job.request_id.clone()),
         ];
-        redis::pipe()
-            .atomic()
-            .hset_multiple(&key, &fields)
+        pipe.hset_multiple(&key, &fields)
             .ignore()
             .expire(&key, self.retention_secs())
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
-
-    /// Removes a record whose job could not be queued.
-    pub async fn discard(&self, job_id: &str) -> Result<(), StoreError> {
-        let _: () = self
-            .conn
-            .clone()
-            .del(keys::job_key(&self.namespace, job_id))
-            .await?;
-        Ok(())
+            .ignore();
     }
 
     /// Marks a job `running` for its `attempt`-th start.

@@ -10,9 +10,8 @@ use actix_web::{App, HttpResponse, HttpServer, web};
 use apalis::prelude::{WorkerBuilder, WorkerBuilderExt};
 use kvq_shared::Config;
 use kvq_shared::jobs::JobRecords;
-use kvq_shared::queue;
+use kvq_shared::queue::{self, StreamsBackend};
 use kvq_shared::store::{self, KvStore};
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 
 use crate::apply::{Applier, handle};
@@ -22,7 +21,7 @@ pub struct Worker {
     config: Arc<Config>,
     name: String,
     applier: Arc<Applier>,
-    queue_conn: ConnectionManager,
+    queue_client: redis::Client,
     health: TcpListener,
     health_port: u16,
 }
@@ -33,7 +32,8 @@ impl Worker {
         let health = TcpListener::bind(config.worker_health_bind)?;
         let health_port = health.local_addr()?.port();
         let kv_conn = store::connect(&config.kv_redis_url, config.redis_timeout)?;
-        let queue_conn = store::connect(&config.queue_redis_url, config.redis_timeout)?;
+        let queue_client = store::client(&config.queue_redis_url)?;
+        let queue_conn = store::manager(&queue_client, config.redis_timeout)?;
         let applier = Arc::new(Applier {
             kv: KvStore::new(kv_conn, &config.namespace),
             records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
@@ -46,7 +46,7 @@ impl Worker {
             config: Arc::new(config),
             name,
             applier,
-            queue_conn,
+            queue_client,
             health,
             health_port,
         })
@@ -85,7 +85,7 @@ impl Worker {
             self.name.clone(),
             self.config.clone(),
             self.applier.clone(),
-            self.queue_conn.clone(),
+            self.queue_client.clone(),
             stop_rx,
         );
         tokio::pin!(supervisor);
@@ -106,21 +106,30 @@ impl Worker {
     }
 }
 
-/// Runs the apalis worker, starting it again (same name, so its unfinished
-/// jobs are picked up at once) whenever it stops on an error, e.g. when the
-/// queue Redis restarts, until `stop` turns true.
+/// Runs the apalis worker until `stop` turns true. The queue backend absorbs
+/// Redis errors itself, so the worker does not stop on them; should it stop
+/// anyway, it is started again (same name: its unfinished jobs are picked up
+/// at once), with backoff.
 async fn supervise(
     name: String,
     config: Arc<Config>,
     applier: Arc<Applier>,
-    queue_conn: ConnectionManager,
+    queue_client: redis::Client,
     stop: watch::Receiver<bool>,
 ) {
     let mut delay = Duration::from_millis(100);
     loop {
         let mut stop_signal = stop.clone();
+        let backend =
+            match StreamsBackend::new(queue_client.clone(), queue::streams_config(&config)) {
+                Ok(backend) => backend,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot set up the queue backend");
+                    return;
+                }
+            };
         let worker = WorkerBuilder::new(name.clone())
-            .backend(queue::storage(queue_conn.clone(), &config))
+            .backend(backend)
             .data(applier.clone())
             .concurrency(config.worker_concurrency)
             .build(handle);

@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::{HttpRequest, HttpResponse, web};
 use kvq_shared::jobs::{ApplyJob, Op, now_ms, rfc3339};
-use kvq_shared::{StoreError, retry};
+use kvq_shared::retry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use validator::Validate;
@@ -267,8 +267,9 @@ async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     enqueue(&req, &state, Op::Delete, key, None, None, expected).await
 }
 
-/// Gives the write its `seq`, records the job and pushes it: 202 once the job
-/// is in the queue Redis, 503 if it is not (then nothing was queued).
+/// Gives the write its `seq`, then records and pushes the job in one atomic
+/// step: 202 once the job is in the queue Redis, 503 if it is not (then
+/// nothing was queued, and the `seq` is marked abandoned).
 async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
@@ -295,7 +296,7 @@ async fn enqueue(
         request_id: request_id.clone(),
         enqueued_at: now_ms(),
     };
-    if let Err(e) = record_and_push(state, &job).await {
+    if let Err(e) = state.queue.push(&job).await {
         // Tell the key's later writes not to wait for this seq.
         if let Err(mark) = state.kv.abandon_seq(&job.key, seq).await {
             tracing::warn!(seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
@@ -313,18 +314,6 @@ async fn enqueue(
             key: &job.key,
             seq,
         }))
-}
-
-/// Records the job and pushes it; on failure removes the record again.
-async fn record_and_push(state: &AppState, job: &ApplyJob) -> Result<(), StoreError> {
-    state.records.create(job).await?;
-    if let Err(e) = state.queue.push(job).await {
-        if let Err(cleanup) = state.records.discard(&job.id).await {
-            tracing::warn!(job_id = %job.id, error = %cleanup, "could not discard the record of an unqueued job");
-        }
-        return Err(e);
-    }
-    Ok(())
 }
 
 /// Whether `If-None-Match` lists `version` (or is `*`).
