@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use futures::StreamExt;
 use reqwest::Client;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -37,46 +36,37 @@ pub struct Burst {
     pub complete: bool,
 }
 
-/// Sends `writes` creates of fresh keys from 50 concurrent clients, then
-/// waits (at most `deadline`) until every one is applied. A create adds one
-/// metadata key at accept and one value key at apply, so "applied" is read
-/// off `DBSIZE`.
+/// Sends creates of fresh keys with `wrk` (50 connections) for `duration`,
+/// then waits (at most `deadline`) until every accepted one is applied. A
+/// create adds one metadata key at accept and one value key at apply, so
+/// "applied" is read off `DBSIZE`. wrk is the load generator because it
+/// costs the shared cores far less per request than an HTTP client library.
 pub async fn burst(
     base: &str,
     kv_url: &str,
-    tag: &str,
-    writes: u64,
-    value: &str,
+    script: &str,
+    duration: Duration,
     deadline: Duration,
 ) -> anyhow::Result<Burst> {
-    let http = client();
     let mut kv = redis::Client::open(kv_url)?
         .get_multiplexed_async_connection()
         .await?;
     let before = dbsize(&mut kv).await?;
     let started = Instant::now();
     let url = format!("{base}/v1/kv");
-    let results: Vec<anyhow::Result<()>> = futures::stream::iter(0..writes)
-        .map(|i| {
-            let http = http.clone();
-            let url = url.clone();
-            let body = json!({"key": format!("burst/{tag}/{i}"), "value": value});
-            async move {
-                let response = http.post(&url).json(&body).send().await?;
-                if response.status() != 202 {
-                    bail!("write answered {}", response.status());
-                }
-                Ok(())
-            }
-        })
-        .buffer_unordered(50)
-        .collect()
-        .await;
+    let script = script.to_owned();
+    let load =
+        tokio::task::spawn_blocking(move || crate::tools::wrk(&url, 50, duration, Some(&script)))
+            .await??;
     let accepted_in = started.elapsed();
-    let failed = results.iter().filter(|r| r.is_err()).count();
-    if failed > 0 {
-        bail!("{failed} of {writes} writes were not accepted");
+    if load.errors > 0 {
+        bail!(
+            "{} of {} writes were not accepted",
+            load.errors,
+            load.requests
+        );
     }
+    let writes = load.requests;
     let target = before + 2 * writes;
     let mut complete = false;
     while started.elapsed() < deadline {

@@ -36,8 +36,8 @@ struct Plan {
     wrk: Duration,
     /// redis-benchmark requests per test.
     redis_requests: u64,
-    /// Writes per end-to-end burst.
-    burst: u64,
+    /// Length of each end-to-end burst.
+    burst: Duration,
     /// Length of the steady-rate visibility run.
     visibility: Duration,
     /// Jobs run for the queue-memory measurement.
@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         Plan {
             wrk: Duration::from_secs(3),
             redis_requests: 50_000,
-            burst: 2_000,
+            burst: Duration::from_secs(1),
             visibility: Duration::from_secs(3),
             memory_jobs: 2_000,
         }
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         Plan {
             wrk: Duration::from_secs(10),
             redis_requests: 300_000,
-            burst: 20_000,
+            burst: Duration::from_secs(3),
             visibility: Duration::from_secs(10),
             memory_jobs: 20_000,
         }
@@ -149,26 +149,52 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         worker.wait_exit(Duration::from_secs(30)).await;
     }
     workers.clear();
-    let kvq_accept = tools::wrk(&format!("{base}/v1/kv"), 50, plan.wrk, Some(&post_script()))?;
+    let kvq_accept = tools::wrk(
+        &format!("{base}/v1/kv"),
+        50,
+        plan.wrk,
+        Some(&post_script("accept")),
+    )?;
     let _: () = kv.cmd(&["FLUSHALL"]);
     let _: () = queue.cmd(&["FLUSHALL"]);
 
     let mut bursts = Vec::new();
     for n in 1..=2 {
         step(&format!(
-            "end to end: {} writes, {n} worker(s), timed until applied",
-            plan.burst
+            "end to end: {} s of writes (wrk), {n} worker(s), timed until all applied",
+            plan.burst.as_secs()
         ));
         workers.push(start_worker(&env).await);
+        let mut pids = vec![
+            ("kvq-api".to_owned(), api.pid()),
+            ("KV Redis".to_owned(), kv.pid().unwrap_or(0)),
+            ("queue Redis".to_owned(), queue.pid().unwrap_or(0)),
+            ("this load generator".to_owned(), std::process::id()),
+        ];
+        for (i, worker) in workers.iter().enumerate() {
+            pids.push((format!("kvq-worker {}", i + 1), worker.pid()));
+        }
+        let cpu_before: Vec<f64> = pids
+            .iter()
+            .map(|(_, pid)| tools::cpu_seconds(*pid))
+            .collect();
         let burst = load::burst(
             &base,
             &kv.url(),
-            &format!("w{n}"),
+            &post_script(&format!("burst{n}")),
             plan.burst,
-            VALUE_100_BYTES,
             Duration::from_secs(120),
         )
         .await?;
+        let cpu: Vec<String> = pids
+            .iter()
+            .zip(cpu_before)
+            .map(|((name, pid), before)| {
+                let us = (tools::cpu_seconds(*pid) - before) * 1e6 / burst.writes as f64;
+                format!("{name} {us:.0}")
+            })
+            .collect();
+        println!("   CPU per write, us: {}", cpu.join(", "));
         bursts.push(burst);
     }
     let alive = workers
@@ -262,8 +288,9 @@ fn used_memory(redis: &TestRedis) -> u64 {
         .unwrap_or(0)
 }
 
-/// wrk script: POST creates of fresh keys, unique across wrk's threads.
-fn post_script() -> String {
+/// wrk script: POST creates of fresh keys under `tag`, unique across wrk's
+/// threads.
+fn post_script(tag: &str) -> String {
     format!(
         r#"local threads = 0
 function setup(thread)
@@ -276,7 +303,7 @@ wrk.headers["Content-Type"] = "application/json"
 request = function()
   counter = counter + 1
   return wrk.format(nil, "/v1/kv", nil,
-    '{{"key":"accept/' .. id .. '/' .. counter .. '","value":"{VALUE_100_BYTES}"}}')
+    '{{"key":"{tag}/' .. id .. '/' .. counter .. '","value":"{VALUE_100_BYTES}"}}')
 end
 "#
     )

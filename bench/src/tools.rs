@@ -17,6 +17,8 @@ pub struct Load {
     pub p99_ms: f64,
     /// Responses that were not 2xx/3xx.
     pub errors: u64,
+    /// Requests completed.
+    pub requests: u64,
 }
 
 /// `redis-benchmark` GET and SET against `port`: 50 clients, no pipelining,
@@ -49,6 +51,7 @@ pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)>
                 p50_ms: fields[4].parse().ok()?,
                 p99_ms: fields[6].parse().ok()?,
                 errors: 0,
+                requests: 0,
             })
         };
         match fields[0] {
@@ -102,6 +105,8 @@ fn parse_wrk(text: &str) -> anyhow::Result<Load> {
             load.p50_ms = duration_ms(rest.trim())?;
         } else if let Some(rest) = line.strip_prefix("99%") {
             load.p99_ms = duration_ms(rest.trim())?;
+        } else if line.contains(" requests in ") {
+            load.requests = line.split_whitespace().next().unwrap_or("0").parse()?;
         } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             load.errors += rest.trim().parse::<u64>()?;
         } else if let Some(rest) = line.strip_prefix("Socket errors:") {
@@ -132,6 +137,24 @@ fn duration_ms(text: &str) -> anyhow::Result<f64> {
         "m" => number * 60_000.0,
         other => bail!("unknown unit {other}"),
     })
+}
+
+/// CPU time (user + system) a process has used so far, seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Peak resident set size (VmHWM) of a process, MiB.

@@ -360,16 +360,16 @@ impl JobRecords {
             ("attempts", attempt.to_string()),
             ("started_at", now.to_string()),
         ];
-        redis::pipe()
-            .atomic()
-            .hset_multiple(&key, &fields)
-            .ignore()
-            .hdel(&key, "finished_at")
+        // No MULTI: each command is idempotent, and a retry repeats them all.
+        let mut pipe = redis::pipe();
+        pipe.hset_multiple(&key, &fields)
             .ignore()
             .expire(&key, self.retention_secs())
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
+            .ignore();
+        if attempt > 1 {
+            pipe.hdel(&key, "finished_at").ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
 
@@ -389,7 +389,6 @@ impl JobRecords {
             (field, json),
         ];
         redis::pipe()
-            .atomic()
             .hset_multiple(&key, &fields)
             .ignore()
             .expire(&key, self.retention_secs())

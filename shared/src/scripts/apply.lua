@@ -12,7 +12,8 @@
 -- where outcome is '<created|updated|deleted>:<version>' or '<code>:0'.
 local vkey, mkey = KEYS[1], KEYS[2]
 local op, seq = ARGV[1], tonumber(ARGV[2])
-local applied = tonumber(redis.call('HGET', mkey, 'seq') or '0')
+local meta = redis.call('HMGET', mkey, 'seq', 'ver')
+local applied = tonumber(meta[1] or '0')
 if seq <= applied then
   return {'dup', redis.call('HGET', mkey, 'r:' .. ARGV[2]) or ''}
 end
@@ -25,18 +26,19 @@ end
 if seq > applied + 1 and ARGV[7] ~= '1' then
   return {'wait', tostring(applied)}
 end
+-- A live key's version is the key's last version: every successful write
+-- bumps 'ver' and leaves the value key live, except delete, which removes it.
 local live = redis.call('EXISTS', vkey) == 1
-local current = '0'
-if live then current = redis.call('HGET', vkey, 'ver') or '0' end
+local version = tonumber(meta[2] or '0')
 local outcome
-if ARGV[5] ~= '' and (not live or current ~= ARGV[5]) then
+if ARGV[5] ~= '' and (not live or tostring(version) ~= ARGV[5]) then
   outcome = 'version_mismatch:0'
 elseif op == 'create' and live then
   outcome = 'already_exists:0'
 elseif (op == 'update' or op == 'delete') and not live then
   outcome = 'not_found:0'
 else
-  local version = redis.call('HINCRBY', mkey, 'ver', 1)
+  version = version + 1
   if op == 'delete' then
     redis.call('DEL', vkey)
     outcome = 'deleted:' .. version
@@ -47,14 +49,16 @@ else
       local at = tonumber(ARGV[6]) + ttl
       redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6], 'exp', tostring(at))
       redis.call('PEXPIREAT', vkey, at)
-    else
+    elseif live then
       redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6])
       redis.call('HDEL', vkey, 'exp')
       redis.call('PERSIST', vkey)
+    else
+      redis.call('HSET', vkey, 'v', ARGV[3], 'ver', version, 'ts', ARGV[6])
     end
     if live then outcome = 'updated:' .. version else outcome = 'created:' .. version end
   end
 end
-redis.call('HSET', mkey, 'seq', ARGV[2], 'r:' .. ARGV[2], outcome)
+redis.call('HSET', mkey, 'seq', ARGV[2], 'ver', version, 'r:' .. ARGV[2], outcome)
 redis.call('HDEL', mkey, 'r:' .. tostring(seq - tonumber(ARGV[8])))
 return {'done', outcome}
