@@ -344,58 +344,72 @@ impl JobRecords {
             .ignore();
     }
 
-    /// Marks a job `running` for its `attempt`-th start.
-    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn start(&self, job: &ApplyJob, attempt: u32, now: i64) -> Result<(), StoreError> {
-        let key = keys::job_key(&self.namespace, &job.id);
-        // HSET re-creates a record whose retention ran out while it was queued.
-        let fields: [(&str, String); 9] = [
+    /// The fields every worker write sets, so that a record whose retention
+    /// ran out while its job was queued comes back whole.
+    fn base_fields(job: &ApplyJob, attempt: u32, started_at: i64) -> Vec<(&'static str, String)> {
+        vec![
             ("id", job.id.clone()),
             ("op", job.op.as_str().to_owned()),
             ("key", job.key.clone()),
             ("seq", job.seq.to_string()),
             ("enqueued_at", job.enqueued_at.to_string()),
             ("request_id", job.request_id.clone()),
-            ("status", JobStatus::Running.as_str().to_owned()),
             ("attempts", attempt.to_string()),
-            ("started_at", now.to_string()),
-        ];
+            ("started_at", started_at.to_string()),
+        ]
+    }
+
+    async fn write(
+        &self,
+        job_id: &str,
+        fields: &[(&str, String)],
+        clear: &[&str],
+    ) -> Result<(), StoreError> {
+        let key = keys::job_key(&self.namespace, job_id);
         // No MULTI: each command is idempotent, and a retry repeats them all.
         let mut pipe = redis::pipe();
-        pipe.hset_multiple(&key, &fields)
+        pipe.hset_multiple(&key, fields)
             .ignore()
             .expire(&key, self.retention_secs())
             .ignore();
-        if attempt > 1 {
-            pipe.hdel(&key, "finished_at").ignore();
+        if !clear.is_empty() {
+            pipe.hdel(&key, clear).ignore();
         }
         pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
 
-    /// Records how a job ended; the record then lives for the retention period.
-    #[tracing::instrument(skip_all, fields(job_id = %job_id))]
-    pub async fn finish(&self, job_id: &str, end: &Final, now: i64) -> Result<(), StoreError> {
-        let key = keys::job_key(&self.namespace, job_id);
+    /// Marks a job `running` for its `attempt`-th start (1-based).
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn start(&self, job: &ApplyJob, attempt: u32, now: i64) -> Result<(), StoreError> {
+        let mut fields = Self::base_fields(job, attempt, now);
+        fields.push(("status", JobStatus::Running.as_str().to_owned()));
+        let clear: &[&str] = if attempt > 1 { &["finished_at"] } else { &[] };
+        self.write(&job.id, &fields, clear).await
+    }
+
+    /// Records how a job's `attempt`-th run, started at `started_at`, ended;
+    /// the record then lives for the retention period.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn finish(
+        &self,
+        job: &ApplyJob,
+        end: &Final,
+        attempt: u32,
+        started_at: i64,
+        now: i64,
+    ) -> Result<(), StoreError> {
         let (status, field, json) = match end {
             Final::Succeeded(r) => (JobStatus::Succeeded, "result", serde_json::to_string(r)),
             Final::Failed(e) => (JobStatus::Failed, "error", serde_json::to_string(e)),
             Final::Dead(e) => (JobStatus::Dead, "error", serde_json::to_string(e)),
         };
         let json = json.map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let fields: [(&str, String); 3] = [
-            ("status", status.as_str().to_owned()),
-            ("finished_at", now.to_string()),
-            (field, json),
-        ];
-        redis::pipe()
-            .hset_multiple(&key, &fields)
-            .ignore()
-            .expire(&key, self.retention_secs())
-            .ignore()
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        let mut fields = Self::base_fields(job, attempt, started_at);
+        fields.push(("status", status.as_str().to_owned()));
+        fields.push(("finished_at", now.to_string()));
+        fields.push((field, json));
+        self.write(&job.id, &fields, &[]).await
     }
 
     /// Reads a job's record; `None` if unknown or expired.

@@ -68,7 +68,8 @@ impl Applier {
                         "gave up after {attempt} attempts: a Redis server was unavailable"
                     ),
                 });
-                if let Err(record) = self.records.finish(&job.id, &end, now_ms()).await {
+                let now = now_ms();
+                if let Err(record) = self.records.finish(&job, &end, attempt, now, now).await {
                     tracing::error!(error = %chain(&record), "could not record the job as dead");
                 }
                 Err(AbortError::new(e).into())
@@ -81,8 +82,18 @@ impl Applier {
     }
 
     async fn try_run(&self, job: &ApplyJob, attempt: u32) -> Result<Final, StoreError> {
-        self.records.start(job, attempt, now_ms()).await?;
-        let applied = self.apply_in_order(job).await?;
+        let started_at = now_ms();
+        // A first run that applies at once goes from `queued` to its final
+        // status in one write; `running` is recorded when the job has to
+        // wait (for an earlier write to its key) or is a retry.
+        let mut marked_running = false;
+        if attempt > 1 {
+            self.records.start(job, attempt, started_at).await?;
+            marked_running = true;
+        }
+        let applied = self
+            .apply_in_order(job, attempt, started_at, &mut marked_running)
+            .await?;
         let end = match applied {
             Applied::Done(outcome) | Applied::Duplicate(Some(outcome)) => final_of(outcome),
             Applied::Duplicate(None) => Final::Dead(JobError {
@@ -94,13 +105,21 @@ impl Applier {
         if matches!(applied, Applied::Duplicate(_)) {
             tracing::info!("job was applied before (redelivery); recording the first outcome");
         }
-        self.records.finish(&job.id, &end, now_ms()).await?;
+        self.records
+            .finish(job, &end, attempt, started_at, now_ms())
+            .await?;
         Ok(end)
     }
 
     /// Applies the job once every earlier `seq` of its key is applied, or
     /// once the wait times out.
-    async fn apply_in_order(&self, job: &ApplyJob) -> Result<Applied, StoreError> {
+    async fn apply_in_order(
+        &self,
+        job: &ApplyJob,
+        attempt: u32,
+        started_at: i64,
+        marked_running: &mut bool,
+    ) -> Result<Applied, StoreError> {
         let started = Instant::now();
         let mut delay = Duration::from_millis(2);
         loop {
@@ -108,6 +127,10 @@ impl Applier {
             match self.kv.apply(job, skip_gap, now_ms()).await? {
                 Applied::Wait { applied } => {
                     tracing::debug!(applied, "waiting for earlier writes to the key");
+                    if !*marked_running {
+                        self.records.start(job, attempt, started_at).await?;
+                        *marked_running = true;
+                    }
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_millis(100));
                 }
