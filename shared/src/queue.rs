@@ -18,7 +18,8 @@
 //!   any other `Err` -> the entry is replaced, in one script, by a copy with
 //!   `runs + 1` parked in a retry sorted set for a growing delay (or until a
 //!   `RetryAfterError`'s delay), then moved back to the stream; after
-//!   `max_attempts` runs the job is dropped with an error log.
+//!   `max_attempts` runs the job is dropped with an error log; a
+//!   `DeferredError` re-queues it after `defer_delay` without counting a run.
 //! - Crash recovery: every worker resets the idle time of the entries it
 //!   holds every `refresh_every` (`XPENDING` + `XCLAIM ... JUSTID`), and takes
 //!   over entries idle for `claim_after` (`XAUTOCLAIM`): those of a dead
@@ -40,7 +41,7 @@ use std::time::Duration;
 
 use apalis_core::backend::finalize::Ephemeral;
 use apalis_core::backend::{Backend, BackendConfig};
-use apalis_core::error::{AbortError, BoxDynError, RetryAfterError};
+use apalis_core::error::{AbortError, BoxDynError, DeferredError, RetryAfterError};
 use apalis_core::layers::{Layer, Service};
 use apalis_core::task::Task;
 use apalis_core::task::builder::TaskBuilder;
@@ -83,6 +84,9 @@ pub struct StreamsConfig {
     pub retry_delay: Duration,
     /// Longest delay between retries.
     pub max_retry_delay: Duration,
+    /// Delay before a job deferred by its handler (`DeferredError`) runs
+    /// again; a deferral does not count as a run.
+    pub defer_delay: Duration,
     /// Response timeout of non-blocking Redis commands.
     pub timeout: Duration,
 }
@@ -101,6 +105,7 @@ impl StreamsConfig {
             max_attempts: 5,
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(10),
+            defer_delay: Duration::from_millis(100),
             timeout: Duration::from_secs(2),
         }
     }
@@ -292,6 +297,11 @@ impl Shared {
         let outcome = match result {
             Ok(()) => self.ack(&e.stream_id).await,
             Err(err) if err.downcast_ref::<AbortError>().is_some() => self.ack(&e.stream_id).await,
+            // Not a failure: the job is not ready yet. Re-queue it without
+            // counting a run.
+            Err(err) if err.downcast_ref::<DeferredError>().is_some() => {
+                self.release(e, e.runs, self.config.defer_delay).await
+            }
             Err(err) if runs >= self.config.max_attempts as usize => {
                 tracing::error!(task_id = %e.task_id, runs, error = %err, "job dropped: retries exhausted");
                 self.ack(&e.stream_id).await

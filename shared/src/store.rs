@@ -78,7 +78,13 @@ pub struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// Applied now (or failed for a business reason, which is also final).
-    Done(Outcome),
+    Done {
+        /// What happened.
+        outcome: Outcome,
+        /// Earlier `seq`s of the key that were given up on (the gap timeout
+        /// passed without them); usually 0.
+        skipped: u64,
+    },
     /// Applied before (a redelivery); the outcome recorded then, if still
     /// remembered, or `None` if the job's `seq` was skipped over.
     Duplicate(Option<Outcome>),
@@ -164,17 +170,19 @@ impl KvStore {
         Ok(())
     }
 
-    /// Applies `job` atomically. With `skip_gap`, applies it even though
-    /// earlier `seq`s of the key are missing (they are then skipped for good).
+    /// Applies `job` atomically, in `seq` order: if an earlier `seq` of the
+    /// key is missing, answers [`Applied::Wait`], unless the key has made no
+    /// progress for `gap_timeout` (since its last apply or this job's enqueue,
+    /// whichever is later); then the missing `seq`s are skipped for good.
     #[tracing::instrument(skip_all, fields(job_id = %job.id, seq = job.seq))]
     pub async fn apply(
         &self,
         job: &ApplyJob,
-        skip_gap: bool,
+        gap_timeout: Duration,
         now_ms: i64,
     ) -> Result<Applied, StoreError> {
         let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
-        let (kind, detail): (String, String) = self
+        let answer: Vec<String> = self
             .apply_script
             .key(keys::value_key(&self.namespace, &job.key))
             .key(keys::meta_key(&self.namespace, &job.key))
@@ -184,23 +192,24 @@ impl KvStore {
             .arg(ttl_ms)
             .arg(job.if_match.map(|v| v.to_string()).unwrap_or_default())
             .arg(now_ms)
-            .arg(if skip_gap { "1" } else { "0" })
+            .arg(u64::try_from(gap_timeout.as_millis()).unwrap_or(u64::MAX))
             .arg(REMEMBERED_OUTCOMES)
+            .arg(job.enqueued_at)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        let outcome = |s: &str| {
-            Outcome::parse(s).ok_or_else(|| StoreError::Corrupt(format!("apply outcome {s:?}")))
-        };
-        match kind.as_str() {
-            "done" => Ok(Applied::Done(outcome(&detail)?)),
-            "dup" if detail.is_empty() => Ok(Applied::Duplicate(None)),
-            "dup" => Ok(Applied::Duplicate(Some(outcome(&detail)?))),
-            "wait" => Ok(Applied::Wait {
-                applied: detail
-                    .parse()
-                    .map_err(|_| StoreError::Corrupt(format!("applied seq {detail:?}")))?,
+        let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
+        let outcome = |s: &str| Outcome::parse(s).ok_or_else(corrupt);
+        match answer.as_slice() {
+            [kind, detail, skipped] if kind == "done" => Ok(Applied::Done {
+                outcome: outcome(detail)?,
+                skipped: skipped.parse().map_err(|_| corrupt())?,
             }),
-            other => Err(StoreError::Corrupt(format!("apply answer {other:?}"))),
+            [kind, detail] if kind == "dup" && detail.is_empty() => Ok(Applied::Duplicate(None)),
+            [kind, detail] if kind == "dup" => Ok(Applied::Duplicate(Some(outcome(detail)?))),
+            [kind, detail] if kind == "wait" => Ok(Applied::Wait {
+                applied: detail.parse().map_err(|_| corrupt())?,
+            }),
+            _ => Err(corrupt()),
         }
     }
 

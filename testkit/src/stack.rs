@@ -187,7 +187,12 @@ impl Stack {
 
     /// Waits until job `id` is `succeeded`, `failed` or `dead`.
     pub async fn wait_job(&self, id: &str) -> Value {
-        eventually(JOB_DEADLINE, &format!("job {id} to finish"), || async {
+        self.wait_job_within(id, JOB_DEADLINE).await
+    }
+
+    /// [`Stack::wait_job`] with its own deadline.
+    pub async fn wait_job_within(&self, id: &str, deadline: Duration) -> Value {
+        eventually(deadline, &format!("job {id} to finish"), || async {
             let job = self.job(id).await;
             matches!(
                 job["status"].as_str(),

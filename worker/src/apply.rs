@@ -16,7 +16,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apalis::prelude::{AbortError, Attempt, BoxDynError, Data};
+use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, JobResult, Outcome, now_ms};
 use kvq_shared::store::{Applied, KvStore};
@@ -52,6 +52,26 @@ pub async fn handle(
     applier.run(job, attempt).instrument(span).await
 }
 
+/// Why a run did not end the job.
+enum RunError {
+    /// Redis failed: retry later (counts as an attempt).
+    Store(StoreError),
+    /// An earlier write to the key is still missing: run again later
+    /// (does not count as an attempt).
+    Waiting,
+}
+
+impl From<StoreError> for RunError {
+    fn from(e: StoreError) -> Self {
+        RunError::Store(e)
+    }
+}
+
+/// How long a job waits for an earlier write to its key while holding its
+/// worker slot, before it gives the slot back and is re-queued. Earlier writes
+/// usually run at the same moment on another slot and land within this.
+const IN_SLOT_WAIT: Duration = Duration::from_millis(50);
+
 impl Applier {
     /// Runs `job` for the `attempt`-th time (1-based).
     pub async fn run(&self, job: ApplyJob, attempt: u32) -> Result<(), BoxDynError> {
@@ -60,7 +80,11 @@ impl Applier {
                 tracing::info!(outcome = ?end, "job finished");
                 Ok(())
             }
-            Err(e) if attempt >= self.max_attempts => {
+            Err(RunError::Waiting) => {
+                tracing::debug!("an earlier write to the key is still missing; re-queued");
+                Err(DeferredError::new("waiting for an earlier write to the key").into())
+            }
+            Err(RunError::Store(e)) if attempt >= self.max_attempts => {
                 tracing::error!(error = %chain(&e), "job dead: retries exhausted");
                 let end = Final::Dead(JobError {
                     code: "backend_unavailable".into(),
@@ -74,36 +98,47 @@ impl Applier {
                 }
                 Err(AbortError::new(e).into())
             }
-            Err(e) => {
+            Err(RunError::Store(e)) => {
                 tracing::warn!(error = %chain(&e), "job failed, will retry");
                 Err(e.into())
             }
         }
     }
 
-    async fn try_run(&self, job: &ApplyJob, attempt: u32) -> Result<Final, StoreError> {
+    async fn try_run(&self, job: &ApplyJob, attempt: u32) -> Result<Final, RunError> {
         let started_at = now_ms();
         // A first run that applies at once goes from `queued` to its final
         // status in one write; `running` is recorded when the job has to
         // wait (for an earlier write to its key) or is a retry.
-        let mut marked_running = false;
         if attempt > 1 {
             self.records.start(job, attempt, started_at).await?;
-            marked_running = true;
         }
-        let applied = self
-            .apply_in_order(job, attempt, started_at, &mut marked_running)
-            .await?;
+        let applied = self.apply_in_order(job).await?;
         let end = match applied {
-            Applied::Done(outcome) | Applied::Duplicate(Some(outcome)) => final_of(outcome),
+            Applied::Done { outcome, .. } | Applied::Duplicate(Some(outcome)) => final_of(outcome),
             Applied::Duplicate(None) => Final::Dead(JobError {
                 code: "sequence_skipped".into(),
-                message: "a later write to this key was applied after this one was awaited too long; this write was not applied".into(),
+                message: "this write arrived after the gap timeout, when later writes to the key had been applied without it; it was not applied".into(),
             }),
-            Applied::Wait { .. } => unreachable_wait(),
+            Applied::Wait { .. } => {
+                if attempt == 1 {
+                    self.records.start(job, attempt, started_at).await?;
+                }
+                return Err(RunError::Waiting);
+            }
         };
-        if matches!(applied, Applied::Duplicate(_)) {
-            tracing::info!("job was applied before (redelivery); recording the first outcome");
+        match applied {
+            Applied::Duplicate(_) => {
+                tracing::info!("job was applied before (redelivery); recording the first outcome");
+            }
+            Applied::Done { skipped, .. } if skipped > 0 => {
+                tracing::warn!(
+                    skipped,
+                    gap_timeout_s = self.gap_timeout.as_secs(),
+                    "earlier writes to this key never arrived; applied without them"
+                );
+            }
+            _ => {}
         }
         self.records
             .finish(job, &end, attempt, started_at, now_ms())
@@ -111,49 +146,21 @@ impl Applier {
         Ok(end)
     }
 
-    /// Applies the job once every earlier `seq` of its key is applied, or
-    /// once the wait times out.
-    async fn apply_in_order(
-        &self,
-        job: &ApplyJob,
-        attempt: u32,
-        started_at: i64,
-        marked_running: &mut bool,
-    ) -> Result<Applied, StoreError> {
+    /// Applies the job once every earlier `seq` of its key is applied (or
+    /// the gap timeout has passed); waits up to [`IN_SLOT_WAIT`] for them,
+    /// then answers [`Applied::Wait`].
+    async fn apply_in_order(&self, job: &ApplyJob) -> Result<Applied, StoreError> {
         let started = Instant::now();
-        let mut delay = Duration::from_millis(2);
+        let mut delay = Duration::from_millis(1);
         loop {
-            let skip_gap = started.elapsed() >= self.gap_timeout;
-            match self.kv.apply(job, skip_gap, now_ms()).await? {
-                Applied::Wait { applied } => {
-                    tracing::debug!(applied, "waiting for earlier writes to the key");
-                    if !*marked_running {
-                        self.records.start(job, attempt, started_at).await?;
-                        *marked_running = true;
-                    }
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(100));
-                }
-                done => {
-                    if skip_gap {
-                        tracing::warn!(
-                            waited_ms = started.elapsed().as_millis() as u64,
-                            "an earlier write to this key never arrived; skipped it"
-                        );
-                    }
-                    return Ok(done);
-                }
+            let applied = self.kv.apply(job, self.gap_timeout, now_ms()).await?;
+            if !matches!(applied, Applied::Wait { .. }) || started.elapsed() >= IN_SLOT_WAIT {
+                return Ok(applied);
             }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(10));
         }
     }
-}
-
-/// The apply loop only returns non-waiting answers.
-fn unreachable_wait() -> Final {
-    Final::Dead(JobError {
-        code: "internal".into(),
-        message: "unexpected apply state".into(),
-    })
 }
 
 fn final_of(outcome: Outcome) -> Final {

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod errors;
+mod guarantees;
 mod health;
 mod jobs;
 mod kv;

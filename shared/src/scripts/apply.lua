@@ -6,13 +6,17 @@
 -- ARGV[4] ttl in ms, 0 for none
 -- ARGV[5] If-Match version, '' for none
 -- ARGV[6] now, Unix ms
--- ARGV[7] '1' to apply even though earlier seqs are missing (gap timed out)
+-- ARGV[7] gap timeout, ms: a job whose earlier seqs are missing is applied
+--         anyway once the key has made no progress for this long since the
+--         later of its last apply and this job's enqueue
 -- ARGV[8] how many recent outcomes to remember for redelivered jobs
--- Returns {'done', outcome} | {'dup', outcome or ''} | {'wait', last applied seq}
--- where outcome is '<created|updated|deleted>:<version>' or '<code>:0'.
+-- ARGV[9] when the job was enqueued, Unix ms
+-- Returns {'done', outcome, skipped} | {'dup', outcome or ''} | {'wait', last applied seq}
+-- where outcome is '<created|updated|deleted>:<version>' or '<code>:0', and
+-- skipped is how many missing seqs were given up on.
 local vkey, mkey = KEYS[1], KEYS[2]
 local op, seq = ARGV[1], tonumber(ARGV[2])
-local meta = redis.call('HMGET', mkey, 'seq', 'ver')
+local meta = redis.call('HMGET', mkey, 'seq', 'ver', 't')
 local applied = tonumber(meta[1] or '0')
 if seq <= applied then
   return {'dup', redis.call('HGET', mkey, 'r:' .. ARGV[2]) or ''}
@@ -23,8 +27,13 @@ while seq > applied + 1 and redis.call('HDEL', mkey, 'x:' .. tostring(applied + 
   applied = applied + 1
   redis.call('HSET', mkey, 'seq', tostring(applied))
 end
-if seq > applied + 1 and ARGV[7] ~= '1' then
-  return {'wait', tostring(applied)}
+local skipped = 0
+if seq > applied + 1 then
+  local since = math.max(tonumber(meta[3] or '0'), tonumber(ARGV[9]))
+  if tonumber(ARGV[6]) - since < tonumber(ARGV[7]) then
+    return {'wait', tostring(applied)}
+  end
+  skipped = seq - applied - 1
 end
 -- A live key's version is the key's last version: every successful write
 -- bumps 'ver' and leaves the value key live, except delete, which removes it.
@@ -59,6 +68,6 @@ else
     if live then outcome = 'updated:' .. version else outcome = 'created:' .. version end
   end
 end
-redis.call('HSET', mkey, 'seq', ARGV[2], 'ver', version, 'r:' .. ARGV[2], outcome)
+redis.call('HSET', mkey, 'seq', ARGV[2], 'ver', version, 't', ARGV[6], 'r:' .. ARGV[2], outcome)
 redis.call('HDEL', mkey, 'r:' .. tostring(seq - tonumber(ARGV[8])))
-return {'done', outcome}
+return {'done', outcome, tostring(skipped)}

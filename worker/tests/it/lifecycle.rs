@@ -7,24 +7,24 @@ use serde_json::{Value, json};
 
 #[tokio::test]
 async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
-    let mut stack = Stack::builder()
-        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "3")
-        .start()
-        .await;
-    // Hand out seq 1 of the key without queueing it: the write below gets
-    // seq 2 and stays in flight, waiting for seq 1, for the 3 s gap timeout.
-    let _: i64 = stack
-        .kv
-        .cmd(&["HINCRBY", "kvq:meta:{in-flight}", "next", "1"]);
+    let mut stack = Stack::builder().workers(0).start().await;
     let accepted = stack.create("in-flight", json!("kept")).await;
     assert_eq!(accepted.status(), 202);
     let id = accepted.json::<Value>().await.unwrap()["job_id"]
         .as_str()
         .unwrap()
         .to_owned();
-    eventually(Duration::from_secs(5), "the job to be running", || async {
-        (stack.job(&id).await["status"] == "running").then_some(())
-    })
+    // Hold the KV Redis' writes for 3 s: the job's apply blocks in flight.
+    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    stack.start_worker().await;
+    eventually(
+        Duration::from_secs(5),
+        "the worker to take the job",
+        || async {
+            let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
+            (pending.first() == Some(&redis::Value::Int(1))).then_some(())
+        },
+    )
     .await;
 
     let worker = &mut stack.workers[0];
@@ -43,6 +43,12 @@ async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let read: Value = stack.get("in-flight").await.json().await.unwrap();
     assert_eq!(read["value"], "kept");
+    let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
+    assert_eq!(
+        pending.first(),
+        Some(&redis::Value::Int(0)),
+        "the job was acknowledged"
+    );
 }
 
 #[tokio::test]

@@ -1,0 +1,347 @@
+//! DESIGN.md's guarantees under load and faults: per-key order with many
+//! workers, exactly-once effect across worker crashes, compare-and-set,
+//! and a backlog drained by workers started late.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kvq_testkit::{Stack, eventually};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// A small deterministic generator, so a failing storm can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// One write of the storm.
+#[derive(Clone, Debug)]
+struct Write {
+    key: String,
+    op: &'static str,
+    value: i64,
+    if_match: Option<u64>,
+}
+
+/// Sends `write`; returns (seq, job id).
+async fn send(stack: &Stack, write: &Write) -> (u64, String) {
+    let request = match write.op {
+        "create" => stack
+            .request(Method::POST, "/v1/kv")
+            .json(&json!({"key": write.key, "value": write.value})),
+        "update" => stack
+            .request(Method::PUT, &format!("/v1/kv/{}", write.key))
+            .json(&json!({"value": write.value})),
+        "upsert" => stack
+            .request(Method::PUT, &format!("/v1/kv/{}?upsert=true", write.key))
+            .json(&json!({"value": write.value})),
+        _ => stack.request(Method::DELETE, &format!("/v1/kv/{}", write.key)),
+    };
+    let request = match write.if_match {
+        Some(v) => request.header("if-match", format!("\"{v}\"")),
+        None => request,
+    };
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 202, "{write:?}");
+    let body: Value = response.json().await.unwrap();
+    (
+        body["seq"].as_u64().unwrap(),
+        body["job_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A key as a one-by-one replay sees it.
+#[derive(Default, Debug, PartialEq)]
+struct Model {
+    live: Option<i64>,
+    version: u64,
+}
+
+impl Model {
+    /// Applies `write` and returns the outcome a job should report:
+    /// `created:3`, `not_found`, ...
+    fn apply(&mut self, write: &Write) -> String {
+        if let Some(expected) = write.if_match
+            && (self.live.is_none() || self.version != expected)
+        {
+            return "version_mismatch".into();
+        }
+        match (write.op, self.live) {
+            ("create", Some(_)) => return "already_exists".into(),
+            ("update" | "delete", None) => return "not_found".into(),
+            _ => {}
+        }
+        self.version += 1;
+        let outcome = match (write.op, self.live) {
+            ("delete", _) => "deleted",
+            (_, Some(_)) => "updated",
+            (_, None) => "created",
+        };
+        self.live = (write.op != "delete").then_some(write.value);
+        format!("{outcome}:{}", self.version)
+    }
+}
+
+/// What a finished job reports, in [`Model::apply`]'s terms.
+fn reported(job: &Value) -> String {
+    match job["status"].as_str() {
+        Some("succeeded") => format!(
+            "{}:{}",
+            job["result"]["outcome"].as_str().unwrap(),
+            job["result"]["version"]
+        ),
+        Some("failed") => job["error"]["code"].as_str().unwrap().to_owned(),
+        _ => format!("unexpected {job}"),
+    }
+}
+
+#[tokio::test]
+async fn a_storm_of_mixed_writes_equals_a_one_by_one_replay_in_seq_order() {
+    let stack = Stack::builder()
+        .workers(3)
+        .env("KVQ_WORKER_CONCURRENCY", "16")
+        .start()
+        .await;
+    let mut rng = Rng(0x5EED_1234_ABCD_0042);
+    let mut writes = Vec::new();
+    for k in 0..150 {
+        for _ in 0..12 {
+            let op = ["create", "update", "upsert", "delete"][rng.below(4) as usize];
+            let if_match = (op != "create" && rng.below(4) == 0).then(|| 1 + rng.below(6));
+            writes.push(Write {
+                key: format!("storm/{k}"),
+                op,
+                value: rng.below(1_000_000) as i64,
+                if_match,
+            });
+        }
+    }
+    // Shuffle (Fisher-Yates), then send from 16 concurrent clients.
+    for i in (1..writes.len()).rev() {
+        writes.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    let stack = Arc::new(stack);
+    let sent: Vec<(Write, u64, String)> = futures::stream::iter(writes)
+        .map(|write| {
+            let stack = stack.clone();
+            async move {
+                let (seq, id) = send(&stack, &write).await;
+                (write, seq, id)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+
+    // Replay each key's writes one by one in seq order.
+    let mut by_key: HashMap<String, Vec<(u64, Write, String)>> = HashMap::new();
+    for (write, seq, id) in sent {
+        by_key
+            .entry(write.key.clone())
+            .or_default()
+            .push((seq, write, id));
+    }
+    let mut checked = 0;
+    for (key, mut writes) in by_key {
+        writes.sort_by_key(|(seq, _, _)| *seq);
+        let seqs: Vec<u64> = writes.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(seqs, (1..=12).collect::<Vec<_>>(), "{key}: seqs are 1..=12");
+        let mut model = Model::default();
+        for (seq, write, id) in &writes {
+            let expected = model.apply(write);
+            let job = stack.wait_job(id).await;
+            assert_eq!(reported(&job), expected, "{key} seq {seq}: {write:?}");
+            checked += 1;
+        }
+        let read = stack.get(&key).await;
+        match model.live {
+            Some(value) => {
+                assert_eq!(read.status(), 200, "{key}");
+                let body: Value = read.json().await.unwrap();
+                assert_eq!(body["value"], value, "{key}");
+                assert_eq!(body["version"], model.version, "{key}");
+            }
+            None => assert_eq!(read.status(), 404, "{key}"),
+        }
+    }
+    assert_eq!(checked, 1800);
+}
+
+#[tokio::test]
+async fn if_match_applies_only_on_the_expected_version() {
+    let stack = Stack::start().await;
+    stack.finished(stack.create("cas", json!("v1")).await).await;
+    let put = |version: &'static str, value: &'static str| {
+        stack
+            .request(Method::PUT, "/v1/kv/cas")
+            .header("if-match", version)
+            .json(&json!({"value": value}))
+            .send()
+    };
+    let ok = stack.finished(put("\"1\"", "v2").await.unwrap()).await;
+    assert_eq!(ok["result"], json!({"outcome": "updated", "version": 2}));
+    let stale = stack.finished(put("\"1\"", "lost").await.unwrap()).await;
+    assert_eq!(stale["status"], "failed");
+    assert_eq!(stale["error"]["code"], "version_mismatch");
+    let read: Value = stack.get("cas").await.json().await.unwrap();
+    assert_eq!(
+        (read["value"].clone(), read["version"].clone()),
+        (json!("v2"), json!(2))
+    );
+
+    let delete = |version: &'static str| {
+        stack
+            .request(Method::DELETE, "/v1/kv/cas")
+            .header("if-match", version)
+            .send()
+    };
+    let stale = stack.finished(delete("\"1\"").await.unwrap()).await;
+    assert_eq!(stale["error"]["code"], "version_mismatch");
+    let deleted = stack.finished(delete("\"2\"").await.unwrap()).await;
+    assert_eq!(
+        deleted["result"],
+        json!({"outcome": "deleted", "version": 3})
+    );
+    // If-Match on an absent key fails too (RFC 9110: 412), even for upsert.
+    let absent = stack
+        .finished(
+            stack
+                .request(Method::PUT, "/v1/kv/cas?upsert=true")
+                .header("if-match", "\"3\"")
+                .json(&json!({"value": "x"}))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(absent["error"]["code"], "version_mismatch");
+    assert_eq!(stack.get("cas").await.status(), 404);
+}
+
+#[tokio::test]
+async fn workers_killed_mid_stream_lose_nothing_and_apply_nothing_twice() {
+    let mut stack = Stack::builder()
+        .workers(2)
+        .env("KVQ_WORKER_CONCURRENCY", "8")
+        .start()
+        .await;
+    let keys = 100;
+    let writes_per_key = 30;
+    let total = keys * writes_per_key;
+    let (sender, mut killer) = tokio::sync::mpsc::channel::<usize>(1);
+    let sending = {
+        let base = stack.base().to_owned();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut ids = Vec::new();
+            let results: Vec<(usize, String)> = futures::stream::iter(0..total)
+                .map(|i| {
+                    let http = http.clone();
+                    let base = base.clone();
+                    let sender = sender.clone();
+                    async move {
+                        if i == total / 3 || i == 2 * total / 3 {
+                            let _ = sender.send(i).await;
+                        }
+                        let key = format!("crash/{}", i % keys);
+                        let response = http
+                            .put(format!("{base}/v1/kv/{key}?upsert=true"))
+                            .json(&json!({"value": i}))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(response.status(), 202);
+                        let body: Value = response.json().await.unwrap();
+                        (i, body["job_id"].as_str().unwrap().to_owned())
+                    }
+                })
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            ids.extend(results);
+            ids
+        })
+    };
+    // Kill a worker with SIGKILL twice mid-stream, each time starting a new one.
+    for _ in 0..2 {
+        killer.recv().await.unwrap();
+        let victim = stack.workers.remove(0);
+        victim.signal("KILL");
+        drop(victim);
+        stack.start_worker().await;
+    }
+    let ids = sending.await.unwrap();
+    assert_eq!(ids.len(), total);
+    for (_, id) in &ids {
+        let job = stack.wait_job_within(id, Duration::from_secs(60)).await;
+        assert_eq!(job["status"], "succeeded", "{job}");
+    }
+    // Each key holds its last write, and its version counts its writes:
+    // nothing was lost and nothing applied twice.
+    for k in 0..keys {
+        let body: Value = stack.get(&format!("crash/{k}")).await.json().await.unwrap();
+        let last = (0..total).filter(|i| i % keys == k).max().unwrap();
+        assert_eq!(body["value"], last, "crash/{k}");
+        assert_eq!(body["version"], writes_per_key, "crash/{k}");
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_of_20000_writes_drains_with_every_worker_alive() {
+    let mut stack = Stack::builder().workers(0).start().await;
+    let total = 20_000;
+    let base = stack.base().to_owned();
+    let http = reqwest::Client::new();
+    let last_ids: Vec<String> = futures::stream::iter(0..total)
+        .map(|i| {
+            let http = http.clone();
+            let base = base.clone();
+            async move {
+                let response = http
+                    .post(format!("{base}/v1/kv"))
+                    .json(&json!({"key": format!("backlog/{i}"), "value": i}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 202);
+                let body: Value = response.json().await.unwrap();
+                body["job_id"].as_str().unwrap().to_owned()
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let queued: u64 = stack.queue.cmd(&["XLEN", "kvq:apply"]);
+    assert_eq!(queued, total);
+
+    stack.start_worker().await;
+    stack.start_worker().await;
+    eventually(Duration::from_secs(120), "the backlog to drain", || async {
+        let left: u64 = stack.queue.cmd(&["XLEN", "kvq:apply"]);
+        (left == 0).then_some(())
+    })
+    .await;
+    for worker in &mut stack.workers {
+        assert!(worker.is_running(), "a worker exited during the drain");
+    }
+    // Applied: one value key and one metadata key per write.
+    let keys: u64 = stack.kv.cmd(&["DBSIZE"]);
+    assert_eq!(keys, 2 * total);
+    for id in last_ids.iter().step_by(997) {
+        assert_eq!(stack.job(id).await["status"], "succeeded");
+    }
+}
