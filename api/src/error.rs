@@ -39,6 +39,9 @@ pub enum ApiError {
     /// The route exists but not for this method.
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// A request with the same `Idempotency-Key` is still being handled.
+    #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
+    IdempotencyConflict,
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
@@ -56,6 +59,7 @@ impl ApiError {
             ApiError::ValueTooLarge(_) => "value_too_large",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
         }
     }
@@ -70,6 +74,7 @@ impl ApiError {
             ApiError::ValueTooLarge(_) => "Value too large",
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::IdempotencyConflict => "Request in progress",
             ApiError::BackendUnavailable(_) => "Backend unavailable",
         }
     }
@@ -99,6 +104,7 @@ impl ResponseError for ApiError {
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::IdempotencyConflict => StatusCode::CONFLICT,
             ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -120,7 +126,7 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::CONFLICT {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS.to_string()));
         }
         response.json(problem)

@@ -14,6 +14,23 @@ use serde_json::value::RawValue;
 use crate::error::StoreError;
 use crate::keys;
 
+/// How long an `Idempotency-Key` token is remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// What an `Idempotency-Key` token holds while its first request runs.
+const IDEMPOTENCY_PENDING: &str = "pending";
+
+/// What [`JobRecords::claim_idempotency`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The token is new: this request goes ahead.
+    New,
+    /// Another request with the token is still running.
+    Pending,
+    /// The token's first request was answered with this (JSON).
+    Answered(String),
+}
+
 /// The queue's name below the namespace; see [`keys::queue_name`].
 pub const QUEUE: &str = "apply";
 
@@ -410,6 +427,53 @@ impl JobRecords {
         fields.push(("finished_at", now.to_string()));
         fields.push((field, json));
         self.write(&job.id, &fields, &[]).await
+    }
+
+    /// Claims an `Idempotency-Key` token for this request, or tells what the
+    /// token's first request did.
+    pub async fn claim_idempotency(&self, token: &str) -> Result<Claim, StoreError> {
+        let key = keys::idempotency_key(&self.namespace, token);
+        let mut conn = self.conn.clone();
+        let set: bool = redis::cmd("SET")
+            .arg(&key)
+            .arg(IDEMPOTENCY_PENDING)
+            .arg("NX")
+            .arg("EX")
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+            .is_some();
+        if set {
+            return Ok(Claim::New);
+        }
+        let found: Option<String> = conn.get(&key).await?;
+        Ok(match found {
+            Some(answer) if answer != IDEMPOTENCY_PENDING => Claim::Answered(answer),
+            _ => Claim::Pending,
+        })
+    }
+
+    /// Stores the answer to a token's first request.
+    pub async fn settle_idempotency(&self, token: &str, answer: &str) -> Result<(), StoreError> {
+        let key = keys::idempotency_key(&self.namespace, token);
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(answer)
+            .arg("XX")
+            .arg("KEEPTTL")
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a token whose first request failed, so it can be tried again.
+    pub async fn release_idempotency(&self, token: &str) -> Result<(), StoreError> {
+        let _: () = self
+            .conn
+            .clone()
+            .del(keys::idempotency_key(&self.namespace, token))
+            .await?;
+        Ok(())
     }
 
     /// Reads a job's record; `None` if unknown or expired.

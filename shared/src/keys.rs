@@ -86,6 +86,19 @@ pub fn job_key(ns: &str, job_id: &str) -> String {
     format!("{ns}:job:{job_id}")
 }
 
+/// An `Idempotency-Key` token's first answer (or `pending` while that first
+/// request runs), a string in the queue Redis that expires after 24 h:
+/// `{ns}:idem:<token>`.
+pub fn idempotency_key(ns: &str, token: &str) -> String {
+    format!("{ns}:idem:{token}")
+}
+
+/// The channel on which workers announce finished jobs (message: the job
+/// id), for requests waiting with `Prefer: wait`: `{ns}:done`.
+pub fn done_channel(ns: &str) -> String {
+    format!("{ns}:done")
+}
+
 /// The apalis queue the API pushes to and workers consume: `{ns}:apply`.
 /// Named explicitly, never after the Rust type, so renaming the job type
 /// cannot orphan queued jobs.

@@ -6,7 +6,8 @@
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::{HttpRequest, HttpResponse, web};
-use kvq_shared::jobs::{ApplyJob, Op, now_ms, rfc3339};
+use kvq_shared::StoreError;
+use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
 use kvq_shared::retry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -70,18 +71,35 @@ pub struct ListQuery {
 }
 
 /// The 202 body of every write.
-#[derive(Debug, Serialize)]
-pub struct Accepted<'a> {
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Accepted {
     /// The job id; poll `GET /v1/jobs/{job_id}`.
-    pub job_id: &'a str,
+    pub job_id: String,
     /// Always `queued`.
-    pub status: &'static str,
+    pub status: String,
     /// The operation.
     pub op: Op,
     /// The key.
-    pub key: &'a str,
+    pub key: String,
     /// The key's sequence number for this write.
     pub seq: u64,
+}
+
+/// The header that makes a write idempotent.
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// The `Idempotency-Key` token, if sent: 1 to 255 visible ASCII characters.
+fn idempotency_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let token = raw.to_str().unwrap_or_default().trim();
+    if token.is_empty() || token.len() > 255 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::InvalidRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(Some(token.to_owned()))
 }
 
 /// The 200 body of a read.
@@ -267,9 +285,11 @@ async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     enqueue(&req, &state, Op::Delete, key, None, None, expected).await
 }
 
-/// Gives the write its `seq`, then records and pushes the job in one atomic
-/// step: 202 once the job is in the queue Redis, 503 if it is not (then
-/// nothing was queued, and the `seq` is marked abandoned).
+/// Queues a write, honouring `Idempotency-Key`: 202 once the job is in the
+/// queue Redis, 503 if it is not (then nothing was queued). A repeat of a
+/// token answers the token's first 202 again (with `Idempotent-Replayed:
+/// true`) and queues nothing; a repeat while the first is still running is
+/// a 409.
 async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
@@ -279,6 +299,60 @@ async fn enqueue(
     ttl_seconds: Option<u64>,
     if_match: Option<u64>,
 ) -> Result<HttpResponse, ApiError> {
+    let token = idempotency_token(req.headers())?;
+    if let Some(token) = &token {
+        match state
+            .records
+            .claim_idempotency(token)
+            .await
+            .map_err(ApiError::BackendUnavailable)?
+        {
+            Claim::New => {}
+            Claim::Pending => return Err(ApiError::IdempotencyConflict),
+            Claim::Answered(answer) => {
+                let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
+                    ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
+                })?;
+                return Ok(accepted_response(&accepted, true));
+            }
+        }
+    }
+    let result = queue_job(req, state, op, key, value, ttl_seconds, if_match).await;
+    if let Some(token) = &token {
+        let stored = match &result {
+            Ok(accepted) => match serde_json::to_string(accepted) {
+                Ok(answer) => state.records.settle_idempotency(token, &answer).await,
+                Err(e) => Err(StoreError::Corrupt(e.to_string())),
+            },
+            Err(_) => state.records.release_idempotency(token).await,
+        };
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
+        }
+    }
+    Ok(accepted_response(&result?, false))
+}
+
+fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
+    let mut response = HttpResponse::Accepted();
+    response.insert_header((header::LOCATION, format!("/v1/jobs/{}", accepted.job_id)));
+    if replayed {
+        response.insert_header(("idempotent-replayed", "true"));
+    }
+    response.json(accepted)
+}
+
+/// Gives the write its `seq`, then records and pushes the job in one atomic
+/// step. On failure nothing was queued, and the `seq` is marked abandoned.
+async fn queue_job(
+    req: &HttpRequest,
+    state: &AppState,
+    op: Op,
+    key: String,
+    value: Option<Box<RawValue>>,
+    ttl_seconds: Option<u64>,
+    if_match: Option<u64>,
+) -> Result<Accepted, ApiError> {
     let request_id = RequestId::of(req);
     let seq = state
         .kv
@@ -293,7 +367,7 @@ async fn enqueue(
         value,
         ttl_seconds,
         if_match,
-        request_id: request_id.clone(),
+        request_id,
         enqueued_at: now_ms(),
     };
     if let Err(e) = state.queue.push(&job).await {
@@ -304,16 +378,13 @@ async fn enqueue(
         return Err(ApiError::BackendUnavailable(e));
     }
     tracing::info!(job_id = %job.id, op = %op, seq, "job queued");
-    let location = format!("/v1/jobs/{}", job.id);
-    Ok(HttpResponse::Accepted()
-        .insert_header((header::LOCATION, location))
-        .json(Accepted {
-            job_id: &job.id,
-            status: "queued",
-            op,
-            key: &job.key,
-            seq,
-        }))
+    Ok(Accepted {
+        job_id: job.id,
+        status: "queued".into(),
+        op,
+        key: job.key,
+        seq,
+    })
 }
 
 /// Whether `If-None-Match` lists `version` (or is `*`).

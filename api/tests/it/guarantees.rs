@@ -345,3 +345,54 @@ async fn a_backlog_of_20000_writes_drains_with_every_worker_alive() {
         assert_eq!(stack.job(id).await["status"], "succeeded");
     }
 }
+
+#[tokio::test]
+async fn an_idempotency_key_repeat_returns_the_first_job_and_applies_nothing() {
+    let stack = Stack::start().await;
+    let upsert = |token: &'static str, value: i64| {
+        stack
+            .request(Method::PUT, "/v1/kv/idem?upsert=true")
+            .header("idempotency-key", token)
+            .json(&json!({"value": value}))
+            .send()
+    };
+    let first = upsert("tok-1", 1).await.unwrap();
+    assert_eq!(first.status(), 202);
+    let location = first.headers()["location"].clone();
+    let first: Value = first.json().await.unwrap();
+    for _ in 0..3 {
+        let again = upsert("tok-1", 2).await.unwrap();
+        assert_eq!(again.status(), 202);
+        assert_eq!(again.headers()["location"], location);
+        assert_eq!(again.headers()["idempotent-replayed"], "true");
+        let again: Value = again.json().await.unwrap();
+        assert_eq!(again, first);
+    }
+    let job = stack.wait_job(first["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["result"], json!({"outcome": "created", "version": 1}));
+    let read: Value = stack.get("idem").await.json().await.unwrap();
+    assert_eq!(
+        (read["value"].clone(), read["version"].clone()),
+        (json!(1), json!(1))
+    );
+
+    // Another token is another write.
+    let other: Value = upsert("tok-2", 3).await.unwrap().json().await.unwrap();
+    assert_ne!(other["job_id"], first["job_id"]);
+    assert_eq!(other["seq"], 2);
+    let job = stack.wait_job(other["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["result"], json!({"outcome": "updated", "version": 2}));
+
+    let bad = stack
+        .request(Method::DELETE, "/v1/kv/idem")
+        .header("idempotency-key", "has space")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert_eq!(
+        stack.get("idem").await.status(),
+        200,
+        "the rejected delete changed nothing"
+    );
+}
