@@ -39,6 +39,16 @@ pub enum ApiError {
     /// The route exists but not for this method.
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// A job waited for with `Prefer: wait` ended without applying.
+    #[error("{message}")]
+    JobFailed {
+        /// 404, 409, 412 or 503.
+        status: StatusCode,
+        /// The job's error code.
+        code: String,
+        /// The job's error message.
+        message: String,
+    },
     /// A request with the same `Idempotency-Key` is still being handled.
     #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
     IdempotencyConflict,
@@ -49,8 +59,9 @@ pub enum ApiError {
 
 impl ApiError {
     /// The stable machine code.
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> &str {
         match self {
+            ApiError::JobFailed { code, .. } => code,
             ApiError::InvalidKey(_) => "invalid_key",
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::InvalidBody(_) => "invalid_body",
@@ -64,7 +75,7 @@ impl ApiError {
         }
     }
 
-    fn title(&self) -> &'static str {
+    fn title(&self) -> &str {
         match self {
             ApiError::InvalidKey(_) => "Invalid key",
             ApiError::MalformedJson(_) => "Malformed JSON",
@@ -75,6 +86,7 @@ impl ApiError {
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
+            ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
             ApiError::BackendUnavailable(_) => "Backend unavailable",
         }
     }
@@ -105,6 +117,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::JobFailed { status, .. } => *status,
             ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }

@@ -11,8 +11,10 @@
 //! - [`routes`]: one module per resource: `kv`, `jobs`, `health`.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`request_id`]: the request id middleware.
+//! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod error;
 pub mod request_id;
 pub mod routes;
 pub mod startup;
+pub mod wait;

@@ -12,7 +12,9 @@ use actix_web::{App, HttpRequest, HttpServer, web};
 use kvq_shared::jobs::JobRecords;
 use kvq_shared::queue::JobQueue;
 use kvq_shared::store::{self, KvStore};
-use kvq_shared::{Config, StoreError};
+use kvq_shared::{Config, StoreError, keys};
+
+use crate::wait::Waiters;
 
 use crate::error::ApiError;
 use crate::routes;
@@ -27,6 +29,8 @@ pub struct AppState {
     pub records: JobRecords,
     /// The queue.
     pub queue: JobQueue,
+    /// Requests waiting for jobs (`Prefer: wait`), shared by all threads.
+    pub waiters: Waiters,
 }
 
 impl AppState {
@@ -35,6 +39,7 @@ impl AppState {
         config: &Arc<Config>,
         kv: &redis::Client,
         queue: &redis::Client,
+        waiters: &Waiters,
     ) -> Result<Self, StoreError> {
         let kv_conn = store::manager(kv, config.redis_timeout)?;
         let queue_conn = store::manager(queue, config.redis_timeout)?;
@@ -43,6 +48,7 @@ impl AppState {
             records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
             queue: JobQueue::new(queue_conn, config),
             config: config.clone(),
+            waiters: waiters.clone(),
         })
     }
 
@@ -73,13 +79,19 @@ impl Application {
         let kv_client = store::client(&config.kv_redis_url)?;
         let queue_client = store::client(&config.queue_redis_url)?;
         let config = Arc::new(config);
+        let waiters = Waiters::default();
         // Fail now, not in a worker thread, if the connections cannot be made.
-        AppState::new(&config, &kv_client, &queue_client)?;
+        AppState::new(&config, &kv_client, &queue_client, &waiters)?;
+        tokio::spawn(
+            waiters
+                .clone()
+                .follow(queue_client.clone(), keys::done_channel(&config.namespace)),
+        );
         let body_limit = config.max_value_bytes + BODY_OVERHEAD_BYTES;
         let server = HttpServer::new(move || {
             // One set of connections per worker thread: each thread's requests
             // then never wait on another thread's connection task.
-            let state = AppState::new(&config, &kv_client, &queue_client)
+            let state = AppState::new(&config, &kv_client, &queue_client, &waiters)
                 .expect("connections were checked before the server started");
             App::new()
                 .app_data(web::Data::new(state))

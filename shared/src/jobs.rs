@@ -381,6 +381,7 @@ impl JobRecords {
         job_id: &str,
         fields: &[(&str, String)],
         clear: &[&str],
+        announce: bool,
     ) -> Result<(), StoreError> {
         let key = keys::job_key(&self.namespace, job_id);
         // No MULTI: each command is idempotent, and a retry repeats them all.
@@ -392,6 +393,10 @@ impl JobRecords {
         if !clear.is_empty() {
             pipe.hdel(&key, clear).ignore();
         }
+        if announce {
+            pipe.publish(keys::done_channel(&self.namespace), job_id)
+                .ignore();
+        }
         pipe.query_async::<()>(&mut self.conn.clone()).await?;
         Ok(())
     }
@@ -402,11 +407,12 @@ impl JobRecords {
         let mut fields = Self::base_fields(job, attempt, now);
         fields.push(("status", JobStatus::Running.as_str().to_owned()));
         let clear: &[&str] = if attempt > 1 { &["finished_at"] } else { &[] };
-        self.write(&job.id, &fields, clear).await
+        self.write(&job.id, &fields, clear, false).await
     }
 
-    /// Records how a job's `attempt`-th run, started at `started_at`, ended;
-    /// the record then lives for the retention period.
+    /// Records how a job's `attempt`-th run, started at `started_at`, ended,
+    /// and announces it on [`keys::done_channel`]; the record then lives for
+    /// the retention period.
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
     pub async fn finish(
         &self,
@@ -426,7 +432,7 @@ impl JobRecords {
         fields.push(("status", status.as_str().to_owned()));
         fields.push(("finished_at", now.to_string()));
         fields.push((field, json));
-        self.write(&job.id, &fields, &[]).await
+        self.write(&job.id, &fields, &[], true).await
     }
 
     /// Claims an `Idempotency-Key` token for this request, or tells what the

@@ -5,7 +5,9 @@
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
-use actix_web::{HttpRequest, HttpResponse, web};
+use std::time::Duration;
+
+use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
 use kvq_shared::retry;
@@ -330,8 +332,115 @@ async fn enqueue(
             tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
         }
     }
-    Ok(accepted_response(&result?, false))
+    let accepted = result?;
+    match crate::wait::preferred_wait(req.headers()) {
+        Some(wait) if !wait.is_zero() => wait_for_final(state, &accepted, wait).await,
+        _ => Ok(accepted_response(&accepted, false)),
+    }
 }
+
+/// Answers like a synchronous API once the job is final (201 created, 200
+/// updated, 204 deleted, 404 / 409 / 412 for failures, 503 if dead), or with
+/// the plain 202 if `wait` runs out first.
+async fn wait_for_final(
+    state: &AppState,
+    accepted: &Accepted,
+    wait: Duration,
+) -> Result<HttpResponse, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut notice = Some(state.waiters.register(&accepted.job_id));
+    let outcome = loop {
+        match state.records.get(&accepted.job_id).await {
+            Ok(Some(record)) if record.status.is_final() => break Some(record),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read a waited-for job"),
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            break None;
+        }
+        // Woken by the worker's notice, or once a second should it be missed.
+        let nap = left.min(Duration::from_secs(1));
+        match notice.as_mut() {
+            Some(rx) => {
+                if let Ok(fired) = tokio::time::timeout(nap, rx).await {
+                    let _ = fired;
+                    notice = None;
+                }
+            }
+            None => tokio::time::sleep(nap).await,
+        }
+    };
+    state.waiters.forget(&accepted.job_id);
+    let Some(record) = outcome else {
+        return Ok(accepted_response(accepted, false));
+    };
+    let applied = format!("wait={}", wait.as_secs());
+    if let Some(error) = &record.error {
+        let code = error.code.clone();
+        let status = match code.as_str() {
+            "not_found" => StatusCode::NOT_FOUND,
+            "already_exists" => StatusCode::CONFLICT,
+            "version_mismatch" => StatusCode::PRECONDITION_FAILED,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut response = ApiError::JobFailed {
+            status,
+            code,
+            message: error.message.clone(),
+        }
+        .error_response();
+        response.headers_mut().insert(
+            header::HeaderName::from_static("preference-applied"),
+            header::HeaderValue::from_str(&applied)
+                .unwrap_or(header::HeaderValue::from_static("wait")),
+        );
+        return Ok(response);
+    }
+    let version = record.result.as_ref().map_or(0, |r| r.version);
+    let etag = format!("\"{version}\"");
+    let key_location = format!(
+        "/v1/kv/{}",
+        percent_encoding::utf8_percent_encode(&record.key, KEY_IN_PATH)
+    );
+    let mut response = match record.result.as_ref().map(|r| r.outcome.as_str()) {
+        Some("created") => HttpResponse::Created(),
+        Some("deleted") => HttpResponse::NoContent(),
+        _ => HttpResponse::Ok(),
+    };
+    response
+        .insert_header((header::ETAG, etag))
+        .insert_header(("preference-applied", applied))
+        .insert_header((header::CONTENT_LOCATION, format!("/v1/jobs/{}", record.id)));
+    if record
+        .result
+        .as_ref()
+        .is_some_and(|r| r.outcome == "created")
+    {
+        response.insert_header((header::LOCATION, key_location));
+    }
+    if record
+        .result
+        .as_ref()
+        .is_some_and(|r| r.outcome == "deleted")
+    {
+        return Ok(response.finish());
+    }
+    Ok(response.json(crate::routes::jobs::JobBody::from(record)))
+}
+
+/// Characters escaped when a key is put back into a path (`/` stays).
+const KEY_IN_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
 
 fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
     let mut response = HttpResponse::Accepted();

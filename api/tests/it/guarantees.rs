@@ -396,3 +396,128 @@ async fn an_idempotency_key_repeat_returns_the_first_job_and_applies_nothing() {
         "the rejected delete changed nothing"
     );
 }
+
+/// A write with `Prefer: wait=5`.
+async fn waited(
+    stack: &Stack,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    if_match: Option<&str>,
+) -> reqwest::Response {
+    let mut request = stack.request(method, path).header("prefer", "wait=5");
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    if let Some(version) = if_match {
+        request = request.header("if-match", version);
+    }
+    request.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn prefer_wait_answers_as_a_synchronous_api_would() {
+    let stack = Stack::start().await;
+    let created = waited(
+        &stack,
+        Method::POST,
+        "/v1/kv",
+        Some(json!({"key": "sync/a", "value": 1})),
+        None,
+    )
+    .await;
+    assert_eq!(created.status(), 201);
+    assert_eq!(created.headers()["location"], "/v1/kv/sync/a");
+    assert_eq!(created.headers()["etag"], "\"1\"");
+    assert_eq!(created.headers()["preference-applied"], "wait=5");
+    let body: Value = created.json().await.unwrap();
+    assert_eq!(body["status"], "succeeded");
+    assert_eq!(body["result"], json!({"outcome": "created", "version": 1}));
+
+    let updated = waited(
+        &stack,
+        Method::PUT,
+        "/v1/kv/sync/a",
+        Some(json!({"value": 2})),
+        None,
+    )
+    .await;
+    assert_eq!(updated.status(), 200);
+    assert_eq!(updated.headers()["etag"], "\"2\"");
+
+    let conflict = waited(
+        &stack,
+        Method::POST,
+        "/v1/kv",
+        Some(json!({"key": "sync/a", "value": 3})),
+        None,
+    )
+    .await;
+    assert_eq!(conflict.status(), 409);
+    assert_eq!(
+        conflict.headers()["content-type"],
+        "application/problem+json"
+    );
+    assert_eq!(
+        conflict.json::<Value>().await.unwrap()["code"],
+        "already_exists"
+    );
+
+    let stale = waited(
+        &stack,
+        Method::PUT,
+        "/v1/kv/sync/a",
+        Some(json!({"value": 4})),
+        Some("\"1\""),
+    )
+    .await;
+    assert_eq!(stale.status(), 412);
+    assert_eq!(
+        stale.json::<Value>().await.unwrap()["code"],
+        "version_mismatch"
+    );
+
+    let deleted = waited(&stack, Method::DELETE, "/v1/kv/sync/a", None, None).await;
+    assert_eq!(deleted.status(), 204);
+    assert_eq!(deleted.headers()["etag"], "\"3\"");
+
+    let missing = waited(&stack, Method::DELETE, "/v1/kv/sync/a", None, None).await;
+    assert_eq!(missing.status(), 404);
+    assert_eq!(missing.json::<Value>().await.unwrap()["code"], "not_found");
+}
+
+#[tokio::test]
+async fn prefer_wait_gives_202_when_the_time_runs_out_without_polling_redis() {
+    let stack = Stack::builder().workers(0).start().await;
+    let _: () = stack.queue.cmd(&["CONFIG", "RESETSTAT"]);
+    let started = std::time::Instant::now();
+    let response = stack
+        .request(Method::POST, "/v1/kv")
+        .header("prefer", "wait=2")
+        .json(&json!({"key": "slow", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "answered before the wait ran out"
+    );
+    let stats: String = stack.queue.cmd(&["INFO", "commandstats"]);
+    let reads: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_hgetall:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        reads <= 4,
+        "the waiting request read its job {reads} times in 2 s"
+    );
+    // The job itself is still queued, and applies once a worker runs.
+    let body: Value = response.json().await.unwrap();
+    let mut stack = stack;
+    stack.start_worker().await;
+    let job = stack.wait_job(body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded");
+}
