@@ -521,3 +521,193 @@ async fn prefer_wait_gives_202_when_the_time_runs_out_without_polling_redis() {
     let job = stack.wait_job(body["job_id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "succeeded");
 }
+
+/// Upserts `writes` values to `keys` keys from 4 clients while `fault` runs;
+/// returns each key's accepted values in acceptance order per key.
+async fn writes_during(
+    stack: &Stack,
+    writes: usize,
+    keys: usize,
+    fault: impl std::future::Future<Output = ()>,
+) -> Vec<(usize, String)> {
+    let base = stack.base().to_owned();
+    let sending = tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        // Paced over about 1.5 s, so the fault lands mid-stream.
+        let start = tokio::time::Instant::now();
+        futures::stream::iter(0..writes)
+            .map(|i| {
+                let (http, base) = (http.clone(), base.clone());
+                async move {
+                    tokio::time::sleep_until(start + Duration::from_micros(2_500 * i as u64)).await;
+                    let response = http
+                        .put(format!("{base}/v1/kv/stall/{}?upsert=true", i % keys))
+                        .json(&json!({"value": i}))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(response.status(), 202, "write {i} was refused");
+                    let body: Value = response.json().await.unwrap();
+                    (i, body["job_id"].as_str().unwrap().to_owned())
+                }
+            })
+            .buffer_unordered(4)
+            .collect::<Vec<_>>()
+            .await
+    });
+    fault.await;
+    sending.await.unwrap()
+}
+
+#[tokio::test]
+async fn a_2_5_s_pause_of_either_redis_stops_no_process_and_loses_no_write() {
+    let mut stack = Stack::builder().workers(2).start().await;
+    for redis in ["queue", "kv"] {
+        let target = if redis == "queue" {
+            &stack.queue
+        } else {
+            &stack.kv
+        };
+        let port = target.port();
+        let ids = writes_during(&stack, 600, 20, async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            let _: () = redis::cmd("CLIENT")
+                .arg("PAUSE")
+                .arg(2500)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        })
+        .await;
+        for (_, id) in &ids {
+            let job = stack.wait_job_within(id, Duration::from_secs(30)).await;
+            assert_eq!(job["status"], "succeeded", "{redis} pause: {job}");
+        }
+        assert!(stack.api().is_running(), "{redis} pause stopped the API");
+        for worker in &mut stack.workers {
+            assert!(worker.is_running(), "{redis} pause stopped a worker");
+        }
+    }
+    // Every accepted write applied once, in order: each key holds its last
+    // write and counts all of them.
+    for k in 0..20 {
+        let body: Value = stack.get(&format!("stall/{k}")).await.json().await.unwrap();
+        let last = (0..600).filter(|i| i % 20 == k).max().unwrap();
+        assert_eq!(body["value"], last, "stall/{k}");
+        assert_eq!(body["version"], 2 * 30, "stall/{k}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_workers_job_runs_elsewhere_within_10_s() {
+    let mut stack = Stack::builder().workers(0).start().await;
+    let accepted = stack.create("orphan", json!("saved")).await;
+    let id = accepted.json::<Value>().await.unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The first worker takes the job, whose apply then blocks on a paused
+    // KV Redis; it is killed while holding it.
+    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    stack.start_worker().await;
+    eventually(
+        Duration::from_secs(5),
+        "the worker to take the job",
+        || async {
+            let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
+            (pending.first() == Some(&redis::Value::Int(1))).then_some(())
+        },
+    )
+    .await;
+    let killed_at = std::time::Instant::now();
+    stack.workers[0].signal("KILL");
+    stack.start_worker().await;
+    let job = stack.wait_job_within(&id, Duration::from_secs(15)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let took = killed_at.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "re-run {took:?} after the kill"
+    );
+    let read: Value = stack.get("orphan").await.json().await.unwrap();
+    assert_eq!(read["version"], 1, "applied exactly once");
+}
+
+#[tokio::test]
+async fn a_seq_that_never_arrives_stalls_its_key_only_for_the_gap_timeout() {
+    let stack = Stack::builder()
+        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "2")
+        .start()
+        .await;
+    stack.finished(stack.create("gappy", json!(1)).await).await;
+    // An API process killed between handing out seq 2 and queueing it.
+    let _: i64 = stack.kv.cmd(&["HINCRBY", "kvq:meta:{gappy}", "next", "1"]);
+    let started = std::time::Instant::now();
+    let job = stack
+        .finished(stack.put("gappy", json!({"value": 3})).await)
+        .await;
+    assert_eq!(job["seq"], 3);
+    assert_eq!(job["result"], json!({"outcome": "updated", "version": 2}));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "did not wait for the gap"
+    );
+    // Other keys were not held up meanwhile, and the skip is logged.
+    assert!(
+        stack.workers[0]
+            .logs()
+            .iter()
+            .any(|l| l.contains("earlier writes to this key never arrived")),
+        "the skipped gap was not logged"
+    );
+}
+
+#[tokio::test]
+async fn finished_jobs_leave_the_queue_redis_as_it_was_after_retention() {
+    let stack = Stack::builder()
+        .env("KVQ_JOB_RETENTION_SECONDS", "2")
+        .start()
+        .await;
+    stack.finished(stack.create("warm", json!(0)).await).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = |stack: &Stack| -> u64 {
+        let info: String = stack.queue.cmd(&["INFO", "memory"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let keys_before = stack.queue.keys();
+    let memory_before = used(&stack);
+    let ids: Vec<String> = futures::stream::iter(0..2_000)
+        .map(|i| {
+            let stack = &stack;
+            async move {
+                let response = stack.create(&format!("r/{i}"), json!(i)).await;
+                response.json::<Value>().await.unwrap()["job_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    stack.wait_job(ids.last().unwrap()).await;
+    eventually(
+        Duration::from_secs(20),
+        "the job records to expire",
+        || async { (stack.queue.keys() == keys_before).then_some(()) },
+    )
+    .await;
+    let grown = used(&stack).saturating_sub(memory_before);
+    assert!(
+        grown < 512 * 1024,
+        "the queue Redis kept {grown} bytes after 2,000 jobs"
+    );
+}
