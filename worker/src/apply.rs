@@ -22,6 +22,8 @@ use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, JobResult, Outcome
 use kvq_shared::store::{Applied, KvStore};
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
+
 /// Everything the handler needs.
 pub struct Applier {
     /// The KV Redis.
@@ -32,6 +34,8 @@ pub struct Applier {
     pub max_attempts: u32,
     /// How long a job waits for a missing predecessor.
     pub gap_timeout: Duration,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The apalis handler.
@@ -77,14 +81,21 @@ impl Applier {
     pub async fn run(&self, job: ApplyJob, attempt: u32) -> Result<(), BoxDynError> {
         match self.try_run(&job, attempt).await {
             Ok(end) => {
+                Metrics::inc(match end {
+                    Final::Succeeded(_) => &self.metrics.succeeded,
+                    Final::Failed(_) => &self.metrics.failed,
+                    Final::Dead(_) => &self.metrics.dead,
+                });
                 tracing::info!(outcome = ?end, "job finished");
                 Ok(())
             }
             Err(RunError::Waiting) => {
+                Metrics::inc(&self.metrics.deferred);
                 tracing::debug!("an earlier write to the key is still missing; re-queued");
                 Err(DeferredError::new("waiting for an earlier write to the key").into())
             }
             Err(RunError::Store(e)) if attempt >= self.max_attempts => {
+                Metrics::inc(&self.metrics.dead);
                 tracing::error!(error = %chain(&e), "job dead: retries exhausted");
                 let end = Final::Dead(JobError {
                     code: "backend_unavailable".into(),
@@ -99,6 +110,7 @@ impl Applier {
                 Err(AbortError::new(e).into())
             }
             Err(RunError::Store(e)) => {
+                Metrics::inc(&self.metrics.retried);
                 tracing::warn!(error = %chain(&e), "job failed, will retry");
                 Err(e.into())
             }
@@ -129,9 +141,13 @@ impl Applier {
         };
         match applied {
             Applied::Duplicate(_) => {
+                Metrics::inc(&self.metrics.redelivered);
                 tracing::info!("job was applied before (redelivery); recording the first outcome");
             }
             Applied::Done { skipped, .. } if skipped > 0 => {
+                self.metrics
+                    .gap_seqs_skipped
+                    .fetch_add(skipped, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(
                     skipped,
                     gap_timeout_s = self.gap_timeout.as_secs(),

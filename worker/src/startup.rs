@@ -39,6 +39,7 @@ impl Worker {
             records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
             max_attempts: config.worker_max_attempts,
             gap_timeout: config.order_gap_timeout,
+            metrics: Arc::default(),
         });
         // Unique per process: apalis refuses a name still heartbeating.
         let name = format!("kvq-worker-{}", uuid::Uuid::new_v4());
@@ -66,12 +67,27 @@ impl Worker {
     /// jobs finish for at most `KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS`, and
     /// returns. Jobs cut off by that timeout are re-run by another worker.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), anyhow::Error> {
-        let health = HttpServer::new(|| {
-            App::new().route(
-                "/healthz",
-                web::get()
-                    .to(|| async { HttpResponse::Ok().json(serde_json::json!({"status": "ok"})) }),
-            )
+        let metrics = self.applier.metrics.clone();
+        let health = HttpServer::new(move || {
+            let metrics = metrics.clone();
+            App::new()
+                .route(
+                    "/healthz",
+                    web::get().to(|| async {
+                        HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+                    }),
+                )
+                .route(
+                    "/metrics",
+                    web::get().to(move || {
+                        let text = metrics.render();
+                        async move {
+                            HttpResponse::Ok()
+                                .content_type("text/plain; version=0.0.4")
+                                .body(text)
+                        }
+                    }),
+                )
         })
         .workers(1)
         .disable_signals()

@@ -665,6 +665,25 @@ async fn a_seq_that_never_arrives_stalls_its_key_only_for_the_gap_timeout() {
             .any(|l| l.contains("earlier writes to this key never arrived")),
         "the skipped gap was not logged"
     );
+    let port = stack.workers[0]
+        .wait_for_log("kvq-worker starting", Duration::from_secs(1))
+        .await["health_port"]
+        .as_u64()
+        .unwrap();
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("kvq_worker_order_gap_seqs_skipped_total 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("kvq_worker_jobs_total{status=\"succeeded\"} 2\n"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
