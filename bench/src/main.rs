@@ -197,6 +197,15 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         println!("   CPU per write, us: {}", cpu.join(", "));
         bursts.push(burst);
     }
+    // What ordering costs the KV Redis: the API's HINCRBY for `seq`, and the
+    // apply script (which also checks `seq`).
+    let stats: String = kv.cmd(&["INFO", "commandstats"]);
+    for line in stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_hincrby:") || l.starts_with("cmdstat_evalsha:"))
+    {
+        println!("   KV Redis {line}");
+    }
     let alive = workers
         .iter_mut()
         .map(|w| w.is_running())

@@ -107,6 +107,12 @@ impl Applier {
                 if let Err(record) = self.records.finish(&job, &end, attempt, now, now).await {
                     tracing::error!(error = %chain(&record), "could not record the job as dead");
                 }
+                // The key's later writes need not wait for this one. (If the
+                // KV Redis is what failed, this fails too, and they wait for
+                // the gap timeout instead.)
+                if let Err(mark) = self.kv.abandon_seq(&job.key, job.seq).await {
+                    tracing::warn!(error = %chain(&mark), "could not release the dead job's seq");
+                }
                 Err(AbortError::new(e).into())
             }
             Err(RunError::Store(e)) => {
