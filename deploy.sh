@@ -74,8 +74,15 @@ run_local() {
   export KVQ_KV_REDIS_URL="redis://127.0.0.1:$kv_port"
   export KVQ_QUEUE_REDIS_URL="redis://127.0.0.1:$queue_port"
   export KVQ_BIND="127.0.0.1:$api_port"
-  export KVQ_AUTH_DISABLED=${KVQ_AUTH_DISABLED:-true}
   export KVQ_LOG_FORMAT=${KVQ_LOG_FORMAT:-json}
+  # A token secret of this deployment's own, kept with its data.
+  if [ -z "${KVQ_AUTH_JWT_SECRET:-}" ] && [ "${KVQ_AUTH_DISABLED:-false}" != true ]; then
+    if [ ! -s "$dir/jwt-secret" ]; then
+      (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/jwt-secret")
+    fi
+    KVQ_AUTH_JWT_SECRET=$(cat "$dir/jwt-secret")
+    export KVQ_AUTH_JWT_SECRET
+  fi
 
   target/release/kvq-api >>"$dir/logs/kvq-api.log" 2>&1 &
   pids+=($!)
@@ -88,14 +95,20 @@ run_local() {
 
   wait_http "http://127.0.0.1:$api_port/readyz" 30
   wait_http "http://127.0.0.1:$health_port/healthz" 30
-  local base="http://127.0.0.1:$api_port"
+  local base="http://127.0.0.1:$api_port" token=""
+  if [ -n "${KVQ_AUTH_JWT_SECRET:-}" ]; then
+    token=$(target/release/kvq-api token --role writer --ttl 24h | tail -n 1)
+  fi
   cat <<INFO
 
 kvq is running at $base  (logs: $dir/logs, Ctrl-C stops everything)
 
-  curl -s -X POST $base/v1/kv -H 'Content-Type: application/json' \\
-       -d '{"key":"greeting","value":"hello"}'
-  curl -s $base/v1/kv/greeting
+A writer token, valid 24 h (\`target/release/kvq-api token --role ROLE\` mints more):
+  export KVQ_TOKEN=$token
+
+  curl -s -X POST $base/v1/kv -H "Authorization: Bearer \$KVQ_TOKEN" \\
+       -H 'Content-Type: application/json' -d '{"key":"greeting","value":"hello"}'
+  curl -s $base/v1/kv/greeting -H "Authorization: Bearer \$KVQ_TOKEN"
 INFO
   # Stay up until Ctrl-C, or until a kvq process dies.
   while true; do

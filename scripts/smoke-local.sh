@@ -34,16 +34,22 @@ until grep -q "kvq is running" "$out"; do
   sleep 0.5
 done
 
-job=$(curl -fsS -X POST "$base/v1/kv" -H 'Content-Type: application/json' \
+token=$(sed -n 's/^  export KVQ_TOKEN=//p' "$out")
+auth=(-H "Authorization: Bearer $token")
+if [ "$(curl -s -o /dev/null -w '%{http_code}' "$base/v1/kv/smoke/1")" != 401 ]; then
+  echo "smoke: a request without a token was not refused" >&2
+  exit 1
+fi
+job=$(curl -fsS -X POST "$base/v1/kv" "${auth[@]}" -H 'Content-Type: application/json' \
   -d '{"key":"smoke/1","value":{"hello":"world"}}')
 echo "smoke: accepted $job"
 for _ in $(seq 1 100); do
-  if curl -fsS "$base/v1/kv/smoke/1" 2>/dev/null | grep -q '"hello":"world"'; then
+  if curl -fsS "${auth[@]}" "$base/v1/kv/smoke/1" 2>/dev/null | grep -q '"hello":"world"'; then
     break
   fi
   sleep 0.1
 done
-curl -fsS "$base/v1/kv/smoke/1" | grep -q '"version":1' || {
+curl -fsS "${auth[@]}" "$base/v1/kv/smoke/1" | grep -q '"version":1' || {
   echo "smoke: the write was not applied" >&2
   cat "$out" >&2
   exit 1

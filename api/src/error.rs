@@ -39,6 +39,12 @@ pub enum ApiError {
     /// The route exists but not for this method.
     #[error("method not allowed on this path")]
     MethodNotAllowed,
+    /// No valid bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A valid token without the role the route needs.
+    #[error("{0}")]
+    Forbidden(String),
     /// A job waited for with `Prefer: wait` ended without applying.
     #[error("{message}")]
     JobFailed {
@@ -62,6 +68,8 @@ impl ApiError {
     pub fn code(&self) -> &str {
         match self {
             ApiError::JobFailed { code, .. } => code,
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
             ApiError::InvalidKey(_) => "invalid_key",
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::InvalidBody(_) => "invalid_body",
@@ -86,6 +94,8 @@ impl ApiError {
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
+            ApiError::Unauthorized(_) => "Unauthorized",
+            ApiError::Forbidden(_) => "Forbidden",
             ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
             ApiError::BackendUnavailable(_) => "Backend unavailable",
         }
@@ -117,6 +127,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
             ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -139,6 +151,9 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
+        if status == StatusCode::UNAUTHORIZED {
+            response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::CONFLICT {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS.to_string()));
         }

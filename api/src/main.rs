@@ -2,8 +2,38 @@
 
 use std::process::ExitCode;
 
+use kvq_api::auth::{self, Auth, Role};
 use kvq_api::startup::Application;
 use kvq_shared::{Config, telemetry};
+
+/// `kvq-api token --role ROLE [--ttl DURATION]`: prints a token signed with
+/// `KVQ_AUTH_JWT_SECRET` (the last line of output).
+fn token(config: &Config, args: &[String]) -> ExitCode {
+    let value = |flag: &str| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    };
+    let Some(role) = value("--role").and_then(Role::parse) else {
+        eprintln!("usage: kvq-api token --role reader|writer|admin [--ttl 1h]");
+        return ExitCode::from(2);
+    };
+    let Some(ttl) = auth::parse_ttl(value("--ttl").unwrap_or("1h")) else {
+        eprintln!("kvq-api token: --ttl takes a duration such as 90s, 15m, 1h or 7d");
+        return ExitCode::from(2);
+    };
+    match auth::mint(config, role, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("kvq-api token: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
 
 #[actix_web::main]
 async fn main() -> ExitCode {
@@ -14,11 +44,20 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("token") {
+        return token(&config, &args[1..]);
+    }
     telemetry::init(config.log_format);
-    if config.auth_disabled {
-        tracing::warn!("KVQ_AUTH_DISABLED=true: every route is open to anyone who can reach it");
-    } else {
-        tracing::warn!("authentication is not built yet: every route is open");
+    match Auth::from_config(&config) {
+        Ok(auth) if !auth.enabled() => {
+            tracing::warn!("KVQ_AUTH_DISABLED=true: every route is open to anyone who can reach it")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("kvq-api: configuration error: {e}");
+            return ExitCode::from(2);
+        }
     }
     let app = match Application::build(config.clone()).await {
         Ok(app) => app,

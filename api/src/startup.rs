@@ -14,6 +14,7 @@ use kvq_shared::queue::JobQueue;
 use kvq_shared::store::{self, KvStore};
 use kvq_shared::{Config, StoreError, keys};
 
+use crate::auth::Auth;
 use crate::wait::Waiters;
 
 use crate::error::ApiError;
@@ -74,6 +75,7 @@ impl Application {
     /// Connects to both Redis servers (lazily: the API starts, and reports
     /// not ready, while they are down) and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Self, anyhow::Error> {
+        let auth = web::Data::new(Auth::from_config(&config)?);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
         let kv_client = store::client(&config.kv_redis_url)?;
@@ -95,6 +97,7 @@ impl Application {
                 .expect("connections were checked before the server started");
             App::new()
                 .app_data(web::Data::new(state))
+                .app_data(auth.clone())
                 .app_data(
                     web::JsonConfig::default()
                         .limit(body_limit)
@@ -105,6 +108,7 @@ impl Application {
                     web::PathConfig::default()
                         .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
                 )
+                .wrap(from_fn(crate::auth::middleware))
                 .wrap(from_fn(crate::request_id::middleware))
                 .configure(routes::health::configure)
                 .configure(routes::kv::configure)

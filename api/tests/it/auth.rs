@@ -1,0 +1,276 @@
+//! Bearer tokens and roles: the 401/403 matrix, bad tokens, Keycloak's
+//! claim layout, token minting, and the refusal to start without a key.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use kvq_testkit::{KvqProcess, Stack};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const SECRET: &str = "test-secret-0123456789abcdef";
+
+async fn secured() -> Stack {
+    Stack::builder()
+        .env("KVQ_AUTH_DISABLED", "false")
+        .env("KVQ_AUTH_JWT_SECRET", SECRET)
+        .start()
+        .await
+}
+
+fn exp_in(secs: i64) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    (now + secs) as u64
+}
+
+fn sign(claims: Value, algorithm: Algorithm, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(algorithm),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn token(roles: &[&str]) -> String {
+    sign(
+        json!({"exp": exp_in(600), "roles": roles}),
+        Algorithm::HS256,
+        SECRET,
+    )
+}
+
+/// Status and problem code of a request with `token`.
+async fn call(
+    stack: &Stack,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Option<String>) {
+    let mut request = stack.request(method.clone(), path);
+    if method == Method::POST {
+        request = request.json(&json!({"key": "k", "value": 1}));
+    } else if method == Method::PUT {
+        request = request.json(&json!({"value": 1}));
+    }
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let code = if response
+        .headers()
+        .get("content-type")
+        .is_some_and(|c| c == "application/problem+json")
+    {
+        response.json::<Value>().await.unwrap()["code"]
+            .as_str()
+            .map(str::to_owned)
+    } else {
+        None
+    };
+    (status, code)
+}
+
+#[tokio::test]
+async fn each_role_reaches_exactly_its_routes() {
+    let stack = secured().await;
+    let (reader, writer, admin) = (token(&["reader"]), token(&["writer"]), token(&["admin"]));
+    let routes = [
+        (Method::GET, "/v1/kv/k", "reader"),
+        (Method::GET, "/v1/kv?prefix=", "reader"),
+        (
+            Method::GET,
+            "/v1/jobs/0198c3d2-0000-7000-8000-000000000000",
+            "reader",
+        ),
+        (Method::POST, "/v1/kv", "writer"),
+        (Method::PUT, "/v1/kv/k?upsert=true", "writer"),
+        (Method::DELETE, "/v1/kv/k", "writer"),
+    ];
+    for (method, path, needs) in routes {
+        let (status, code) = call(&stack, method.clone(), path, None).await;
+        assert_eq!(
+            (status, code.as_deref()),
+            (401, Some("unauthorized")),
+            "{method} {path} without a token"
+        );
+        for (role, token) in [("reader", &reader), ("writer", &writer), ("admin", &admin)] {
+            let allowed = match needs {
+                "reader" => true,
+                _ => role != "reader",
+            };
+            let (status, code) = call(&stack, method.clone(), path, Some(token)).await;
+            if allowed {
+                assert!(
+                    matches!(status, 200 | 202 | 404),
+                    "{method} {path} as {role}: {status}"
+                );
+            } else {
+                assert_eq!(
+                    (status, code.as_deref()),
+                    (403, Some("forbidden")),
+                    "{method} {path} as {role}"
+                );
+            }
+        }
+    }
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            call(&stack, Method::GET, path, None).await.0,
+            200,
+            "{path} is open"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_tokens_are_401_and_change_nothing() {
+    let stack = secured().await;
+    let none_alg = {
+        let b64 = |v: &Value| encode_b64(&serde_json::to_vec(v).unwrap());
+        format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&json!({"exp": exp_in(600), "roles": ["admin"]}))
+        )
+    };
+    let bad = [
+        (
+            "wrong signature",
+            sign(
+                json!({"exp": exp_in(600), "roles": ["admin"]}),
+                Algorithm::HS256,
+                "another-secret",
+            ),
+        ),
+        (
+            "wrong algorithm",
+            sign(
+                json!({"exp": exp_in(600), "roles": ["admin"]}),
+                Algorithm::HS384,
+                SECRET,
+            ),
+        ),
+        (
+            "expired",
+            sign(
+                json!({"exp": exp_in(-600), "roles": ["admin"]}),
+                Algorithm::HS256,
+                SECRET,
+            ),
+        ),
+        (
+            "no exp",
+            sign(json!({"roles": ["admin"]}), Algorithm::HS256, SECRET),
+        ),
+        ("alg none", none_alg),
+        ("garbage", "not.a.jwt".to_owned()),
+    ];
+    for (what, token) in bad {
+        let response = stack
+            .request(Method::PUT, "/v1/kv/guarded?upsert=true")
+            .bearer_auth(&token)
+            .json(&json!({"value": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "{what}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{what}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "unauthorized", "{what}");
+    }
+    // A valid token without any kvq role is 403.
+    let roleless = sign(
+        json!({"exp": exp_in(600), "roles": ["other"]}),
+        Algorithm::HS256,
+        SECRET,
+    );
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/guarded", Some(&roleless))
+            .await
+            .0,
+        403
+    );
+    assert_eq!(stack.kv.keys(), Vec::<String>::new(), "nothing was stored");
+}
+
+/// base64url without padding.
+fn encode_b64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..=chunk.len() {
+            out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn keycloak_realm_roles_work_and_minted_tokens_work() {
+    let stack = secured().await;
+    let keycloak = sign(
+        json!({"exp": exp_in(600), "aud": "account", "realm_access": {"roles": ["offline_access", "writer"]}}),
+        Algorithm::HS256,
+        SECRET,
+    );
+    let (status, _) = call(
+        &stack,
+        Method::PUT,
+        "/v1/kv/kc?upsert=true",
+        Some(&keycloak),
+    )
+    .await;
+    assert_eq!(status, 202, "realm_access.roles grants writer");
+
+    let env = vec![("KVQ_AUTH_JWT_SECRET".to_owned(), SECRET.to_owned())];
+    let mut minted = KvqProcess::spawn_with_args(
+        "kvq-api",
+        &["token", "--role", "reader", "--ttl", "10m"],
+        &env,
+    );
+    let status = minted.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success());
+    let reader = minted.logs().last().unwrap().trim().to_owned();
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/kc", Some(&reader))
+            .await
+            .0
+            / 100,
+        2
+    );
+    assert_eq!(
+        call(&stack, Method::DELETE, "/v1/kv/kc", Some(&reader))
+            .await
+            .0,
+        403
+    );
+}
+
+#[tokio::test]
+async fn the_api_refuses_to_start_without_a_key_and_says_what_to_set() {
+    let mut api = KvqProcess::spawn(
+        "kvq-api",
+        &[("KVQ_BIND".to_owned(), "127.0.0.1:0".to_owned())],
+    );
+    let status = api.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(2));
+    let stderr = api.stderr().join("\n");
+    assert!(stderr.contains("KVQ_AUTH_JWT_SECRET"), "{stderr}");
+    assert!(stderr.contains("KVQ_AUTH_DISABLED"), "{stderr}");
+
+    let mut mint = KvqProcess::spawn_with_args("kvq-api", &["token", "--role", "writer"], &[]);
+    assert_eq!(
+        mint.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(2)
+    );
+    assert!(mint.stderr().join("\n").contains("KVQ_AUTH_JWT_SECRET"));
+}
