@@ -130,11 +130,28 @@ impl TestRedis {
 
     /// Runs a command and returns its answer.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args).unwrap()
+    }
+
+    /// Runs a command that may fail (e.g. on a key not made yet).
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query(&mut self.conn()).unwrap()
+        cmd.query(&mut self.conn())
+    }
+
+    /// How many queue entries workers hold unacknowledged (0 before the
+    /// consumer group exists).
+    pub fn pending_jobs(&self) -> i64 {
+        match self.try_cmd::<Vec<redis::Value>>(&["XPENDING", "kvq:apply", "workers"]) {
+            Ok(summary) => match summary.first() {
+                Some(redis::Value::Int(n)) => *n,
+                _ => 0,
+            },
+            Err(_) => 0,
+        }
     }
 
     /// Every key in the server.

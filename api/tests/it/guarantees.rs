@@ -618,10 +618,7 @@ async fn a_killed_workers_job_runs_elsewhere_within_10_s() {
     eventually(
         Duration::from_secs(5),
         "the worker to take the job",
-        || async {
-            let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
-            (pending.first() == Some(&redis::Value::Int(1))).then_some(())
-        },
+        || async { (stack.queue.pending_jobs() == 1).then_some(()) },
     )
     .await;
     let killed_at = std::time::Instant::now();

@@ -20,10 +20,7 @@ async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
     eventually(
         Duration::from_secs(5),
         "the worker to take the job",
-        || async {
-            let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
-            (pending.first() == Some(&redis::Value::Int(1))).then_some(())
-        },
+        || async { (stack.queue.pending_jobs() == 1).then_some(()) },
     )
     .await;
 
@@ -43,12 +40,7 @@ async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let read: Value = stack.get("in-flight").await.json().await.unwrap();
     assert_eq!(read["value"], "kept");
-    let pending: Vec<redis::Value> = stack.queue.cmd(&["XPENDING", "kvq:apply", "workers"]);
-    assert_eq!(
-        pending.first(),
-        Some(&redis::Value::Int(0)),
-        "the job was acknowledged"
-    );
+    assert_eq!(stack.queue.pending_jobs(), 0, "the job was acknowledged");
 }
 
 #[tokio::test]
