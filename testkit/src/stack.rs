@@ -17,12 +17,20 @@ const START_DEADLINE: Duration = Duration::from_secs(20);
 pub struct StackBuilder {
     workers: usize,
     env: Vec<(String, String)>,
+    redis_args: Vec<String>,
 }
 
 impl StackBuilder {
     /// Starts this many workers (default 1).
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = n;
+        self
+    }
+
+    /// Starts both Redis servers with `--requirepass PASSWORD`; their URLs
+    /// carry it.
+    pub fn redis_password(mut self, password: &str) -> Self {
+        self.redis_args = vec!["--requirepass".into(), password.into()];
         self
     }
 
@@ -34,8 +42,9 @@ impl StackBuilder {
 
     /// Starts everything and waits until it is up.
     pub async fn start(self) -> Stack {
-        let kv = TestRedis::start();
-        let queue = TestRedis::start();
+        let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        let kv = TestRedis::start_with(&args);
+        let queue = TestRedis::start_with(&args);
         let mut stack = Stack {
             api: None,
             workers: Vec::new(),
@@ -82,6 +91,7 @@ impl Stack {
         StackBuilder {
             workers: 1,
             env: Vec::new(),
+            redis_args: Vec::new(),
         }
     }
 

@@ -105,3 +105,38 @@ async fn a_write_refused_with_503_never_applies_and_does_not_stall_the_key() {
         "the refused write must not have applied"
     );
 }
+
+#[tokio::test]
+async fn password_protected_redis_servers_work_and_the_password_stays_secret() {
+    let password = "s3cr3t-redis-pw";
+    let mut stack = Stack::builder().redis_password(password).start().await;
+    let job = stack
+        .finished(stack.create("locked", json!("in")).await)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let read: Value = stack.get("locked").await.json().await.unwrap();
+    assert_eq!(read["value"], "in");
+    let ready = stack
+        .request(reqwest::Method::GET, "/readyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    // Without the password, the servers refuse: the password is really in use.
+    let refused = redis::Client::open(format!("redis://127.0.0.1:{}", stack.kv.port()))
+        .unwrap()
+        .get_connection()
+        .and_then(|mut c| redis::cmd("GET").arg("x").query::<Option<String>>(&mut c));
+    assert!(refused.is_err(), "the KV Redis answered without a password");
+    for line in stack
+        .api()
+        .logs()
+        .iter()
+        .chain(stack.workers[0].logs().iter())
+    {
+        assert!(
+            !line.contains(password),
+            "a log line shows the password: {line}"
+        );
+    }
+}
