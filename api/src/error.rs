@@ -4,12 +4,11 @@
 //! Internal causes (Redis errors) are logged with their whole chain and never
 //! put in a response.
 
-use std::fmt::Write as _;
-
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use kvq_shared::StoreError;
+use kvq_shared::error::chain;
 use serde::Serialize;
 
 /// Everything a request can fail with.
@@ -137,7 +136,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         if let ApiError::BackendUnavailable(cause) = self {
-            tracing::error!(error = %error_chain(cause), "backend unavailable");
+            tracing::error!(error = %chain(cause), "backend unavailable");
         }
         let problem = Problem {
             r#type: format!("urn:kvq:problem:{}", self.code()),
@@ -159,15 +158,4 @@ impl ResponseError for ApiError {
         }
         response.json(problem)
     }
-}
-
-/// `error: cause: cause's cause ...`, for logs.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let _ = write!(text, ": {cause}");
-        source = cause.source();
-    }
-    text
 }

@@ -47,3 +47,15 @@ impl StoreError {
         }
     }
 }
+
+/// `error: cause: cause's cause ...`, for logs.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

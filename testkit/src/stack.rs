@@ -187,11 +187,26 @@ impl Stack {
         response.json().await.unwrap()
     }
 
-    /// Waits until the job of a 202 response is final and returns its record.
-    pub async fn finished(&self, accepted: Response) -> Value {
+    /// The job id of a 202 response.
+    pub async fn job_id(accepted: Response) -> String {
         assert_eq!(accepted.status(), 202, "the write was not accepted");
         let body: Value = accepted.json().await.unwrap();
-        let id = body["job_id"].as_str().unwrap().to_owned();
+        body["job_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until a worker holds `count` jobs unacknowledged.
+    pub async fn wait_pending(&self, count: i64) {
+        eventually(
+            Duration::from_secs(5),
+            "a worker to take the job",
+            || async { (self.queue.pending_jobs() == count).then_some(()) },
+        )
+        .await;
+    }
+
+    /// Waits until the job of a 202 response is final and returns its record.
+    pub async fn finished(&self, accepted: Response) -> Value {
+        let id = Self::job_id(accepted).await;
         self.wait_job(&id).await
     }
 

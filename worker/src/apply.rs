@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
 use kvq_shared::StoreError;
+use kvq_shared::error::chain;
 use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, JobResult, Outcome, now_ms};
 use kvq_shared::store::{Applied, KvStore};
 use tracing::Instrument;
@@ -201,15 +202,4 @@ fn final_of(outcome: Outcome) -> Final {
             message: code.message().to_owned(),
         }),
     }
-}
-
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

@@ -29,7 +29,7 @@ async fn ping(
     match tokio::time::timeout(PING_TIMEOUT, fut).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => {
-            tracing::warn!(redis = name, error = %crate::error::error_chain(&e), "readiness ping failed");
+            tracing::warn!(redis = name, error = %kvq_shared::error::chain(&e), "readiness ping failed");
             Err(ApiError::BackendUnavailable(e))
         }
         Err(_) => Err(ApiError::BackendUnavailable(StoreError::Timeout(

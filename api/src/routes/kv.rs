@@ -87,6 +87,20 @@ pub struct Accepted {
     pub seq: u64,
 }
 
+/// A validated write, ready to be queued.
+pub struct Write {
+    /// The operation.
+    pub op: Op,
+    /// The key.
+    pub key: String,
+    /// The new value (not for delete).
+    pub value: Option<Box<RawValue>>,
+    /// Expiry, seconds.
+    pub ttl_seconds: Option<u64>,
+    /// `If-Match` version.
+    pub if_match: Option<u64>,
+}
+
 /// The header that makes a write idempotent.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -246,11 +260,13 @@ async fn create(
     enqueue(
         &req,
         &state,
-        Op::Create,
-        body.key,
-        Some(value),
-        body.ttl_seconds,
-        None,
+        Write {
+            op: Op::Create,
+            key: body.key,
+            value: Some(value),
+            ttl_seconds: body.ttl_seconds,
+            if_match: None,
+        },
     )
     .await
 }
@@ -271,11 +287,13 @@ async fn update(
     enqueue(
         &req,
         &state,
-        op,
-        key,
-        Some(value),
-        body.ttl_seconds,
-        expected,
+        Write {
+            op,
+            key,
+            value: Some(value),
+            ttl_seconds: body.ttl_seconds,
+            if_match: expected,
+        },
     )
     .await
 }
@@ -284,7 +302,18 @@ async fn update(
 async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
     let expected = if_match(req.headers())?;
-    enqueue(&req, &state, Op::Delete, key, None, None, expected).await
+    enqueue(
+        &req,
+        &state,
+        Write {
+            op: Op::Delete,
+            key,
+            value: None,
+            ttl_seconds: None,
+            if_match: expected,
+        },
+    )
+    .await
 }
 
 /// Queues a write, honouring `Idempotency-Key`: 202 once the job is in the
@@ -295,11 +324,7 @@ async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
 async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
-    op: Op,
-    key: String,
-    value: Option<Box<RawValue>>,
-    ttl_seconds: Option<u64>,
-    if_match: Option<u64>,
+    write: Write,
 ) -> Result<HttpResponse, ApiError> {
     let token = idempotency_token(req.headers())?;
     if let Some(token) = &token {
@@ -319,7 +344,7 @@ async fn enqueue(
             }
         }
     }
-    let result = queue_job(req, state, op, key, value, ttl_seconds, if_match).await;
+    let result = queue_job(req, state, write).await;
     if let Some(token) = &token {
         let stored = match &result {
             Ok(accepted) => match serde_json::to_string(accepted) {
@@ -363,8 +388,8 @@ async fn wait_for_final(
         let nap = left.min(Duration::from_secs(1));
         match notice.as_mut() {
             Some(rx) => {
-                if let Ok(fired) = tokio::time::timeout(nap, rx).await {
-                    let _ = fired;
+                // Fired (or dropped): from now on, naps only.
+                if tokio::time::timeout(nap, rx).await.is_ok() {
                     notice = None;
                 }
             }
@@ -390,11 +415,11 @@ async fn wait_for_final(
             message: error.message.clone(),
         }
         .error_response();
-        response.headers_mut().insert(
-            header::HeaderName::from_static("preference-applied"),
-            header::HeaderValue::from_str(&applied)
-                .unwrap_or(header::HeaderValue::from_static("wait")),
-        );
+        if let Ok(value) = header::HeaderValue::from_str(&applied) {
+            response
+                .headers_mut()
+                .insert(header::HeaderName::from_static("preference-applied"), value);
+        }
         return Ok(response);
     }
     let version = record.result.as_ref().map_or(0, |r| r.version);
@@ -456,26 +481,23 @@ fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
 async fn queue_job(
     req: &HttpRequest,
     state: &AppState,
-    op: Op,
-    key: String,
-    value: Option<Box<RawValue>>,
-    ttl_seconds: Option<u64>,
-    if_match: Option<u64>,
+    write: Write,
 ) -> Result<Accepted, ApiError> {
     let request_id = RequestId::of(req);
     let seq = state
         .kv
-        .next_seq(&key)
+        .next_seq(&write.key)
         .await
         .map_err(ApiError::BackendUnavailable)?;
+    let op = write.op;
     let job = ApplyJob {
         id: uuid::Uuid::now_v7().to_string(),
         op,
-        key,
+        key: write.key,
         seq,
-        value,
-        ttl_seconds,
-        if_match,
+        value: write.value,
+        ttl_seconds: write.ttl_seconds,
+        if_match: write.if_match,
         request_id,
         enqueued_at: now_ms(),
     };

@@ -607,20 +607,12 @@ async fn a_2_5_s_pause_of_either_redis_stops_no_process_and_loses_no_write() {
 async fn a_killed_workers_job_runs_elsewhere_within_10_s() {
     let mut stack = Stack::builder().workers(0).start().await;
     let accepted = stack.create("orphan", json!("saved")).await;
-    let id = accepted.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = Stack::job_id(accepted).await;
     // The first worker takes the job, whose apply then blocks on a paused
     // KV Redis; it is killed while holding it.
     let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "1500", "WRITE"]);
     stack.start_worker().await;
-    eventually(
-        Duration::from_secs(5),
-        "the worker to take the job",
-        || async { (stack.queue.pending_jobs() == 1).then_some(()) },
-    )
-    .await;
+    stack.wait_pending(1).await;
     let killed_at = std::time::Instant::now();
     stack.workers[0].signal("KILL");
     stack.start_worker().await;
@@ -705,10 +697,7 @@ async fn finished_jobs_leave_the_queue_redis_as_it_was_after_retention() {
             let stack = &stack;
             async move {
                 let response = stack.create(&format!("r/{i}"), json!(i)).await;
-                response.json::<Value>().await.unwrap()["job_id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
+                Stack::job_id(response).await
             }
         })
         .buffer_unordered(16)

@@ -10,19 +10,11 @@ async fn sigterm_lets_the_in_flight_job_finish_then_exits_0() {
     let mut stack = Stack::builder().workers(0).start().await;
     let accepted = stack.create("in-flight", json!("kept")).await;
     assert_eq!(accepted.status(), 202);
-    let id = accepted.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = Stack::job_id(accepted).await;
     // Hold the KV Redis' writes for 3 s: the job's apply blocks in flight.
     let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "3000", "WRITE"]);
     stack.start_worker().await;
-    eventually(
-        Duration::from_secs(5),
-        "the worker to take the job",
-        || async { (stack.queue.pending_jobs() == 1).then_some(()) },
-    )
-    .await;
+    stack.wait_pending(1).await;
 
     let worker = &mut stack.workers[0];
     worker.signal("TERM");
@@ -52,12 +44,7 @@ async fn jobs_queued_while_no_worker_runs_are_applied_by_the_next_one() {
             .put(&format!("later-{i}?upsert=true"), json!({"value": i}))
             .await;
         assert_eq!(accepted.status(), 202);
-        ids.push(
-            accepted.json::<Value>().await.unwrap()["job_id"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(Stack::job_id(accepted).await);
     }
     assert_eq!(stack.job(&ids[0]).await["status"], "queued");
     stack.start_worker().await;

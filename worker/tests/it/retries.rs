@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use kvq_testkit::Stack;
-use serde_json::{Value, json};
+use serde_json::json;
 
 #[tokio::test]
 async fn a_job_is_dead_after_its_attempts_run_out_on_a_dead_kv_redis() {
@@ -16,10 +16,7 @@ async fn a_job_is_dead_after_its_attempts_run_out_on_a_dead_kv_redis() {
         .await;
     let accepted = stack.create("doomed", json!(1)).await;
     assert_eq!(accepted.status(), 202);
-    let id = accepted.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = Stack::job_id(accepted).await;
     stack.kv.stop();
     stack.start_worker().await;
     let job = stack.wait_job(&id).await;
@@ -38,10 +35,7 @@ async fn a_job_is_dead_after_its_attempts_run_out_on_a_dead_kv_redis() {
 async fn a_job_succeeds_when_the_kv_redis_returns_within_its_attempts() {
     let mut stack = Stack::builder().workers(0).start().await;
     let accepted = stack.create("patient", json!("ok")).await;
-    let id = accepted.json::<Value>().await.unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = Stack::job_id(accepted).await;
     stack.kv.stop();
     stack.start_worker().await;
     // The first attempt fails on the dead KV Redis ...
