@@ -54,6 +54,12 @@ pub enum ApiError {
         /// The job's error message.
         message: String,
     },
+    /// `POST /v1/jobs/{id}/retry` of a job that is not dead.
+    #[error("{0}")]
+    NotDead(String),
+    /// The client's rate limit is used up; retry after this many seconds.
+    #[error("too many requests; retry after {0} s")]
+    RateLimited(u64),
     /// A request with the same `Idempotency-Key` is still being handled.
     #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
     IdempotencyConflict,
@@ -78,6 +84,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::NotDead(_) => "job_not_dead",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
         }
     }
@@ -93,6 +101,8 @@ impl ApiError {
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
+            ApiError::NotDead(_) => "Job not dead",
+            ApiError::RateLimited(_) => "Too many requests",
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
@@ -112,7 +122,7 @@ struct Problem<'a> {
 }
 
 /// Seconds a client should wait before retrying a 503.
-pub const RETRY_AFTER_SECONDS: u32 = 1;
+pub const RETRY_AFTER_SECONDS: u64 = 1;
 
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
@@ -125,7 +135,8 @@ impl ResponseError for ApiError {
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::IdempotencyConflict => StatusCode::CONFLICT,
+            ApiError::IdempotencyConflict | ApiError::NotDead(_) => StatusCode::CONFLICT,
+            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
@@ -153,8 +164,14 @@ impl ResponseError for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::CONFLICT {
-            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_SECONDS.to_string()));
+        let retry_after = match self {
+            ApiError::RateLimited(seconds) => Some(*seconds),
+            ApiError::IdempotencyConflict => Some(RETRY_AFTER_SECONDS),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response.insert_header((header::RETRY_AFTER, seconds.to_string()));
         }
         response.json(problem)
     }

@@ -31,6 +31,9 @@ pub enum Claim {
     Answered(String),
 }
 
+/// The job record field that keeps a dead job's [`ApplyJob`], for retry.
+const PAYLOAD: &str = "payload";
+
 /// The queue's name below the namespace; see [`keys::queue_name`].
 pub const QUEUE: &str = "apply";
 
@@ -382,6 +385,7 @@ impl JobRecords {
         fields: &[(&str, String)],
         clear: &[&str],
         announce: bool,
+        dead_at: Option<i64>,
     ) -> Result<(), StoreError> {
         let key = keys::job_key(&self.namespace, job_id);
         // No MULTI: each command is idempotent, and a retry repeats them all.
@@ -393,6 +397,16 @@ impl JobRecords {
         if !clear.is_empty() {
             pipe.hdel(&key, clear).ignore();
         }
+        if let Some(now) = dead_at {
+            // Dead letters live as long as their records; older ones are
+            // dropped from the set whenever a job dies.
+            let dead = keys::dead_set(&self.namespace);
+            let cutoff = now.saturating_sub(self.retention_secs().saturating_mul(1000));
+            pipe.zadd(&dead, job_id, now)
+                .ignore()
+                .zrembyscore(&dead, "-inf", format!("({cutoff}"))
+                .ignore();
+        }
         if announce {
             pipe.publish(keys::done_channel(&self.namespace), job_id)
                 .ignore();
@@ -401,13 +415,16 @@ impl JobRecords {
         Ok(())
     }
 
+    /// Fields a re-queued record must not keep from its earlier life.
+    const STALE_ON_REQUEUE: [&str; 5] = ["result", "error", "started_at", "finished_at", PAYLOAD];
+
     /// Marks a job `running` for its `attempt`-th start (1-based).
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
     pub async fn start(&self, job: &ApplyJob, attempt: u32, now: i64) -> Result<(), StoreError> {
         let mut fields = Self::base_fields(job, attempt, now);
         fields.push(("status", JobStatus::Running.as_str().to_owned()));
         let clear: &[&str] = if attempt > 1 { &["finished_at"] } else { &[] };
-        self.write(&job.id, &fields, clear, false).await
+        self.write(&job.id, &fields, clear, false, None).await
     }
 
     /// Records how a job's `attempt`-th run, started at `started_at`, ended,
@@ -432,7 +449,98 @@ impl JobRecords {
         fields.push(("status", status.as_str().to_owned()));
         fields.push(("finished_at", now.to_string()));
         fields.push((field, json));
-        self.write(&job.id, &fields, &[], true).await
+        let dead_at = matches!(end, Final::Dead(_)).then_some(now);
+        if dead_at.is_some() {
+            // What `POST /v1/jobs/{id}/retry` queues again.
+            let payload =
+                serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            fields.push((PAYLOAD, payload));
+        }
+        self.write(&job.id, &fields, &[], true, dead_at).await
+    }
+
+    /// Adds the commands that record a dead job queued again to `pipe`:
+    /// [`JobRecords::add_create`], minus what its earlier run left.
+    pub fn add_requeue(&self, pipe: &mut redis::Pipeline, job: &ApplyJob) {
+        pipe.hdel(
+            keys::job_key(&self.namespace, &job.id),
+            &Self::STALE_ON_REQUEUE,
+        )
+        .ignore();
+        self.add_create(pipe, job);
+    }
+
+    /// Takes job `id` out of the dead letters and returns what it queued, or
+    /// `None` if it is not a dead letter (any more). Of two concurrent calls
+    /// for one job, only one gets it.
+    pub async fn take_dead(&self, id: &str) -> Result<Option<ApplyJob>, StoreError> {
+        let script = redis::Script::new(
+            r"if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+                return redis.call('HGET', KEYS[2], ARGV[2])
+              end
+              return false",
+        );
+        let payload: Option<String> = script
+            .key(keys::dead_set(&self.namespace))
+            .key(keys::job_key(&self.namespace, id))
+            .arg(id)
+            .arg(PAYLOAD)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        payload
+            .map(|p| serde_json::from_str(&p).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+
+    /// Puts job `id`, taken by [`JobRecords::take_dead`], back among the dead
+    /// letters, when queueing it again failed.
+    pub async fn restore_dead(&self, id: &str, died_at: i64) -> Result<(), StoreError> {
+        let _: () = self
+            .conn
+            .clone()
+            .zadd(keys::dead_set(&self.namespace), id, died_at)
+            .await?;
+        Ok(())
+    }
+
+    /// One page of dead letters, oldest first: up to `limit` records from
+    /// position `offset`, and the offset of the next page if there is one.
+    /// Ids whose records have expired are dropped from the set on the way.
+    pub async fn dead(
+        &self,
+        offset: usize,
+        limit: usize,
+    ) -> Result<(Vec<JobRecord>, Option<usize>), StoreError> {
+        let dead = keys::dead_set(&self.namespace);
+        let mut conn = self.conn.clone();
+        let stop = isize::try_from(offset.saturating_add(limit)).unwrap_or(isize::MAX);
+        let start = isize::try_from(offset).unwrap_or(isize::MAX);
+        // One more than asked, to know whether a next page exists.
+        let ids: Vec<String> = conn.zrange(&dead, start, stop).await?;
+        let more = ids.len() > limit;
+        let ids = &ids[..ids.len().min(limit)];
+        if ids.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(keys::job_key(&self.namespace, id));
+        }
+        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let mut records = Vec::with_capacity(ids.len());
+        let mut expired = Vec::new();
+        for (id, hash) in ids.iter().zip(hashes) {
+            if hash.is_empty() {
+                expired.push(id.as_str());
+            } else {
+                records.push(JobRecord::from_hash(hash)?);
+            }
+        }
+        if !expired.is_empty() {
+            let _: () = conn.zrem(&dead, &expired).await?;
+        }
+        let next = more.then(|| offset + limit - expired.len());
+        Ok((records, next))
     }
 
     /// Claims an `Idempotency-Key` token for this request, or tells what the

@@ -93,6 +93,12 @@ pub fn idempotency_key(ns: &str, token: &str) -> String {
     format!("{ns}:idem:{token}")
 }
 
+/// The dead letters: ids of jobs that ended `dead`, in a sorted set scored by
+/// the time they died (Unix ms), in the queue Redis: `{ns}:dead`.
+pub fn dead_set(ns: &str) -> String {
+    format!("{ns}:dead")
+}
+
 /// The channel on which workers announce finished jobs (message: the job
 /// id), for requests waiting with `Prefer: wait`: `{ns}:done`.
 pub fn done_channel(ns: &str) -> String {

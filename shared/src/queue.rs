@@ -148,10 +148,24 @@ impl JobQueue {
     /// once this returns `Ok`, both are in the queue Redis.
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
     pub async fn push(&self, job: &ApplyJob) -> Result<(), StoreError> {
-        let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         let mut pipe = redis::pipe();
         pipe.atomic();
         self.records.add_create(&mut pipe, job);
+        self.xadd(pipe, job).await
+    }
+
+    /// Pushes a dead job again, under its own id, as [`JobQueue::push`] does,
+    /// and clears what its earlier run left in its record.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn requeue(&self, job: &ApplyJob) -> Result<(), StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        self.records.add_requeue(&mut pipe, job);
+        self.xadd(pipe, job).await
+    }
+
+    async fn xadd(&self, mut pipe: redis::Pipeline, job: &ApplyJob) -> Result<(), StoreError> {
+        let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         pipe.cmd("XADD")
             .arg(&self.stream)
             .arg("*")

@@ -1,12 +1,19 @@
-//! `/v1/jobs`: the status of queued writes.
+//! `/v1/jobs`: the status of queued writes, and the dead letters (jobs whose
+//! retries ran out) with their retry.
 
-use actix_web::{HttpResponse, web};
-use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, rfc3339};
+use actix_web::{HttpRequest, HttpResponse, web};
+use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, now_ms, rfc3339};
 use kvq_shared::retry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use validator::Validate;
 
 use crate::error::ApiError;
+use crate::request_id::RequestId;
+use crate::routes::kv::{Accepted, MAX_LIST_LIMIT, accepted_response};
 use crate::startup::AppState;
+
+/// Dead letters per page unless `limit` says otherwise.
+const DEFAULT_DEAD_LIMIT: usize = 100;
 
 /// The 200 body of `GET /v1/jobs/{id}`.
 #[derive(Debug, Serialize)]
@@ -61,13 +68,153 @@ impl From<JobRecord> for JobBody {
     }
 }
 
+/// The 200 body of `GET /v1/jobs?status=dead`.
+#[derive(Debug, Serialize)]
+pub struct JobList {
+    /// Dead jobs, oldest first.
+    pub jobs: Vec<JobBody>,
+    /// Pass as `cursor` for the next page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// `GET /v1/jobs` query.
+#[derive(Debug, Deserialize, Validate)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Which jobs: only `dead` is listed.
+    pub status: Option<String>,
+    /// Page size, 1 to 1,000 (default 100).
+    #[validate(range(min = 1, max = 1_000))]
+    pub limit: Option<usize>,
+    /// The previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
+        web::resource("/v1/jobs")
+            .route(web::get().to(list_jobs))
+            .default_service(web::to(crate::routes::method_not_allowed)),
+    )
+    .service(
         web::resource("/v1/jobs/{id}")
             .route(web::get().to(get_job))
             .default_service(web::to(crate::routes::method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/jobs/{id}/retry")
+            .route(web::post().to(retry_job))
+            .default_service(web::to(crate::routes::method_not_allowed)),
     );
+}
+
+/// `GET /v1/jobs?status=dead&limit=&cursor=`: the dead letters, oldest
+/// first. Job records expire after the retention period, and so do dead
+/// letters.
+async fn list_jobs(
+    state: web::Data<AppState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let query = query.into_inner();
+    if query.status.as_deref() != Some("dead") {
+        return Err(ApiError::InvalidRequest(
+            "only dead jobs are listed: add ?status=dead".into(),
+        ));
+    }
+    query
+        .validate()
+        .map_err(|_| ApiError::InvalidRequest(format!("limit must be 1 to {MAX_LIST_LIMIT}")))?;
+    let offset = match query.cursor.as_deref() {
+        None | Some("") => 0,
+        Some(c) => c
+            .parse::<usize>()
+            .map_err(|_| ApiError::InvalidRequest("bad cursor".into()))?,
+    };
+    let limit = query.limit.unwrap_or(DEFAULT_DEAD_LIMIT);
+    let (records, next) = retry::with_backoff(
+        state.config.read_retry_max,
+        state.read_attempt_timeout(),
+        || state.records.dead(offset, limit),
+    )
+    .await
+    .map_err(ApiError::BackendUnavailable)?;
+    Ok(HttpResponse::Ok()
+        .insert_header((actix_web::http::header::CACHE_CONTROL, "no-cache"))
+        .json(JobList {
+            jobs: records.into_iter().map(JobBody::from).collect(),
+            next_cursor: next.map(|n| n.to_string()),
+        }))
+}
+
+/// `POST /v1/jobs/{id}/retry`: queues a dead job again, under its own id.
+/// It takes a new `seq`, so it applies after the key's writes accepted
+/// before the retry (its own `seq` was given up when it died); its
+/// `If-Match`, if any, still applies.
+async fn retry_job(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(ApiError::NotFound(format!("no job {id:?}")));
+    }
+    let taken = state
+        .records
+        .take_dead(&id)
+        .await
+        .map_err(ApiError::BackendUnavailable)?;
+    let Some(mut job) = taken else {
+        let record = state
+            .records
+            .get(&id)
+            .await
+            .map_err(ApiError::BackendUnavailable)?;
+        return Err(match record {
+            None => ApiError::NotFound(format!("no job {id:?}")),
+            Some(r) => ApiError::NotDead(format!(
+                "job {id} is {}; only dead jobs can be retried",
+                r.status.as_str()
+            )),
+        });
+    };
+    let died_at = now_ms();
+    let seq = match state.kv.next_seq(&job.key).await {
+        Ok(seq) => seq,
+        Err(e) => {
+            restore(&state, &id, died_at).await;
+            return Err(ApiError::BackendUnavailable(e));
+        }
+    };
+    job.seq = seq;
+    job.request_id = RequestId::of(&req);
+    job.enqueued_at = now_ms();
+    if let Err(e) = state.queue.requeue(&job).await {
+        if let Err(mark) = state.kv.abandon_seq(&job.key, seq).await {
+            tracing::warn!(seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+        }
+        restore(&state, &id, died_at).await;
+        return Err(ApiError::BackendUnavailable(e));
+    }
+    tracing::info!(job_id = %job.id, op = %job.op, seq, "dead job queued again");
+    Ok(accepted_response(
+        &Accepted {
+            job_id: job.id,
+            status: "queued".into(),
+            op: job.op,
+            key: job.key,
+            seq,
+        },
+        false,
+    ))
+}
+
+/// Puts a job whose retry could not be queued back among the dead letters.
+async fn restore(state: &AppState, id: &str, died_at: i64) {
+    if let Err(e) = state.records.restore_dead(id, died_at).await {
+        tracing::error!(job_id = id, error = %e, "could not put a job back among the dead letters");
+    }
 }
 
 /// `GET /v1/jobs/{id}`.

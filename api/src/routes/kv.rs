@@ -467,7 +467,7 @@ const KEY_IN_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'{')
     .add(b'}');
 
-fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
+pub(crate) fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
     let mut response = HttpResponse::Accepted();
     response.insert_header((header::LOCATION, format!("/v1/jobs/{}", accepted.job_id)));
     if replayed {

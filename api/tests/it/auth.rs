@@ -90,6 +90,12 @@ async fn each_role_reaches_exactly_its_routes() {
         (Method::POST, "/v1/kv", "writer"),
         (Method::PUT, "/v1/kv/k?upsert=true", "writer"),
         (Method::DELETE, "/v1/kv/k", "writer"),
+        (Method::GET, "/v1/jobs?status=dead", "admin"),
+        (
+            Method::POST,
+            "/v1/jobs/0198c3d2-0000-7000-8000-000000000000/retry",
+            "admin",
+        ),
     ];
     for (method, path, needs) in routes {
         let (status, code) = call(&stack, method.clone(), path, None).await;
@@ -101,7 +107,8 @@ async fn each_role_reaches_exactly_its_routes() {
         for (role, token) in [("reader", &reader), ("writer", &writer), ("admin", &admin)] {
             let allowed = match needs {
                 "reader" => true,
-                _ => role != "reader",
+                "writer" => role != "reader",
+                _ => role == "admin",
             };
             let (status, code) = call(&stack, method.clone(), path, Some(token)).await;
             if allowed {

@@ -1,5 +1,7 @@
 //! `/v1/jobs/{id}` and the business failures a job can end in.
 
+use std::time::Duration;
+
 use kvq_testkit::Stack;
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -101,4 +103,121 @@ async fn finished_job_records_expire_after_the_retention_period() {
     .await;
     // The write itself stays.
     assert_eq!(stack.get("short").await.status(), 200);
+}
+
+#[tokio::test]
+async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
+    let mut stack = Stack::builder()
+        .workers(0)
+        .env("KVQ_WORKER_MAX_ATTEMPTS", "2")
+        .env("KVQ_REDIS_TIMEOUT_MS", "500")
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for key in ["phoenix/1", "phoenix/2", "phoenix/3"] {
+        ids.push(Stack::job_id(stack.create(key, json!({"from": key})).await).await);
+    }
+    stack.kv.stop();
+    stack.start_worker().await;
+    for id in &ids {
+        assert_eq!(stack.wait_job(id).await["status"], "dead");
+    }
+    stack.kv.restart();
+
+    // Two pages, oldest first.
+    let first = dead_letters(&stack, "limit=2").await;
+    let cursor = first["next_cursor"].as_str().expect("a second page");
+    let second = dead_letters(&stack, &format!("limit=2&cursor={cursor}")).await;
+    assert_eq!(second["next_cursor"], Value::Null, "{second}");
+    let listed: Vec<&Value> = first["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["jobs"].as_array().unwrap())
+        .collect();
+    let mut listed_ids: Vec<&str> = listed.iter().map(|j| j["id"].as_str().unwrap()).collect();
+    listed_ids.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(listed_ids, expected);
+    for job in &listed {
+        assert_eq!(job["status"], "dead", "{job}");
+        assert_eq!(job["error"]["code"], "backend_unavailable", "{job}");
+    }
+
+    // A retry queues the same job again, and it applies. The API's first
+    // command on the restarted KV Redis may find the old connection broken
+    // and answer 503; a client retries that, as Retry-After says.
+    let retried = kvq_testkit::eventually(Duration::from_secs(10), "a 202", || async {
+        let response = stack
+            .request(Method::POST, &format!("/v1/jobs/{}/retry", ids[0]))
+            .send()
+            .await
+            .unwrap();
+        (response.status() != 503).then_some(response)
+    })
+    .await;
+    assert_eq!(retried.status(), 202);
+    assert_eq!(
+        retried.headers()["location"],
+        format!("/v1/jobs/{}", ids[0]).as_str()
+    );
+    let body: Value = retried.json().await.unwrap();
+    assert_eq!(body["job_id"], ids[0].as_str());
+    assert_eq!(body["status"], "queued");
+    let job = stack.wait_job(&ids[0]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    assert!(job.get("error").is_none(), "{job}");
+    let read: Value = stack.get("phoenix/1").await.json().await.unwrap();
+    assert_eq!(read["value"], json!({"from": "phoenix/1"}));
+
+    // It is no longer a dead letter, and cannot be retried twice.
+    let rest = dead_letters(&stack, "").await;
+    assert_eq!(rest["jobs"].as_array().unwrap().len(), 2, "{rest}");
+    let again = stack
+        .request(Method::POST, &format!("/v1/jobs/{}/retry", ids[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 409);
+    let problem: Value = again.json().await.unwrap();
+    assert_eq!(problem["code"], "job_not_dead");
+    let unknown = stack
+        .request(
+            Method::POST,
+            "/v1/jobs/0190a5f0-0000-7000-8000-000000000000/retry",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+}
+
+#[tokio::test]
+async fn only_dead_jobs_are_listed() {
+    let stack = Stack::start().await;
+    for path in [
+        "/v1/jobs",
+        "/v1/jobs?status=queued",
+        "/v1/jobs?status=dead&limit=0",
+    ] {
+        let response = stack.request(Method::GET, path).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{path}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_request", "{path}");
+    }
+    let empty = dead_letters(&stack, "").await;
+    assert_eq!(empty, json!({"jobs": [], "next_cursor": null}));
+}
+
+/// `GET /v1/jobs?status=dead&{query}`'s body.
+async fn dead_letters(stack: &Stack, query: &str) -> Value {
+    let response = stack
+        .request(Method::GET, &format!("/v1/jobs?status=dead&{query}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "dead letters {query}");
+    response.json().await.unwrap()
 }
