@@ -11,6 +11,7 @@
 //! No valid token → 401; a valid token without the role → 403. `/healthz`,
 //! `/readyz`, `/metrics` and `/openapi.json` need no token.
 
+use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use actix_web::body::{EitherBody, MessageBody};
@@ -23,6 +24,7 @@ use kvq_shared::Config;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::rate_limit::{Client, RateLimit};
 
 /// What a token may do; each role includes the ones before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -133,13 +135,7 @@ impl Auth {
         let Some(verifier) = &self.0 else {
             return Ok(Role::Admin);
         };
-        let token = authorization
-            .and_then(|h| {
-                h.strip_prefix("Bearer ")
-                    .or_else(|| h.strip_prefix("bearer "))
-            })
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
+        let token = bearer(authorization)
             .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
         let claims = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
             .map_err(|e| {
@@ -158,6 +154,17 @@ impl Auth {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization
+        .and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
 /// The role a request needs; `None` for the open routes.
 fn required_role(method: &Method, path: &str) -> Option<Role> {
     if !path.starts_with("/v1/") && path != "/v1" {
@@ -170,7 +177,9 @@ fn required_role(method: &Method, path: &str) -> Option<Role> {
     Some(if read { Role::Reader } else { Role::Writer })
 }
 
-/// Checks the token of every `/v1` request.
+/// Checks the token of every `/v1` request, and counts the request against
+/// its client's rate limit: the token's when it verifies, else the peer
+/// address's (so that made-up tokens share one bucket).
 pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
@@ -182,7 +191,18 @@ pub async fn middleware(
             .headers()
             .get(actix_web::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
-        let refusal = match auth.role(header) {
+        let verdict = auth.role(header);
+        let limited = req.app_data::<web::Data<RateLimit>>().and_then(|limit| {
+            let client = match bearer(header) {
+                Some(token) if auth.enabled() && verdict.is_ok() => Client::token(token),
+                _ => Client::Ip(
+                    req.peer_addr()
+                        .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |a| a.ip()),
+                ),
+            };
+            limit.check(&client).err()
+        });
+        let refusal = limited.or(match verdict {
             Ok(role) if role >= needed => None,
             Ok(role) => Some(ApiError::Forbidden(format!(
                 "this needs the {} role; the token has {}",
@@ -190,7 +210,7 @@ pub async fn middleware(
                 role.as_str()
             ))),
             Err(e) => Some(e),
-        };
+        });
         if let Some(error) = refusal {
             let (request, _) = req.into_parts();
             let response = actix_web::ResponseError::error_response(&error);

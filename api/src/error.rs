@@ -54,6 +54,12 @@ pub enum ApiError {
         /// The job's error message.
         message: String,
     },
+    /// The request's headers are larger than allowed.
+    #[error("the request carries {0} bytes of headers; the limit is {limit}", limit = crate::limits::MAX_HEADER_BYTES)]
+    HeadersTooLarge(usize),
+    /// The client did not send the request body within the client timeout.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// `POST /v1/jobs/{id}/retry` of a job that is not dead.
     #[error("{0}")]
     NotDead(String),
@@ -85,6 +91,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::NotDead(_) => "job_not_dead",
+            ApiError::RequestTimeout => "request_timeout",
+            ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
         }
@@ -102,6 +110,8 @@ impl ApiError {
             ApiError::MethodNotAllowed => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
             ApiError::NotDead(_) => "Job not dead",
+            ApiError::RequestTimeout => "Request timeout",
+            ApiError::HeadersTooLarge(_) => "Request headers too large",
             ApiError::RateLimited(_) => "Too many requests",
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
@@ -137,6 +147,8 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::NotDead(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
@@ -161,6 +173,10 @@ impl ResponseError for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         ));
+        if matches!(self, ApiError::RequestTimeout) {
+            // The rest of the body may still be on its way: start afresh.
+            response.force_close();
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
         }

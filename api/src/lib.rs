@@ -9,13 +9,17 @@
 //! - [`startup`]: [`startup::Application`] builds the server (listener bound
 //!   first, so tests use port 0) and runs it.
 //! - [`routes`]: one module per resource: `kv`, `jobs`, `health`.
-//! - [`auth`]: bearer tokens, roles, token minting.
+//! - [`auth`]: bearer tokens, roles, token minting; it also applies
+//!   [`rate_limit`].
+//! - [`limits`]: header size and the deadline for request bodies.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`request_id`]: the request id middleware.
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
 pub mod error;
+pub mod limits;
+pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod startup;

@@ -15,6 +15,8 @@ use kvq_shared::store::{self, KvStore};
 use kvq_shared::{Config, StoreError, keys};
 
 use crate::auth::Auth;
+use crate::limits::BodyTimeout;
+use crate::rate_limit::RateLimit;
 use crate::wait::Waiters;
 
 use crate::error::ApiError;
@@ -76,6 +78,13 @@ impl Application {
     /// not ready, while they are down) and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Self, anyhow::Error> {
         let auth = web::Data::new(Auth::from_config(&config)?);
+        let rate_limit = RateLimit::from_config(&config).map(|limit| {
+            let limit = Arc::new(limit);
+            tokio::spawn(limit.clone().sweep());
+            web::Data::from(limit)
+        });
+        let body_timeout = web::Data::new(BodyTimeout(config.http_client_timeout));
+        let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
         let kv_client = store::client(&config.kv_redis_url)?;
@@ -95,26 +104,37 @@ impl Application {
             // then never wait on another thread's connection task.
             let state = AppState::new(&config, &kv_client, &queue_client, &waiters)
                 .expect("connections were checked before the server started");
-            App::new()
+            let mut app = App::new()
                 .app_data(web::Data::new(state))
                 .app_data(auth.clone())
-                .app_data(
-                    web::JsonConfig::default()
-                        .limit(body_limit)
-                        .error_handler(json_error),
-                )
-                .app_data(web::QueryConfig::default().error_handler(query_error))
-                .app_data(
-                    web::PathConfig::default()
-                        .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
-                )
-                .wrap(from_fn(crate::auth::middleware))
-                .wrap(from_fn(crate::request_id::middleware))
-                .configure(routes::health::configure)
-                .configure(routes::kv::configure)
-                .configure(routes::jobs::configure)
-                .default_service(web::to(routes::not_found))
+                .app_data(body_timeout.clone());
+            if let Some(limit) = &rate_limit {
+                app = app.app_data(limit.clone());
+            }
+            app.app_data(
+                web::JsonConfig::default()
+                    .limit(body_limit)
+                    .error_handler(json_error),
+            )
+            .app_data(web::QueryConfig::default().error_handler(query_error))
+            .app_data(
+                web::PathConfig::default()
+                    .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
+            )
+            .wrap(from_fn(crate::limits::middleware))
+            .wrap(from_fn(crate::auth::middleware))
+            .wrap(from_fn(crate::request_id::middleware))
+            .configure(routes::health::configure)
+            .configure(routes::kv::configure)
+            .configure(routes::jobs::configure)
+            .default_service(web::to(routes::not_found))
         })
+        // Slow clients cannot hold connections: the head must arrive within
+        // the client timeout (the body too, see `limits`), idle
+        // keep-alive connections close, and a closing client gets 1 s.
+        .client_request_timeout(client_timeout)
+        .client_disconnect_timeout(Duration::from_secs(1))
+        .keep_alive(keep_alive)
         .listen(listener)?
         .shutdown_timeout(10)
         .run();
@@ -142,6 +162,7 @@ fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
             ApiError::ValueTooLarge(format!("the body is larger than {limit} bytes"))
         }
         JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
+        JsonPayloadError::Payload(e) if crate::limits::is_timeout(e) => ApiError::RequestTimeout,
         JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::InvalidBody(e.to_string()),
         JsonPayloadError::Deserialize(e) => ApiError::MalformedJson(e.to_string()),
         _ => ApiError::MalformedJson("the body could not be read".into()),

@@ -133,6 +133,18 @@ pub struct Config {
     /// `KVQ_READ_RETRY_MAX_MS`: total time a read retries a failing Redis
     /// before answering 503.
     pub read_retry_max: Duration,
+    /// `KVQ_RATE_LIMIT_PER_SECOND`: requests per second one client (token,
+    /// or IP when anonymous) may make to the `/v1` routes; 0 means no limit.
+    pub rate_limit_per_second: u32,
+    /// `KVQ_RATE_LIMIT_BURST`: how many requests a client may make at once
+    /// beyond the rate; 0 means as many as the rate.
+    pub rate_limit_burst: u32,
+    /// `KVQ_HTTP_CLIENT_TIMEOUT_MS`: how long a client may take to send a
+    /// request's head, and again its body, before the API gives up on it.
+    pub http_client_timeout: Duration,
+    /// `KVQ_HTTP_KEEP_ALIVE_SECONDS`: how long an idle keep-alive connection
+    /// stays open.
+    pub http_keep_alive: Duration,
     /// `KVQ_LOG_FORMAT`: `pretty` or `json`.
     pub log_format: LogFormat,
 }
@@ -204,6 +216,20 @@ impl Config {
                 3_000,
                 0,
                 600_000,
+            )?),
+            rate_limit_per_second: env.ranged("KVQ_RATE_LIMIT_PER_SECOND", 0, 0, 1_000_000)?,
+            rate_limit_burst: env.ranged("KVQ_RATE_LIMIT_BURST", 0, 0, 1_000_000)?,
+            http_client_timeout: Duration::from_millis(env.ranged(
+                "KVQ_HTTP_CLIENT_TIMEOUT_MS",
+                10_000,
+                100,
+                600_000,
+            )?),
+            http_keep_alive: Duration::from_secs(env.ranged(
+                "KVQ_HTTP_KEEP_ALIVE_SECONDS",
+                30,
+                1,
+                3_600,
             )?),
             log_format: match env.optional("KVQ_LOG_FORMAT").as_deref() {
                 None => {

@@ -281,3 +281,85 @@ async fn the_api_refuses_to_start_without_a_key_and_says_what_to_set() {
     );
     assert!(mint.stderr().join("\n").contains("KVQ_AUTH_JWT_SECRET"));
 }
+
+/// A stack with auth and a rate limit of 1/s with a burst of 3.
+async fn rate_limited() -> Stack {
+    Stack::builder()
+        .env("KVQ_AUTH_DISABLED", "false")
+        .env("KVQ_AUTH_JWT_SECRET", SECRET)
+        .env("KVQ_RATE_LIMIT_PER_SECOND", "1")
+        .env("KVQ_RATE_LIMIT_BURST", "3")
+        .start()
+        .await
+}
+
+/// Sends `GET /v1/kv/k` ten times at once-after-another and returns the
+/// statuses, checking the first 429's headers and body.
+async fn burst(stack: &Stack, token: Option<&str>) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        let mut request = stack.request(Method::GET, "/v1/kv/k");
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        if status == 429 && !statuses.contains(&429) {
+            let retry_after: u64 = response.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&retry_after), "Retry-After {retry_after}");
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/problem+json"
+            );
+            let problem: Value = response.json().await.unwrap();
+            assert_eq!(problem["code"], "rate_limited");
+        }
+        statuses.push(status);
+    }
+    statuses
+}
+
+#[tokio::test]
+async fn each_token_has_its_own_rate_limit() {
+    let stack = rate_limited().await;
+    let (first, second) = (token(&["reader"]), token(&["writer"]));
+    let statuses = burst(&stack, Some(&first)).await;
+    // The burst goes through; then the bucket is empty (it refills at 1/s,
+    // and ten requests take far less than the seven seconds needed).
+    assert_eq!(statuses[..3], [404, 404, 404], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    // Another token has its own bucket.
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/k", Some(&second)).await.0,
+        404
+    );
+    // The open routes are not limited.
+    for _ in 0..10 {
+        assert_eq!(call(&stack, Method::GET, "/healthz", None).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_share_their_address_limit() {
+    let stack = rate_limited().await;
+    let statuses = burst(&stack, None).await;
+    assert_eq!(statuses[..3], [401, 401, 401], "{statuses:?}");
+    assert!(statuses[3..].contains(&429), "{statuses:?}");
+    // Made-up tokens count against the address too, so inventing new ones
+    // gives no fresh bucket ...
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/k", Some("made.up.token")).await,
+        (429, Some("rate_limited".to_owned()))
+    );
+    // ... while a valid token has a bucket of its own.
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/k", Some(&token(&["reader"])))
+            .await
+            .0,
+        404
+    );
+}

@@ -6,6 +6,7 @@
 mod auth;
 mod errors;
 mod guarantees;
+mod hardening;
 mod health;
 mod jobs;
 mod kv;
