@@ -13,12 +13,14 @@
 //!   [`rate_limit`].
 //! - [`limits`]: header size and the deadline for request bodies.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
+//! - [`metrics`]: Prometheus metrics and `GET /metrics`.
 //! - [`request_id`]: the request id middleware.
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
 pub mod error;
 pub mod limits;
+pub mod metrics;
 pub mod rate_limit;
 pub mod request_id;
 pub mod routes;

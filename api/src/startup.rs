@@ -78,6 +78,8 @@ impl Application {
     /// not ready, while they are down) and binds `config.bind`.
     pub async fn build(config: Config) -> Result<Self, anyhow::Error> {
         let auth = web::Data::new(Auth::from_config(&config)?);
+        crate::metrics::handle();
+        tokio::spawn(crate::metrics::upkeep());
         let rate_limit = RateLimit::from_config(&config).map(|limit| {
             let limit = Arc::new(limit);
             tokio::spawn(limit.clone().sweep());
@@ -124,7 +126,13 @@ impl Application {
             .wrap(from_fn(crate::limits::middleware))
             .wrap(from_fn(crate::auth::middleware))
             .wrap(from_fn(crate::request_id::middleware))
+            .wrap(from_fn(crate::metrics::middleware))
             .configure(routes::health::configure)
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(crate::metrics::render))
+                    .default_service(web::to(routes::method_not_allowed)),
+            )
             .configure(routes::kv::configure)
             .configure(routes::jobs::configure)
             .default_service(web::to(routes::not_found))

@@ -130,6 +130,7 @@ pub fn streams_config(config: &Config) -> StreamsConfig {
 #[derive(Clone)]
 pub struct JobQueue {
     conn: ConnectionManager,
+    namespace: String,
     stream: String,
     records: JobRecords,
 }
@@ -140,6 +141,7 @@ impl JobQueue {
         Self {
             records: JobRecords::new(conn.clone(), &config.namespace, config.job_retention),
             conn,
+            namespace: config.namespace.clone(),
             stream: keys::queue_name(&config.namespace),
         }
     }
@@ -173,6 +175,19 @@ impl JobQueue {
             .ignore();
         pipe.exec_async(&mut self.conn.clone()).await?;
         Ok(())
+    }
+
+    /// How many jobs the queue stream holds (waiting or in flight), and how
+    /// many dead letters there are.
+    pub async fn depths(&self) -> Result<(u64, u64), StoreError> {
+        let (queued, dead): (u64, u64) = redis::pipe()
+            .cmd("XLEN")
+            .arg(&self.stream)
+            .cmd("ZCARD")
+            .arg(keys::dead_set(&self.namespace))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok((queued, dead))
     }
 
     /// Answers `PING` on the queue Redis.

@@ -508,6 +508,7 @@ async fn queue_job(
         }
         return Err(ApiError::BackendUnavailable(e));
     }
+    crate::metrics::write_accepted(op);
     tracing::info!(job_id = %job.id, op = %op, seq, "job queued");
     Ok(Accepted {
         job_id: job.id,

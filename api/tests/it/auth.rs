@@ -125,7 +125,7 @@ async fn each_role_reaches_exactly_its_routes() {
             }
         }
     }
-    for path in ["/healthz", "/readyz"] {
+    for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
             call(&stack, Method::GET, path, None).await.0,
             200,

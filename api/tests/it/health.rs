@@ -58,3 +58,33 @@ async fn a_bad_setting_stops_the_api_naming_the_variable() {
         }
     }
 }
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_show_the_queue() {
+    let stack = Stack::builder().workers(0).start().await;
+    for key in ["users/1", "users/2"] {
+        assert_eq!(stack.get(key).await.status(), 404);
+    }
+    assert_eq!(stack.create("m", serde_json::json!(1)).await.status(), 202);
+    let response = stack.request(Method::GET, "/metrics").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
+    let text = response.text().await.unwrap();
+    for line in [
+        // Both reads count under one route pattern, not two paths.
+        r#"kvq_api_http_requests_total{method="GET",route="/v1/kv/{key}",status="404"} 2"#,
+        r#"kvq_api_http_requests_total{method="POST",route="/v1/kv",status="202"} 1"#,
+        r#"kvq_api_http_request_duration_seconds_count{method="GET",route="/v1/kv/{key}"} 2"#,
+        r#"kvq_api_writes_accepted_total{op="create"} 1"#,
+        // No worker runs: the write waits in the queue.
+        "kvq_queue_jobs 1",
+        "kvq_dead_jobs 0",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+    }
+}
