@@ -8,6 +8,9 @@
 //! - `writer`: also writes;
 //! - `admin`: also lists and retries dead jobs.
 //!
+//! The original service's routes (`/create`, `/read`, `/update`, `/delete`)
+//! need the same roles: `reader` to read, `writer` to write.
+//!
 //! No valid token → 401; a valid token without the role → 403. `/healthz`,
 //! `/readyz`, `/metrics` and `/openapi.json` need no token.
 
@@ -160,10 +163,13 @@ impl Auth {
 
 /// The role a request needs; `None` for the open routes.
 fn required_role(method: &Method, path: &str) -> Option<Role> {
+    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if crate::routes::legacy::is_legacy(path) {
+        return Some(if read { Role::Reader } else { Role::Writer });
+    }
     if !path.starts_with("/v1/") && path != "/v1" {
         return None;
     }
-    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if path.starts_with("/v1/jobs") && (!read || path == "/v1/jobs") {
         return Some(Role::Admin);
     }
@@ -271,5 +277,11 @@ mod tests {
             required_role(&Method::POST, "/v1/jobs/x/retry"),
             Some(Role::Admin)
         );
+        assert_eq!(required_role(&Method::GET, "/read/a"), Some(Role::Reader));
+        assert_eq!(
+            required_role(&Method::POST, "/create/a"),
+            Some(Role::Writer)
+        );
+        assert_eq!(required_role(&Method::GET, "/readyz"), None);
     }
 }
