@@ -176,12 +176,22 @@ fn required_role(method: &Method, path: &str) -> Option<Role> {
     Some(if read { Role::Reader } else { Role::Writer })
 }
 
-/// Checks the token of every `/v1` request.
+/// Whether the request is for a legacy route while `KVQ_LEGACY_ROUTES=false`:
+/// then it is an unknown path, answered 404 without a token.
+fn legacy_switched_off(req: &ServiceRequest) -> bool {
+    crate::routes::legacy::is_legacy(req.path())
+        && req
+            .app_data::<web::Data<crate::startup::AppState>>()
+            .is_some_and(|state| !state.config.legacy_routes)
+}
+
+/// Checks the token of every `/v1` and legacy request.
 pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     if let Some(needed) = required_role(req.method(), req.path())
+        && !legacy_switched_off(&req)
         && let Some(auth) = req.app_data::<web::Data<Auth>>()
     {
         let header = req

@@ -212,8 +212,11 @@ async fn a_missing_value_is_fastapis_422_and_bad_keys_are_problems() {
 async fn kvq_legacy_routes_false_turns_them_off() {
     let stack = Stack::builder()
         .env("KVQ_LEGACY_ROUTES", "false")
+        .env("KVQ_AUTH_DISABLED", "false")
+        .env("KVQ_AUTH_JWT_SECRET", SECRET)
         .start()
         .await;
+    // Unknown paths, so 404 even without a token.
     for (method, path) in [
         (Method::POST, "/create/k?value=1"),
         (Method::GET, "/read/k"),
@@ -229,11 +232,14 @@ async fn kvq_legacy_routes_false_turns_them_off() {
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], "not_found", "{method} {path}");
     }
-    assert_eq!(
-        stack.create("k", json!(1)).await.status(),
-        202,
-        "/v1 still works"
-    );
+    let created = stack
+        .request(Method::POST, "/v1/kv")
+        .bearer_auth(token("writer"))
+        .json(&json!({"key": "k", "value": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 202, "/v1 still works");
 }
 
 const SECRET: &str = "legacy-secret-0123456789abcdef";
