@@ -135,6 +135,17 @@ async fn legacy_and_v1_see_the_same_keys_and_jobs() {
     assert_eq!(read_ok(&stack, "/read/n").await["value"], "forty-two");
     read_not_found(&stack, "/read/absent").await;
 
+    // If-Match works as on /v1: a stale version fails the job.
+    let stale = stack
+        .request(Method::PUT, "/update/n?value=stale")
+        .header("if-match", "\"1\"")
+        .send()
+        .await
+        .unwrap();
+    let job = stack.wait_job(&task_id(stale).await).await;
+    assert_eq!(job["error"]["code"], "version_mismatch", "{job}");
+    assert_eq!(read_ok(&stack, "/read/n").await["value"], "forty-two");
+
     // Idempotency-Key works as on /v1: the repeat gets the same task.
     let send = || {
         stack
