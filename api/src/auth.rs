@@ -8,6 +8,9 @@
 //! - `writer`: also writes;
 //! - `admin`: also lists and retries dead jobs.
 //!
+//! The original service's routes (`/create`, `/read`, `/update`, `/delete`)
+//! need the same roles: `reader` to read, `writer` to write.
+//!
 //! No valid token → 401; a valid token without the role → 403. `/healthz`,
 //! `/readyz`, `/metrics` and `/openapi.json` need no token.
 
@@ -167,17 +170,29 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
 
 /// The role a request needs; `None` for the open routes.
 fn required_role(method: &Method, path: &str) -> Option<Role> {
+    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if crate::routes::legacy::is_legacy(path) {
+        return Some(if read { Role::Reader } else { Role::Writer });
+    }
     if !path.starts_with("/v1/") && path != "/v1" {
         return None;
     }
-    let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if path.starts_with("/v1/jobs") && (!read || path == "/v1/jobs") {
         return Some(Role::Admin);
     }
     Some(if read { Role::Reader } else { Role::Writer })
 }
 
-/// Checks the token of every `/v1` request, and counts the request against
+/// Whether the request is for a legacy route while `KVQ_LEGACY_ROUTES=false`:
+/// then it is an unknown path, answered 404 without a token.
+fn legacy_switched_off(req: &ServiceRequest) -> bool {
+    crate::routes::legacy::is_legacy(req.path())
+        && req
+            .app_data::<web::Data<crate::startup::AppState>>()
+            .is_some_and(|state| !state.config.legacy_routes)
+}
+
+/// Checks the token of every `/v1` and legacy request, and counts the request against
 /// its client's rate limit: the token's when it verifies, else the peer
 /// address's (so that made-up tokens share one bucket).
 pub async fn middleware(
@@ -185,6 +200,7 @@ pub async fn middleware(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     if let Some(needed) = required_role(req.method(), req.path())
+        && !legacy_switched_off(&req)
         && let Some(auth) = req.app_data::<web::Data<Auth>>()
     {
         let header = req
@@ -291,5 +307,11 @@ mod tests {
             required_role(&Method::POST, "/v1/jobs/x/retry"),
             Some(Role::Admin)
         );
+        assert_eq!(required_role(&Method::GET, "/read/a"), Some(Role::Reader));
+        assert_eq!(
+            required_role(&Method::POST, "/create/a"),
+            Some(Role::Writer)
+        );
+        assert_eq!(required_role(&Method::GET, "/readyz"), None);
     }
 }

@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`startup`]: [`startup::Application`] builds the server (listener bound
 //!   first, so tests use port 0) and runs it.
-//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`.
+//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`, and
+//!   `legacy` (the original service's routes).
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
 //! - [`limits`]: header size and the deadline for request bodies.

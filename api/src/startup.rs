@@ -106,6 +106,7 @@ impl Application {
             // then never wait on another thread's connection task.
             let state = AppState::new(&config, &kv_client, &queue_client, &waiters)
                 .expect("connections were checked before the server started");
+            let legacy_routes = config.legacy_routes;
             let mut app = App::new()
                 .app_data(web::Data::new(state))
                 .app_data(auth.clone())
@@ -135,6 +136,11 @@ impl Application {
             )
             .configure(routes::kv::configure)
             .configure(routes::jobs::configure)
+            .configure(|cfg| {
+                if legacy_routes {
+                    routes::legacy::configure(cfg);
+                }
+            })
             .default_service(web::to(routes::not_found))
         })
         // Slow clients cannot hold connections: the head must arrive within

@@ -122,6 +122,9 @@ pub struct Config {
     pub auth_jwt_public_key_file: Option<PathBuf>,
     /// `KVQ_AUTH_DISABLED`: `true` serves every route without a token.
     pub auth_disabled: bool,
+    /// `KVQ_LEGACY_ROUTES`: serve the original service's routes
+    /// (`/create/{key}`, `/read/{key}`, `/update/{key}`, `/delete/{key}`).
+    pub legacy_routes: bool,
     /// `KVQ_MAX_KEY_BYTES`: the longest key, in bytes of UTF-8.
     pub max_key_bytes: usize,
     /// `KVQ_MAX_VALUE_BYTES`: the largest value, as serialized JSON.
@@ -197,6 +200,7 @@ impl Config {
                 .optional("KVQ_AUTH_JWT_PUBLIC_KEY_FILE")
                 .map(PathBuf::from),
             auth_disabled: env.bool("KVQ_AUTH_DISABLED", false)?,
+            legacy_routes: env.bool("KVQ_LEGACY_ROUTES", true)?,
             max_key_bytes: env.ranged("KVQ_MAX_KEY_BYTES", 512, 1, 65_536)?,
             max_value_bytes: env.ranged("KVQ_MAX_VALUE_BYTES", 1_048_576, 1, 512 * 1_048_576)?,
             job_retention: Duration::from_secs(env.ranged(
@@ -354,6 +358,7 @@ mod tests {
         assert_eq!(c.worker_concurrency, 32);
         assert_eq!(c.worker_health_bind.to_string(), "127.0.0.1:9091");
         assert!(!c.auth_disabled);
+        assert!(c.legacy_routes);
         assert_eq!((c.max_key_bytes, c.max_value_bytes), (512, 1_048_576));
         assert_eq!(c.job_retention, Duration::from_secs(86_400));
     }
@@ -366,6 +371,7 @@ mod tests {
             ("KVQ_QUEUE_REDIS_URL", "redis://"),
             ("KVQ_WORKER_CONCURRENCY", "0"),
             ("KVQ_AUTH_DISABLED", "maybe"),
+            ("KVQ_LEGACY_ROUTES", "sometimes"),
             ("KVQ_MAX_VALUE_BYTES", "-1"),
             ("KVQ_NAMESPACE", "a{b}"),
             ("KVQ_LOG_FORMAT", "xml"),

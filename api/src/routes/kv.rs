@@ -11,6 +11,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
 use kvq_shared::retry;
+use kvq_shared::store::Entry;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use validator::Validate;
@@ -181,7 +182,17 @@ pub fn validate_key(key: &str, max_bytes: usize) -> Result<(), ApiError> {
 
 /// The key in the request's path, percent-decoded and validated.
 fn path_key(req: &HttpRequest, state: &AppState) -> Result<String, ApiError> {
-    let raw = req.path().strip_prefix("/v1/kv/").unwrap_or_default();
+    key_after(req, "/v1/kv/", state)
+}
+
+/// The rest of the request's path after `prefix`, percent-decoded and
+/// validated as a key.
+pub(crate) fn key_after(
+    req: &HttpRequest,
+    prefix: &str,
+    state: &AppState,
+) -> Result<String, ApiError> {
+    let raw = req.path().strip_prefix(prefix).unwrap_or_default();
     let bytes: Vec<u8> = percent_encoding::percent_decode_str(raw).collect();
     let key = String::from_utf8(bytes)
         .map_err(|_| ApiError::InvalidKey("the key is not valid UTF-8".into()))?;
@@ -214,7 +225,10 @@ fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
 /// Parsing the body into a `serde_json::Value` first is what rejects JSON a
 /// reader could not load back: numbers out of `f64` range and nesting deeper
 /// than 128 levels are 400s.
-fn checked_value(value: &serde_json::Value, state: &AppState) -> Result<Box<RawValue>, ApiError> {
+pub(crate) fn checked_value(
+    value: &serde_json::Value,
+    state: &AppState,
+) -> Result<Box<RawValue>, ApiError> {
     let text = serde_json::to_string(value)
         .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))?;
     let limit = state.config.max_value_bytes;
@@ -229,7 +243,7 @@ fn checked_value(value: &serde_json::Value, state: &AppState) -> Result<Box<RawV
 }
 
 /// Parses `If-Match: "<version>"`. `None` without the header.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     let Some(raw) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };
@@ -316,16 +330,42 @@ async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResp
     .await
 }
 
-/// Queues a write, honouring `Idempotency-Key`: 202 once the job is in the
-/// queue Redis, 503 if it is not (then nothing was queued). A repeat of a
-/// token answers the token's first 202 again (with `Idempotent-Replayed:
-/// true`) and queues nothing; a repeat while the first is still running is
-/// a 409.
+/// Queues a write, honouring `Idempotency-Key` and `Prefer: wait`: 202 once
+/// the job is in the queue Redis, 503 if it is not (then nothing was queued).
+/// A repeat of a token answers the token's first 202 again (with
+/// `Idempotent-Replayed: true`) and queues nothing; a repeat while the first
+/// is still running is a 409.
 async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
 ) -> Result<HttpResponse, ApiError> {
+    let submitted = submit(req, state, write).await?;
+    if submitted.replayed {
+        return Ok(accepted_response(&submitted.accepted, true));
+    }
+    let accepted = submitted.accepted;
+    match crate::wait::preferred_wait(req.headers()) {
+        Some(wait) if !wait.is_zero() => wait_for_final(state, &accepted, wait).await,
+        _ => Ok(accepted_response(&accepted, false)),
+    }
+}
+
+/// A write in the queue Redis.
+pub(crate) struct Submitted {
+    /// What the first request for it was told.
+    pub accepted: Accepted,
+    /// `true` when an `Idempotency-Key` repeat found an earlier job.
+    pub replayed: bool,
+}
+
+/// Queues a write, or finds the job an earlier request with the same
+/// `Idempotency-Key` queued; the part of [`enqueue`] every write route shares.
+pub(crate) async fn submit(
+    req: &HttpRequest,
+    state: &AppState,
+    write: Write,
+) -> Result<Submitted, ApiError> {
     let token = idempotency_token(req.headers())?;
     if let Some(token) = &token {
         match state
@@ -340,7 +380,10 @@ async fn enqueue(
                 let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
                     ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
                 })?;
-                return Ok(accepted_response(&accepted, true));
+                return Ok(Submitted {
+                    accepted,
+                    replayed: true,
+                });
             }
         }
     }
@@ -357,11 +400,10 @@ async fn enqueue(
             tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
         }
     }
-    let accepted = result?;
-    match crate::wait::preferred_wait(req.headers()) {
-        Some(wait) if !wait.is_zero() => wait_for_final(state, &accepted, wait).await,
-        _ => Ok(accepted_response(&accepted, false)),
-    }
+    Ok(Submitted {
+        accepted: result?,
+        replayed: false,
+    })
 }
 
 /// Answers like a synchronous API once the job is final (201 created, 200
@@ -534,14 +576,9 @@ fn none_match(headers: &HeaderMap, version: u64) -> bool {
 /// errors; 503 when the retries run out.
 async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
-    let entry = retry::with_backoff(
-        state.config.read_retry_max,
-        state.read_attempt_timeout(),
-        || state.kv.get(&key),
-    )
-    .await
-    .map_err(ApiError::BackendUnavailable)?
-    .ok_or_else(|| ApiError::NotFound(format!("no key {key:?}")))?;
+    let entry = load(&state, &key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no key {key:?}")))?;
     let etag = format!("\"{}\"", entry.version);
     if none_match(req.headers(), entry.version) {
         return Ok(HttpResponse::build(StatusCode::NOT_MODIFIED)
@@ -558,6 +595,18 @@ async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpRespon
             updated_at: rfc3339(entry.updated_at),
             expires_at: entry.expires_at.map(rfc3339),
         }))
+}
+
+/// Reads `key` from the KV Redis, retrying transient errors; 503 when the
+/// retries run out.
+pub(crate) async fn load(state: &AppState, key: &str) -> Result<Option<Entry>, ApiError> {
+    retry::with_backoff(
+        state.config.read_retry_max,
+        state.read_attempt_timeout(),
+        || state.kv.get(key),
+    )
+    .await
+    .map_err(ApiError::BackendUnavailable)
 }
 
 /// `GET /v1/kv?prefix=&limit=&cursor=`: live keys by prefix, paginated.

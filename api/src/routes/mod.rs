@@ -3,6 +3,7 @@
 pub mod health;
 pub mod jobs;
 pub mod kv;
+pub mod legacy;
 
 use crate::error::ApiError;
 

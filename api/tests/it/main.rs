@@ -10,4 +10,5 @@ mod hardening;
 mod health;
 mod jobs;
 mod kv;
+mod legacy;
 mod resilience;
