@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod lifecycle;
+mod manifests;
 mod pickup;
 mod retries;

@@ -1,0 +1,516 @@
+//! The Kubernetes manifests and the binaries agree.
+//!
+//! The docker-desktop overlay is rendered the way `./deploy.sh --dry-run`
+//! renders it (in a copy of the repository's `kubernetes/`, with a secret
+//! file deploy.sh generates there), and `kvq-api` and `kvq-worker` are started
+//! with exactly the command and environment their pods get: the ConfigMap,
+//! the Secret's values, and Kubernetes' `$(VAR)` expansion. Two local
+//! `redis-server`s run with the Redis StatefulSets' own arguments, password
+//! included. Only what cannot exist outside a cluster is replaced: the Redis
+//! host names (by those local servers) and the listen addresses (by loopback
+//! ports), each after checking that it points where the manifests say it
+//! should. Then a write must be applied, end to end.
+//!
+//! A variable renamed on one side, a secret key missing from deploy.sh's file,
+//! a port the probes do not listen on, or a Redis password the servers and
+//! the clients disagree on fails here, not in a cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use base64::Engine as _;
+use kvq_testkit::{KvqProcess, TestRedis, eventually};
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+const OVERLAY: &str = "docker-desktop";
+
+#[tokio::test]
+async fn the_binaries_started_as_the_manifests_start_them_apply_a_write() {
+    let manifests = Manifests::render(OVERLAY);
+
+    // Redis, as its StatefulSets run it (their ports and data directory
+    // aside), and checked against the URLs kvq is given.
+    let kv = manifests.start_redis("kvq-redis-kv");
+    let queue = manifests.start_redis("kvq-redis-queue");
+    let servers = [&kv, &queue];
+
+    let api = manifests.pod("kvq-api");
+    let worker = manifests.pod("kvq-worker");
+    for pod in [&api, &worker] {
+        assert_eq!(
+            pod.spec["enableServiceLinks"], false,
+            "{}: Service links would add KVQ_*_PORT variables to the environment",
+            pod.name
+        );
+    }
+
+    // The API listens where its Service and probes point.
+    let api_port = manifests.check_bind(&api, "KVQ_BIND", "readinessProbe");
+    assert_eq!(api.probe_port("livenessProbe"), api_port);
+    let service = manifests.object("Service", "kvq-api");
+    assert_eq!(
+        api.port(&service["spec"]["ports"][0]["targetPort"]),
+        api_port,
+        "the kvq-api Service does not reach KVQ_BIND"
+    );
+    assert_eq!(
+        service["spec"]["ports"][0]["port"], 8080,
+        "README and deploy.sh promise the API on port 8080"
+    );
+    manifests.check_bind(&worker, "KVQ_WORKER_HEALTH_BIND", "livenessProbe");
+
+    // Draining must end before Kubernetes sends SIGKILL.
+    let drain = worker
+        .env_value("KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS")
+        .map_or(25, |s| s.parse::<u64>().expect("a number of seconds"));
+    let grace = worker.spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap_or(30);
+    assert!(
+        grace > drain,
+        "the worker's terminationGracePeriodSeconds ({grace}) must exceed KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS ({drain})"
+    );
+
+    let api_env = api.local_env(&servers);
+    let worker_env = worker.local_env(&servers);
+    let api_process = api.spawn(&[], &api_env);
+    let listening = api_process
+        .wait_for_log("kvq-api listening", Duration::from_secs(20))
+        .await;
+    let base = format!("http://127.0.0.1:{}", listening["port"]);
+    let worker_process = worker.spawn(&[], &worker_env);
+    let started = worker_process
+        .wait_for_log("kvq-worker starting", Duration::from_secs(20))
+        .await;
+    let health = format!("http://127.0.0.1:{}", started["health_port"]);
+
+    let http = reqwest::Client::new();
+    let answers = |url: String| {
+        let http = http.clone();
+        async move {
+            let response = http.get(&url).send().await.ok()?;
+            (response.status() == 200).then_some(())
+        }
+    };
+    for (url, what) in [
+        (
+            format!("{base}{}", api.probe_path("readinessProbe")),
+            "the API's readiness probe",
+        ),
+        (
+            format!("{base}{}", api.probe_path("livenessProbe")),
+            "the API's liveness probe",
+        ),
+        (
+            format!("{health}{}", worker.probe_path("livenessProbe")),
+            "the worker's liveness probe",
+        ),
+    ] {
+        eventually(Duration::from_secs(20), what, || answers(url.clone())).await;
+    }
+
+    // A token minted the way deploy.sh mints one: `kvq-api token` in the
+    // API's container.
+    let mut minted = api.spawn(&["token", "--role", "writer"], &api_env);
+    let status = minted.wait_exit(Duration::from_secs(20)).await;
+    assert!(
+        status.success(),
+        "kvq-api token failed: {:?}",
+        minted.stderr()
+    );
+    let token = minted.logs().last().cloned().expect("a token line");
+
+    let accepted = http
+        .post(format!("{base}/v1/kv"))
+        .bearer_auth(&token)
+        .json(&json!({"key": "deployed/greeting", "value": {"hello": "kubernetes"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202, "{:?}", accepted.text().await);
+    let read: Value = eventually(Duration::from_secs(15), "the write to be applied", || {
+        let request = http
+            .get(format!("{base}/v1/kv/deployed/greeting"))
+            .bearer_auth(&token);
+        async move {
+            let response = request.send().await.ok()?;
+            if response.status() != 200 {
+                return None;
+            }
+            response.json().await.ok()
+        }
+    })
+    .await;
+    assert_eq!(read["value"], json!({"hello": "kubernetes"}));
+    assert_eq!(read["version"], 1);
+}
+
+/// One rendered overlay.
+struct Manifests {
+    objects: Vec<Value>,
+    // Holds the rendered copy until the test ends.
+    _dir: tempfile::TempDir,
+}
+
+/// A Deployment's pod: its spec and its one container, with the objects it
+/// refers to.
+struct Pod<'a> {
+    name: String,
+    spec: Value,
+    container: Value,
+    manifests: &'a Manifests,
+}
+
+impl Manifests {
+    /// Renders `overlay` with `./deploy.sh --dry-run` in a scratch copy of
+    /// the delivery files, so the secret file is the one deploy.sh writes,
+    /// with values of its own (a developer's real secret file is never read).
+    fn render(overlay: &str) -> Self {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("the workspace root");
+        let dir = tempfile::tempdir().unwrap();
+        copy_tree(&root.join("kubernetes"), &dir.path().join("kubernetes"));
+        std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
+        for file in ["deploy.sh", "scripts/lib.sh"] {
+            std::fs::copy(root.join(file), dir.path().join(file)).unwrap();
+        }
+        let output = Command::new("bash")
+            .arg(dir.path().join("deploy.sh"))
+            .args(["--dry-run", "--overlay", overlay])
+            .output()
+            .expect("run deploy.sh --dry-run (needs bash and kubectl)");
+        assert!(
+            output.status.success(),
+            "deploy.sh --dry-run --overlay {overlay} failed (is kubectl installed?):\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let yaml = String::from_utf8(output.stdout).unwrap();
+        let objects = serde_norway::Deserializer::from_str(&yaml)
+            .map(|document| Value::deserialize(document).expect("rendered YAML"))
+            .filter(|object| !object.is_null())
+            .collect();
+        Self { objects, _dir: dir }
+    }
+
+    fn object(&self, kind: &str, name: &str) -> &Value {
+        self.objects
+            .iter()
+            .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("the {OVERLAY} overlay has no {kind} {name}"))
+    }
+
+    fn pod_of(&self, kind: &str, name: &str) -> Pod<'_> {
+        let spec = self.object(kind, name)["spec"]["template"]["spec"].clone();
+        let containers = spec["containers"].as_array().expect("containers");
+        assert_eq!(containers.len(), 1, "{kind} {name}: one container");
+        Pod {
+            name: name.to_owned(),
+            container: containers[0].clone(),
+            spec,
+            manifests: self,
+        }
+    }
+
+    fn pod(&self, deployment: &str) -> Pod<'_> {
+        self.pod_of("Deployment", deployment)
+    }
+
+    /// A local `redis-server` with the StatefulSet's arguments, after checking
+    /// that kvq's URLs point at this StatefulSet's pod with its password.
+    fn start_redis(&self, statefulset: &str) -> LocalRedis {
+        let pod = self.pod_of("StatefulSet", statefulset);
+        let env = pod.env();
+        let mut args = pod.container["args"]
+            .as_array()
+            .expect("redis args")
+            .iter()
+            .map(|a| expand(a.as_str().expect("a string arg"), &env))
+            .collect::<Vec<_>>();
+        let password = flag(&args, "--requirepass").expect("Redis runs with a password");
+        let port: u16 = flag(&args, "--port")
+            .map_or(Ok(6379), |p| p.parse())
+            .expect("a port");
+        // The port is the test's; the data directory is TestRedis' own.
+        for local in ["--port", "--dir"] {
+            if let Some(i) = args.iter().position(|a| a == local) {
+                args.drain(i..i + 2);
+            }
+        }
+        let sts = self.object("StatefulSet", statefulset);
+        let service_name = sts["spec"]["serviceName"].as_str().expect("serviceName");
+        let service = self.object("Service", service_name);
+        assert_eq!(
+            service["spec"]["clusterIP"], "None",
+            "{service_name} must be headless for per-pod DNS names"
+        );
+        assert!(
+            service["spec"]["ports"]
+                .as_array()
+                .is_some_and(|ports| ports.iter().any(|p| p["port"] == port)),
+            "Service {service_name} does not expose {port}"
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        LocalRedis {
+            host: format!("{statefulset}-0.{service_name}:{port}"),
+            password,
+            server: TestRedis::start_with(&args),
+        }
+    }
+
+    /// Checks that `var`, a listen address, is on every interface and on the
+    /// port of the pod's `probe`; returns that port.
+    fn check_bind(&self, pod: &Pod<'_>, var: &str, probe: &str) -> u16 {
+        let raw = pod
+            .env_value(var)
+            .unwrap_or_else(|| panic!("{}: {var} is not set", pod.name));
+        let addr: SocketAddr = raw.parse().expect("a socket address");
+        assert!(
+            addr.ip().is_unspecified(),
+            "{}: {var}={raw} must listen on all interfaces, or the kubelet's probes cannot reach it",
+            pod.name
+        );
+        assert_eq!(
+            addr.port(),
+            pod.probe_port(probe),
+            "{}: {var} and the {probe} disagree",
+            pod.name
+        );
+        addr.port()
+    }
+
+    fn data(&self, kind: &str, name: &str, key: &str) -> String {
+        let value = self.object(kind, name)["data"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{kind} {name} has no key {key}"))
+            .to_owned();
+        if kind == "Secret" {
+            // kustomize wraps long values; like Go's decoder, skip the breaks.
+            let packed: String = value.split_whitespace().collect();
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(packed)
+                .expect("base64");
+            String::from_utf8(bytes).expect("UTF-8")
+        } else {
+            value
+        }
+    }
+
+    fn data_all(&self, kind: &str, name: &str) -> Vec<(String, String)> {
+        let object = self.object(kind, name);
+        let keys: Vec<String> = object["data"]
+            .as_object()
+            .map(|data| data.keys().cloned().collect())
+            .unwrap_or_default();
+        keys.into_iter()
+            .map(|key| {
+                let value = self.data(kind, name, &key);
+                (key, value)
+            })
+            .collect()
+    }
+}
+
+impl Pod<'_> {
+    /// The container's environment as the kubelet builds it: `envFrom` in
+    /// order, then `env` in order, each `value` with `$(VAR)` expanded from
+    /// the variables before it.
+    fn env(&self) -> Vec<(String, String)> {
+        // A later definition of a name replaces the earlier one.
+        fn set(env: &mut Vec<(String, String)>, name: String, value: String) {
+            env.retain(|(n, _)| *n != name);
+            env.push((name, value));
+        }
+        let mut env: Vec<(String, String)> = Vec::new();
+        for source in self.container["envFrom"].as_array().into_iter().flatten() {
+            let prefix = source["prefix"].as_str().unwrap_or("");
+            let (kind, reference) = if source["configMapRef"].is_object() {
+                ("ConfigMap", &source["configMapRef"])
+            } else {
+                ("Secret", &source["secretRef"])
+            };
+            let name = reference["name"].as_str().expect("envFrom name");
+            for (key, value) in self.manifests.data_all(kind, name) {
+                set(&mut env, format!("{prefix}{key}"), value);
+            }
+        }
+        for var in self.container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().expect("env name").to_owned();
+            let value = if let Some(value) = var["value"].as_str() {
+                expand(value, &env)
+            } else if let Some(from) = var["valueFrom"].as_object() {
+                if let Some(field) = from.get("fieldRef") {
+                    // The pod's own metadata: a stand-in value of the test's.
+                    format!(
+                        "{}-test-{}",
+                        self.name,
+                        field["fieldPath"].as_str().unwrap_or("")
+                    )
+                } else {
+                    let (kind, reference) =
+                        match (from.get("secretKeyRef"), from.get("configMapKeyRef")) {
+                            (Some(r), _) => ("Secret", r),
+                            (None, Some(r)) => ("ConfigMap", r),
+                            _ => panic!(
+                                "{}: {name} has a source this test cannot resolve: {from:?}",
+                                self.name
+                            ),
+                        };
+                    self.manifests.data(
+                        kind,
+                        reference["name"].as_str().expect("name"),
+                        reference["key"].as_str().expect("key"),
+                    )
+                }
+            } else {
+                String::new()
+            };
+            set(&mut env, name, value);
+        }
+        env
+    }
+
+    fn env_value(&self, name: &str) -> Option<String> {
+        self.env()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The pod's environment with what only a cluster has replaced: Redis
+    /// hosts by the local servers (the manifests' host and password checked
+    /// first) and listen addresses by loopback port 0.
+    fn local_env(&self, servers: &[&LocalRedis]) -> Vec<(String, String)> {
+        let mut env = self.env();
+        for (name, value) in &mut env {
+            if name.ends_with("_REDIS_URL") {
+                let server = servers
+                    .iter()
+                    .find(|s| value.ends_with(&format!("@{}", s.host)))
+                    .unwrap_or_else(|| {
+                        panic!("{}: {name} points at no Redis StatefulSet pod", self.name)
+                    });
+                assert_eq!(
+                    *value,
+                    format!("redis://:{}@{}", server.password, server.host),
+                    "{}: {name} does not carry the password its Redis runs with",
+                    self.name
+                );
+                *value = server.server.url();
+            } else if name == "KVQ_BIND" || name == "KVQ_WORKER_HEALTH_BIND" {
+                *value = "127.0.0.1:0".to_owned();
+            }
+        }
+        env
+    }
+
+    /// Starts the container's command (a kvq binary) with `args` appended.
+    fn spawn(&self, args: &[&str], env: &[(String, String)]) -> KvqProcess {
+        let command: Vec<&str> = self.container["command"]
+            .as_array()
+            .expect("command")
+            .iter()
+            .map(|c| c.as_str().expect("a string"))
+            .collect();
+        let binary = PathBuf::from(command[0]);
+        let binary = binary.file_name().and_then(|n| n.to_str()).expect("a name");
+        let mut all: Vec<&str> = command[1..].to_vec();
+        all.extend(args);
+        KvqProcess::spawn_with_args(binary, &all, env)
+    }
+
+    /// A port by number, or by the name of one of the container's ports.
+    fn port(&self, port: &Value) -> u16 {
+        if let Some(number) = port.as_u64() {
+            return u16::try_from(number).expect("a port");
+        }
+        let name = port.as_str().expect("a port number or name");
+        self.container["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["containerPort"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("{}: no container port named {name}", self.name))
+    }
+
+    fn probe_port(&self, probe: &str) -> u16 {
+        self.port(&self.container[probe]["httpGet"]["port"])
+    }
+
+    fn probe_path(&self, probe: &str) -> String {
+        self.container[probe]["httpGet"]["path"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no HTTP {probe}", self.name))
+            .to_owned()
+    }
+}
+
+/// A local stand-in for a Redis StatefulSet's pod.
+struct LocalRedis {
+    /// `pod-0.service:port`, as kvq's URLs name it.
+    host: String,
+    password: String,
+    server: TestRedis,
+}
+
+/// Kubernetes' expansion of `$(VAR)` in an env value, command or arg:
+/// defined variables are replaced, `$$` is a literal `$`, anything else is
+/// left as written.
+fn expand(value: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(tail) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = tail;
+        } else if let Some(close) = rest.strip_prefix("$(").and_then(|r| r.find(')')) {
+            let name = &rest[2..2 + close];
+            match env.iter().find(|(n, _)| n == name) {
+                Some((_, v)) => out.push_str(v),
+                None => out.push_str(&rest[..close + 3]),
+            }
+            rest = &rest[close + 3..];
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The value after `name` in an argument list.
+fn flag(args: &[String], name: &str) -> Option<String> {
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+/// Copies a directory tree, leaving out `secrets/` folders.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            if entry.file_name() != "secrets" {
+                copy_tree(&entry.path(), &target);
+            }
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn expansion_follows_kubernetes_rules() {
+    let env = vec![("A".to_owned(), "x".to_owned())];
+    assert_eq!(expand("redis://:$(A)@h", &env), "redis://:x@h");
+    assert_eq!(expand("$(B)-$$(A)-$", &env), "$(B)-$(A)-$");
+}
