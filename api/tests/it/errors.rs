@@ -318,3 +318,183 @@ async fn unknown_routes_methods_and_keys_are_problems() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn hostile_requests_get_a_4xx_and_store_nothing() {
+    let stack = Stack::start().await;
+    let key_5000 = "k".repeat(5000);
+    let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let paths_and_bodies: Vec<(Method, String, Vec<(&str, String)>, Option<String>)> = vec![
+        // Invalid UTF-8 and control characters wherever text goes.
+        (Method::GET, "/v1/kv/%FF%FE".into(), vec![], None),
+        (Method::GET, "/v1/jobs/%FF".into(), vec![], None),
+        (Method::POST, "/v1/jobs/%00/retry".into(), vec![], None),
+        (Method::GET, "/read/%FF".into(), vec![], None),
+        (Method::POST, "/create/a%00b?value=1".into(), vec![], None),
+        (Method::DELETE, "/v1/kv/%00".into(), vec![], None),
+        // 5,000-byte keys, in paths and in bodies.
+        (
+            Method::PUT,
+            format!("/v1/kv/{key_5000}"),
+            vec![],
+            Some("{\"value\":1}".into()),
+        ),
+        (Method::DELETE, format!("/delete/{key_5000}"), vec![], None),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some(format!("{{\"key\":\"{key_5000}\",\"value\":1}}")),
+        ),
+        // Bodies: 100,000 levels of nesting, numbers beyond f64, NUL bytes,
+        // invalid UTF-8, negative and absurd TTLs.
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some(format!("{{\"key\":\"d\",\"value\":{deep}}}")),
+        ),
+        (
+            Method::PUT,
+            "/v1/kv/d".into(),
+            vec![],
+            Some(format!("{{\"value\":{deep}}}")),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"n\",\"value\":-1e400}".into()),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"n\",\"value\":1,\"ttl_seconds\":1e400}".into()),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"n\",\"value\":1,\"ttl_seconds\":99999999999999999999999}".into()),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"n\",\"value\":1,\"ttl_seconds\":-1}".into()),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"\\u0000\",\"value\":1}".into()),
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![],
+            Some("{\"key\":\"n\",\"value\":\"\u{0}\"}".into()),
+        ),
+        // Headers: garbage If-Match, Prefer, Idempotency-Key; query garbage.
+        (
+            Method::PUT,
+            "/v1/kv/h".into(),
+            vec![("if-match", "\"18446744073709551616\"".into())],
+            Some("{\"value\":1}".into()),
+        ),
+        (
+            Method::DELETE,
+            "/v1/kv/h".into(),
+            vec![("if-match", "\"1\", \"2\"".into())],
+            None,
+        ),
+        (
+            Method::DELETE,
+            "/v1/kv/h".into(),
+            vec![("if-match", "*".repeat(3000))],
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/kv".into(),
+            vec![("idempotency-key", "x".repeat(300))],
+            Some("{\"key\":\"i\",\"value\":1}".into()),
+        ),
+        (Method::GET, "/v1/kv?limit=-1".into(), vec![], None),
+        (
+            Method::GET,
+            "/v1/kv?limit=99999999999999999999999".into(),
+            vec![],
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/jobs?status=dead&cursor=-1".into(),
+            vec![],
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/jobs?status=dead&cursor=99999999999999999999999".into(),
+            vec![],
+            None,
+        ),
+        (
+            Method::PUT,
+            "/v1/kv/q?upsert=true&upsert=false".into(),
+            vec![],
+            Some("{\"value\":1}".into()),
+        ),
+    ];
+    for (method, path, headers, body) in paths_and_bodies {
+        let what = format!("{method} {:.60} {headers:?}", path);
+        let mut request = stack.request(method, &path);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        assert!((400..500).contains(&status), "{what}: {status}");
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = response.text().await.unwrap();
+        assert!(!body.to_lowercase().contains("redis"), "{what}: {body}");
+        if path.starts_with("/v1") {
+            assert_eq!(content_type, "application/problem+json", "{what}");
+        }
+    }
+    // Query strings are decoded leniently (invalid UTF-8 becomes U+FFFD), so a
+    // prefix that is not UTF-8 is a prefix no key has.
+    let listed: Value = stack
+        .request(Method::GET, "/v1/kv?prefix=%FF")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["keys"], json!([]));
+    // A body that is not UTF-8 at all.
+    let response = stack
+        .request(Method::POST, "/v1/kv")
+        .header("content-type", "application/json")
+        .body(b"{\"key\":\"u\",\"value\":\"\xff\xfe\"}".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    assert_eq!(stack.kv.keys(), Vec::<String>::new());
+    assert!(
+        !stack.queue.keys().iter().any(|k| k.starts_with("kvq:job:")),
+        "{:?}",
+        stack.queue.keys()
+    );
+}
