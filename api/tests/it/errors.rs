@@ -319,12 +319,15 @@ async fn unknown_routes_methods_and_keys_are_problems() {
     .await;
 }
 
+/// Method, path, headers, body.
+type Hostile = (Method, String, Vec<(&'static str, String)>, Option<String>);
+
 #[tokio::test]
 async fn hostile_requests_get_a_4xx_and_store_nothing() {
     let stack = Stack::start().await;
     let key_5000 = "k".repeat(5000);
     let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
-    let paths_and_bodies: Vec<(Method, String, Vec<(&str, String)>, Option<String>)> = vec![
+    let paths_and_bodies: Vec<Hostile> = vec![
         // Invalid UTF-8 and control characters wherever text goes.
         (Method::GET, "/v1/kv/%FF%FE".into(), vec![], None),
         (Method::GET, "/v1/jobs/%FF".into(), vec![], None),
