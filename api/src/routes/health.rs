@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use kvq_shared::StoreError;
 use serde_json::json;
@@ -14,8 +15,9 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+    use crate::routes::resource;
+    cfg.service(resource("/healthz", [(Method::GET, web::to(healthz))]))
+        .service(resource("/readyz", [(Method::GET, web::to(readyz))]));
 }
 
 async fn healthz() -> HttpResponse {

@@ -1,5 +1,6 @@
 //! `/v1/jobs`: the status of queued writes.
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, rfc3339};
 use kvq_shared::retry;
@@ -63,11 +64,10 @@ impl From<JobRecord> for JobBody {
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/jobs/{id}")
-            .route(web::get().to(get_job))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    );
+    cfg.service(crate::routes::resource(
+        "/v1/jobs/{id}",
+        [(Method::GET, web::to(get_job))],
+    ));
 }
 
 /// `GET /v1/jobs/{id}`.

@@ -7,6 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 use std::time::Duration;
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
@@ -144,19 +145,22 @@ pub struct ListBody {
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/kv")
-            .route(web::post().to(create))
-            .route(web::get().to(list))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/kv/{key:.*}")
-            .route(web::get().to(read))
-            .route(web::put().to(update))
-            .route(web::delete().to(delete))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    );
+    use crate::routes::resource;
+    cfg.service(resource(
+        "/v1/kv",
+        [
+            (Method::POST, web::to(create)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource(
+        "/v1/kv/{key:.*}",
+        [
+            (Method::GET, web::to(read)),
+            (Method::PUT, web::to(update)),
+            (Method::DELETE, web::to(delete)),
+        ],
+    ));
 }
 
 /// Checks a key against the limits: 1 to `max_bytes` bytes, no control

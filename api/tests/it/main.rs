@@ -9,4 +9,5 @@ mod guarantees;
 mod health;
 mod jobs;
 mod kv;
+mod openapi;
 mod resilience;
