@@ -159,7 +159,7 @@ impl Auth {
 }
 
 /// The role a request needs; `None` for the open routes.
-fn required_role(method: &Method, path: &str) -> Option<Role> {
+pub(crate) fn required_role(method: &Method, path: &str) -> Option<Role> {
     if !path.starts_with("/v1/") && path != "/v1" {
         return None;
     }
@@ -259,6 +259,7 @@ mod tests {
     #[test]
     fn routes_need_roles() {
         assert_eq!(required_role(&Method::GET, "/healthz"), None);
+        assert_eq!(required_role(&Method::GET, "/openapi.json"), None);
         assert_eq!(required_role(&Method::GET, "/v1/kv/a"), Some(Role::Reader));
         assert_eq!(
             required_role(&Method::GET, "/v1/jobs/x"),

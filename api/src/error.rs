@@ -104,14 +104,26 @@ impl ApiError {
     }
 }
 
-/// The RFC 9457 body.
-#[derive(Serialize)]
-struct Problem<'a> {
-    r#type: String,
-    title: &'a str,
-    status: u16,
-    detail: String,
-    code: &'a str,
+/// The RFC 9457 body of every error (`application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "type": "urn:kvq:problem:not_found",
+    "title": "Not found",
+    "status": 404,
+    "detail": "no key \"users/42/name\"",
+    "code": "not_found"
+}))]
+pub struct Problem<'a> {
+    /// `urn:kvq:problem:<code>`.
+    pub r#type: String,
+    /// A short summary of the kind of problem.
+    pub title: &'a str,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// The stable machine code: `invalid_key`, `not_found`, ...
+    pub code: &'a str,
 }
 
 /// Seconds a client should wait before retrying a 503.

@@ -12,10 +12,12 @@
 //! - [`auth`]: bearer tokens, roles, token minting.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`request_id`]: the request id middleware.
+//! - [`openapi`]: the OpenAPI document, served at `/openapi.json`.
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
 pub mod error;
+pub mod openapi;
 pub mod request_id;
 pub mod routes;
 pub mod startup;

@@ -113,6 +113,7 @@ impl Application {
                 .configure(routes::health::configure)
                 .configure(routes::kv::configure)
                 .configure(routes::jobs::configure)
+                .configure(crate::openapi::configure)
                 .default_service(web::to(routes::not_found))
         })
         .listen(listener)?

@@ -5,12 +5,13 @@ use actix_web::{HttpResponse, web};
 use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, rfc3339};
 use kvq_shared::retry;
 use serde::Serialize;
+use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::startup::AppState;
 
 /// The 200 body of `GET /v1/jobs/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobBody {
     /// The job id.
     pub id: String,
@@ -31,12 +32,15 @@ pub struct JobBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub enqueued_at: String,
     /// RFC 3339, once started.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
     /// RFC 3339, once final.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     /// The request that enqueued the job.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,8 +74,24 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     ));
 }
 
-/// `GET /v1/jobs/{id}`.
-async fn get_job(
+/// `GET /v1/jobs/{id}`: a job's status.
+///
+/// Records are kept for `KVQ_JOB_RETENTION_SECONDS` after the job's last
+/// change.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID) of a write's 202 answer")),
+    responses(
+        (status = 200, description = "The job", body = JobBody),
+        (status = 404, description = "`not_found`: unknown, or finished longer ago than the retention period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn get_job(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
