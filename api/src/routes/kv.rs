@@ -12,7 +12,7 @@ use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
 use kvq_shared::retry;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de};
 use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
@@ -44,6 +44,7 @@ pub struct CreateBody {
     #[schema(example = json!({"first": "Ada"}))]
     pub value: serde_json::Value,
     /// Expiry in seconds; absent or `null`: no expiry.
+    #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
     #[schema(minimum = 1, maximum = 31_536_000)]
     pub ttl_seconds: Option<u64>,
@@ -57,9 +58,30 @@ pub struct UpdateBody {
     #[schema(example = json!("Ada L."))]
     pub value: serde_json::Value,
     /// Expiry in seconds; absent or `null` clears any expiry.
+    #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
     #[schema(minimum = 1, maximum = 31_536_000)]
     pub ttl_seconds: Option<u64>,
+}
+
+/// Reads `ttl_seconds` as JSON Schema reads `integer`: any whole number,
+/// which JSON may also write as `60.0` or `6e1`. Anything else (a fraction,
+/// a negative number, a string) is a data error, answered 422.
+fn whole_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(secs) = number.as_u64() {
+        return Ok(Some(secs));
+    }
+    match number.as_f64() {
+        // Saturates at u64::MAX, far above any valid TTL.
+        Some(secs) if secs >= 0.0 && secs.fract() == 0.0 => Ok(Some(secs as u64)),
+        _ => Err(de::Error::invalid_value(
+            de::Unexpected::Other(&number.to_string()),
+            &"a whole, non-negative number of seconds",
+        )),
+    }
 }
 
 /// The key in `/v1/kv/{key}` (for the document: handlers read the raw path,
