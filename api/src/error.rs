@@ -166,8 +166,8 @@ impl ResponseError for ApiError {
             HeaderValue::from_static("application/problem+json"),
         ));
         if let ApiError::MethodNotAllowed { allow } = self
-            && let Ok(value) = HeaderValue::from_str(allow)
             && !allow.is_empty()
+            && let Ok(value) = HeaderValue::from_str(allow)
         {
             response.insert_header((header::ALLOW, value));
         }
