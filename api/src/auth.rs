@@ -169,7 +169,7 @@ fn bearer(authorization: Option<&str>) -> Option<&str> {
 }
 
 /// The role a request needs; `None` for the open routes.
-fn required_role(method: &Method, path: &str) -> Option<Role> {
+pub(crate) fn required_role(method: &Method, path: &str) -> Option<Role> {
     let read = matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
     if crate::routes::legacy::is_legacy(path) {
         return Some(if read { Role::Reader } else { Role::Writer });
@@ -295,6 +295,7 @@ mod tests {
     #[test]
     fn routes_need_roles() {
         assert_eq!(required_role(&Method::GET, "/healthz"), None);
+        assert_eq!(required_role(&Method::GET, "/openapi.json"), None);
         assert_eq!(required_role(&Method::GET, "/v1/kv/a"), Some(Role::Reader));
         assert_eq!(
             required_role(&Method::GET, "/v1/jobs/x"),

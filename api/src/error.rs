@@ -37,7 +37,10 @@ pub enum ApiError {
     NotFound(String),
     /// The route exists but not for this method.
     #[error("method not allowed on this path")]
-    MethodNotAllowed,
+    MethodNotAllowed {
+        /// The methods the path answers (`GET, PUT`), for the `Allow` header.
+        allow: String,
+    },
     /// No valid bearer token.
     #[error("{0}")]
     Unauthorized(String),
@@ -88,7 +91,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "unsupported_media_type",
             ApiError::ValueTooLarge(_) => "value_too_large",
             ApiError::NotFound(_) => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::NotDead(_) => "job_not_dead",
             ApiError::RequestTimeout => "request_timeout",
@@ -107,7 +110,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::ValueTooLarge(_) => "Value too large",
             ApiError::NotFound(_) => "Not found",
-            ApiError::MethodNotAllowed => "Method not allowed",
+            ApiError::MethodNotAllowed { .. } => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
             ApiError::NotDead(_) => "Job not dead",
             ApiError::RequestTimeout => "Request timeout",
@@ -121,14 +124,26 @@ impl ApiError {
     }
 }
 
-/// The RFC 9457 body.
-#[derive(Serialize)]
-struct Problem<'a> {
-    r#type: String,
-    title: &'a str,
-    status: u16,
-    detail: String,
-    code: &'a str,
+/// The RFC 9457 body of every error (`application/problem+json`).
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(example = json!({
+    "type": "urn:kvq:problem:not_found",
+    "title": "Not found",
+    "status": 404,
+    "detail": "no key \"users/42/name\"",
+    "code": "not_found"
+}))]
+pub struct Problem<'a> {
+    /// `urn:kvq:problem:<code>`.
+    pub r#type: String,
+    /// A short summary of the kind of problem.
+    pub title: &'a str,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request.
+    pub detail: String,
+    /// The stable machine code: `invalid_key`, `not_found`, ...
+    pub code: &'a str,
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -144,7 +159,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::IdempotencyConflict | ApiError::NotDead(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -176,6 +191,12 @@ impl ResponseError for ApiError {
         if matches!(self, ApiError::RequestTimeout) {
             // The rest of the body may still be on its way: start afresh.
             response.force_close();
+        }
+        if let ApiError::MethodNotAllowed { allow } = self
+            && !allow.is_empty()
+            && let Ok(value) = HeaderValue::from_str(allow)
+        {
+            response.insert_header((header::ALLOW, value));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));

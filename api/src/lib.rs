@@ -16,12 +16,14 @@
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`metrics`]: Prometheus metrics and `GET /metrics`.
 //! - [`request_id`]: the request id middleware.
+//! - [`openapi`]: the OpenAPI document, served at `/openapi.json`.
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod rate_limit;
 pub mod request_id;
 pub mod routes;

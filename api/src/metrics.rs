@@ -118,6 +118,12 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
 
 /// `GET /metrics`: Prometheus text. The queue gauges are left out when the
 /// queue Redis does not answer; the rest is always there.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "meta",
+    responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
+)]
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
     match tokio::time::timeout(state.read_attempt_timeout(), state.queue.depths()).await {
         Ok(Ok((queued, dead))) => {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::error::{JsonPayloadError, QueryPayloadError};
+use actix_web::http::Method;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
 use kvq_shared::jobs::JobRecords;
@@ -129,13 +130,13 @@ impl Application {
             .wrap(from_fn(crate::request_id::middleware))
             .wrap(from_fn(crate::metrics::middleware))
             .configure(routes::health::configure)
-            .service(
-                web::resource("/metrics")
-                    .route(web::get().to(crate::metrics::render))
-                    .default_service(web::to(routes::method_not_allowed)),
-            )
+            .service(routes::resource(
+                "/metrics",
+                [(Method::GET, web::to(crate::metrics::render))],
+            ))
             .configure(routes::kv::configure)
             .configure(routes::jobs::configure)
+            .configure(crate::openapi::configure)
             .configure(|cfg| {
                 if legacy_routes {
                     routes::legacy::configure(cfg);

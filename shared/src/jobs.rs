@@ -38,7 +38,7 @@ const PAYLOAD: &str = "payload";
 pub const QUEUE: &str = "apply";
 
 /// A write operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
     /// `POST /v1/kv`: fails with `already_exists` if the key is live.
@@ -171,7 +171,7 @@ impl Outcome {
 }
 
 /// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Accepted, waiting for a worker.
@@ -220,19 +220,21 @@ impl JobStatus {
 }
 
 /// A successful job's result.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
     /// `created`, `updated` or `deleted`.
+    #[schema(example = "created")]
     pub outcome: String,
     /// The key's version after the write.
     pub version: u64,
 }
 
 /// A failed or dead job's error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
     /// Stable machine code: `already_exists`, `not_found`,
     /// `version_mismatch`, `backend_unavailable`, ...
+    #[schema(example = "already_exists")]
     pub code: String,
     /// A sentence for humans.
     pub message: String,

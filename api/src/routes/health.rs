@@ -2,24 +2,42 @@
 
 use std::time::Duration;
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use kvq_shared::StoreError;
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::startup::AppState;
 
 /// How long readiness waits for each Redis.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Registers the routes.
-pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+/// The 200 body of `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthBody {
+    /// `ok` (`/healthz`) or `ready` (`/readyz`).
+    #[schema(example = "ok")]
+    pub status: &'static str,
 }
 
-async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// Registers the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    use crate::routes::resource;
+    cfg.service(resource("/healthz", [(Method::GET, web::to(healthz))]))
+        .service(resource("/readyz", [(Method::GET, web::to(readyz))]));
+}
+
+/// `GET /healthz`: liveness, the process answers. No token needed.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "health",
+    responses((status = 200, description = "Alive", body = HealthBody)),
+)]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(HealthBody { status: "ok" })
 }
 
 async fn ping(
@@ -38,11 +56,23 @@ async fn ping(
     }
 }
 
-async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// `GET /readyz`: readiness, both Redis servers answer. No token needed.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready", body = HealthBody),
+        (status = 503, description = "`backend_unavailable`: a Redis server did not answer", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (kv, queue) = tokio::join!(
         ping("kv", state.kv.ping()),
         ping("queue", state.queue.ping())
     );
     kv.and(queue)?;
-    Ok(HttpResponse::Ok().json(json!({"status": "ready"})))
+    Ok(HttpResponse::Ok().json(HealthBody { status: "ready" }))
 }

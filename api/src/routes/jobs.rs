@@ -1,13 +1,15 @@
 //! `/v1/jobs`: the status of queued writes, and the dead letters (jobs whose
 //! retries ran out) with their retry.
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, now_ms, rfc3339};
 use kvq_shared::retry;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::request_id::RequestId;
 use crate::routes::kv::{Accepted, MAX_LIST_LIMIT, accepted_response};
 use crate::startup::AppState;
@@ -16,7 +18,7 @@ use crate::startup::AppState;
 const DEFAULT_DEAD_LIMIT: usize = 100;
 
 /// The 200 body of `GET /v1/jobs/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobBody {
     /// The job id.
     pub id: String,
@@ -37,12 +39,15 @@ pub struct JobBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<JobError>,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub enqueued_at: String,
     /// RFC 3339, once started.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub started_at: Option<String>,
     /// RFC 3339, once final.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = DateTime)]
     pub finished_at: Option<String>,
     /// The request that enqueued the job.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -69,7 +74,7 @@ impl From<JobRecord> for JobBody {
 }
 
 /// The 200 body of `GET /v1/jobs?status=dead`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     /// Dead jobs, oldest first.
     pub jobs: Vec<JobBody>,
@@ -78,41 +83,55 @@ pub struct JobList {
 }
 
 /// `GET /v1/jobs` query.
-#[derive(Debug, Deserialize, Validate)]
+#[derive(Debug, Deserialize, Validate, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Which jobs: only `dead` is listed.
+    /// Which jobs: only `dead` is listed (required).
+    #[param(required = true, pattern = "^dead$")]
     pub status: Option<String>,
     /// Page size, 1 to 1,000 (default 100).
     #[validate(range(min = 1, max = 1_000))]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// The previous page's `next_cursor`.
+    #[param(pattern = "^[0-9]{1,19}$")]
     pub cursor: Option<String>,
 }
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/jobs")
-            .route(web::get().to(list_jobs))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/jobs/{id}")
-            .route(web::get().to(get_job))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/jobs/{id}/retry")
-            .route(web::post().to(retry_job))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    );
+    cfg.service(crate::routes::resource(
+        "/v1/jobs",
+        [(Method::GET, web::to(list_jobs))],
+    ))
+    .service(crate::routes::resource(
+        "/v1/jobs/{id}",
+        [(Method::GET, web::to(get_job))],
+    ))
+    .service(crate::routes::resource(
+        "/v1/jobs/{id}/retry",
+        [(Method::POST, web::to(retry_job))],
+    ));
 }
 
 /// `GET /v1/jobs?status=dead&limit=&cursor=`: the dead letters, oldest
 /// first. Job records expire after the retention period, and so do dead
 /// letters.
-async fn list_jobs(
+#[utoipa::path(
+    get,
+    path = "/v1/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of dead jobs, oldest first", body = JobList),
+        (status = 400, description = "`invalid_request`: no `status=dead`, or a bad `limit` or `cursor`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn list_jobs(
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -151,7 +170,23 @@ async fn list_jobs(
 /// It takes a new `seq`, so it applies after the key's writes accepted
 /// before the retry (its own `seq` was given up when it died); its
 /// `If-Match`, if any, still applies.
-async fn retry_job(
+#[utoipa::path(
+    post,
+    path = "/v1/jobs/{id}/retry",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The id of a dead job")),
+    responses(
+        (status = 202, description = "Queued again under the same id", body = Accepted, headers(
+            ("Location" = String, description = "`/v1/jobs/{id}`"),
+        )),
+        (status = 404, description = "`not_found`: unknown job, or its record expired", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`job_not_dead`: the job is not dead (or another request is retrying it)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`; the job stays dead", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn retry_job(
     req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
@@ -217,8 +252,24 @@ async fn restore(state: &AppState, id: &str, died_at: i64) {
     }
 }
 
-/// `GET /v1/jobs/{id}`.
-async fn get_job(
+/// `GET /v1/jobs/{id}`: a job's status.
+///
+/// Records are kept for `KVQ_JOB_RETENTION_SECONDS` after the job's last
+/// change.
+#[utoipa::path(
+    get,
+    path = "/v1/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job id (a UUID) of a write's 202 answer")),
+    responses(
+        (status = 200, description = "The job", body = JobBody),
+        (status = 404, description = "`not_found`: unknown, or finished longer ago than the retention period", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn get_job(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {

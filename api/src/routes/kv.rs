@@ -7,17 +7,20 @@ use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
 use std::time::Duration;
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
 use kvq_shared::retry;
 use kvq_shared::store::Entry;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, de};
 use serde_json::value::RawValue;
+use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, Problem};
 use crate::request_id::RequestId;
+use crate::routes::jobs::JobBody;
 use crate::startup::AppState;
 
 /// The longest TTL: one year.
@@ -27,32 +30,81 @@ pub const MAX_TTL_SECONDS: u64 = 31_536_000;
 pub const MAX_LIST_LIMIT: usize = 1_000;
 
 /// `POST /v1/kv` body.
-#[derive(Debug, Deserialize, Validate)]
+#[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
-    /// The key to create.
+    /// The key to create: 1 to 512 bytes of UTF-8, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 512,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$",
+        example = "users/42/name"
+    )]
     pub key: String,
-    /// Any JSON.
+    /// Any JSON, at most 1 MiB serialized.
+    #[schema(example = json!({"first": "Ada"}))]
     pub value: serde_json::Value,
-    /// Expiry in seconds.
+    /// Expiry in seconds; absent or `null`: no expiry.
+    #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
+    #[schema(minimum = 1, maximum = 31_536_000)]
     pub ttl_seconds: Option<u64>,
 }
 
 /// `PUT /v1/kv/{key}` body.
-#[derive(Debug, Deserialize, Validate)]
+#[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateBody {
-    /// Any JSON.
+    /// Any JSON, at most 1 MiB serialized.
+    #[schema(example = json!("Ada L."))]
     pub value: serde_json::Value,
-    /// Expiry in seconds; absent clears any expiry.
+    /// Expiry in seconds; absent or `null` clears any expiry.
+    #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
+    #[schema(minimum = 1, maximum = 31_536_000)]
     pub ttl_seconds: Option<u64>,
 }
 
+/// Reads `ttl_seconds` as JSON Schema reads `integer`: any whole number,
+/// which JSON may also write as `60.0` or `6e1`. Anything else (a fraction,
+/// a negative number, a string) is a data error, answered 422.
+fn whole_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(secs) = number.as_u64() {
+        return Ok(Some(secs));
+    }
+    match number.as_f64() {
+        // Saturates at u64::MAX, far above any valid TTL.
+        Some(secs) if secs >= 0.0 && secs.fract() == 0.0 => Ok(Some(secs as u64)),
+        _ => Err(de::Error::invalid_value(
+            de::Unexpected::Other(&number.to_string()),
+            &"a whole, non-negative number of seconds",
+        )),
+    }
+}
+
+/// The key in `/v1/kv/{key}` (for the document: handlers read the raw path,
+/// see [`path_key`]).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct KeyPath {
+    /// The key: the rest of the path after `/v1/kv/`, percent-decoded, so it
+    /// may contain `/` and any UTF-8; 1 to 512 bytes, no control characters.
+    #[param(
+        min_length = 1,
+        max_length = 512,
+        pattern = r"^[^\u0000-\u001F\u007F-\u009F]+$",
+        example = "users/42/name"
+    )]
+    pub key: String,
+}
+
 /// `PUT /v1/kv/{key}` query.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UpdateQuery {
     /// `true`: create the key if it is absent.
     #[serde(default)]
@@ -60,25 +112,29 @@ pub struct UpdateQuery {
 }
 
 /// `GET /v1/kv` query.
-#[derive(Debug, Deserialize, Validate)]
+#[derive(Debug, Deserialize, Validate, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only keys starting with this.
     #[serde(default)]
     pub prefix: String,
     /// Page size, 1 to 1,000 (default 100).
     #[validate(range(min = 1, max = 1_000))]
+    #[param(minimum = 1, maximum = 1_000)]
     pub limit: Option<usize>,
     /// The previous page's `next_cursor`.
+    #[param(pattern = "^[0-9]{0,19}$")]
     pub cursor: Option<String>,
 }
 
 /// The 202 body of every write.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     /// The job id; poll `GET /v1/jobs/{job_id}`.
     pub job_id: String,
     /// Always `queued`.
+    #[schema(example = "queued")]
     pub status: String,
     /// The operation.
     pub op: Op,
@@ -120,22 +176,25 @@ fn idempotency_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 /// The 200 body of a read.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct KeyBody<'a> {
     /// The key.
     pub key: &'a str,
     /// The value, as written.
+    #[schema(value_type = serde_json::Value)]
     pub value: &'a RawValue,
     /// Grows by one on every write to the key, deletes included.
     pub version: u64,
     /// RFC 3339.
+    #[schema(format = DateTime)]
     pub updated_at: String,
     /// RFC 3339, or `null` without a TTL.
+    #[schema(format = DateTime)]
     pub expires_at: Option<String>,
 }
 
 /// The 200 body of a list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ListBody {
     /// Keys, sorted within the page.
     pub keys: Vec<String>,
@@ -145,19 +204,22 @@ pub struct ListBody {
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/v1/kv")
-            .route(web::post().to(create))
-            .route(web::get().to(list))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    )
-    .service(
-        web::resource("/v1/kv/{key:.*}")
-            .route(web::get().to(read))
-            .route(web::put().to(update))
-            .route(web::delete().to(delete))
-            .default_service(web::to(crate::routes::method_not_allowed)),
-    );
+    use crate::routes::resource;
+    cfg.service(resource(
+        "/v1/kv",
+        [
+            (Method::POST, web::to(create)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource(
+        "/v1/kv/{key:.*}",
+        [
+            (Method::GET, web::to(read)),
+            (Method::PUT, web::to(update)),
+            (Method::DELETE, web::to(delete)),
+        ],
+    ));
 }
 
 /// Checks a key against the limits: 1 to `max_bytes` bytes, no control
@@ -262,7 +324,42 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 }
 
 /// `POST /v1/kv`: queue a create.
-async fn create(
+///
+/// The job fails `already_exists` if the key is live. With `Prefer: wait=N`
+/// the answer waits for the job: 201, or 409 `already_exists`.
+#[utoipa::path(
+    post,
+    path = "/v1/kv",
+    tag = "kv",
+    request_body = CreateBody,
+    params(
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 202, description = "Queued", body = Accepted, headers(
+            ("Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Idempotent-Replayed" = String, description = "`true` on a repeat of an `Idempotency-Key`"),
+        )),
+        (status = 201, description = "`Prefer: wait`: the key was created", body = JobBody, headers(
+            ("ETag" = String, description = "The key's new version, quoted"),
+            ("Location" = String, description = "`/v1/kv/{key}`"),
+            ("Content-Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Preference-Applied" = String, description = "`wait=N`"),
+        )),
+        (status = 400, description = "`invalid_key`, `malformed_json`, `invalid_request` (`Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`already_exists` (`Prefer: wait`), `idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+        (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<CreateBody>,
@@ -286,7 +383,54 @@ async fn create(
 }
 
 /// `PUT /v1/kv/{key}`: queue an update (or upsert).
-async fn update(
+///
+/// The job fails `not_found` if the key is absent (unless `upsert=true`),
+/// and `version_mismatch` if `If-Match` does not match. With
+/// `Prefer: wait=N` the answer waits for the job: 200 or 201, or
+/// 404 / 412.
+#[utoipa::path(
+    put,
+    path = "/v1/kv/{key}",
+    tag = "kv",
+    request_body = UpdateBody,
+    params(
+        KeyPath,
+        UpdateQuery,
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 202, description = "Queued", body = Accepted, headers(
+            ("Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Idempotent-Replayed" = String, description = "`true` on a repeat of an `Idempotency-Key`"),
+        )),
+        (status = 200, description = "`Prefer: wait`: the key was updated", body = JobBody, headers(
+            ("ETag" = String, description = "The key's new version, quoted"),
+            ("Content-Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Preference-Applied" = String, description = "`wait=N`"),
+        )),
+        (status = 201, description = "`Prefer: wait`: the key was created (`upsert=true`)", body = JobBody, headers(
+            ("ETag" = String, description = "The key's new version, quoted"),
+            ("Location" = String, description = "`/v1/kv/{key}`"),
+            ("Content-Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Preference-Applied" = String, description = "`wait=N`"),
+        )),
+        (status = 400, description = "`invalid_key`, `malformed_json`, `invalid_request` (query, `If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+        (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn update(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<UpdateQuery>,
@@ -313,7 +457,45 @@ async fn update(
 }
 
 /// `DELETE /v1/kv/{key}`: queue a delete.
-async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+///
+/// The job fails `not_found` if the key is absent, and `version_mismatch`
+/// if `If-Match` does not match. With `Prefer: wait=N` the answer waits for
+/// the job: 204, or 404 / 412.
+#[utoipa::path(
+    delete,
+    path = "/v1/kv/{key}",
+    tag = "kv",
+    params(
+        KeyPath,
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
+        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 202, description = "Queued", body = Accepted, headers(
+            ("Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Idempotent-Replayed" = String, description = "`true` on a repeat of an `Idempotency-Key`"),
+        )),
+        (status = 204, description = "`Prefer: wait`: the key was deleted", headers(
+            ("ETag" = String, description = "The version the delete took, quoted"),
+            ("Content-Location" = String, description = "`/v1/jobs/{job_id}`"),
+            ("Preference-Applied" = String, description = "`wait=N`"),
+        )),
+        (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+        (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
     let expected = if_match(req.headers())?;
     enqueue(
@@ -493,7 +675,7 @@ async fn wait_for_final(
     {
         return Ok(response.finish());
     }
-    Ok(response.json(crate::routes::jobs::JobBody::from(record)))
+    Ok(response.json(JobBody::from(record)))
 }
 
 /// Characters escaped when a key is put back into a path (`/` stays).
@@ -574,7 +756,29 @@ fn none_match(headers: &HeaderMap, version: u64) -> bool {
 
 /// `GET /v1/kv/{key}`: read straight from the KV Redis, retrying transient
 /// errors; 503 when the retries run out.
-async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/v1/kv/{key}",
+    tag = "kv",
+    params(
+        KeyPath,
+        ("If-None-Match" = Option<String>, Header, description = "ETags (`\"3\"`, comma-separated, or `*`): 304 if the key's version is among them", example = "\"3\""),
+    ),
+    responses(
+        (status = 200, description = "The key", body = KeyBody, headers(
+            ("ETag" = String, description = "The key's version, quoted"),
+        )),
+        (status = 304, description = "`If-None-Match` lists the key's version", headers(
+            ("ETag" = String, description = "The key's version, quoted"),
+        )),
+        (status = 400, description = "`invalid_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`not_found`: no such key", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
     let entry = load(&state, &key)
         .await?
@@ -610,7 +814,23 @@ pub(crate) async fn load(state: &AppState, key: &str) -> Result<Option<Entry>, A
 }
 
 /// `GET /v1/kv?prefix=&limit=&cursor=`: live keys by prefix, paginated.
-async fn list(
+///
+/// A page follows Redis `SCAN` and may hold a few more or fewer keys than
+/// `limit`; `next_cursor` is `null` on the last page.
+#[utoipa::path(
+    get,
+    path = "/v1/kv",
+    tag = "kv",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of keys", body = ListBody),
+        (status = 400, description = "`invalid_request`: bad `limit` or `cursor`, unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn list(
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<HttpResponse, ApiError> {

@@ -33,14 +33,15 @@
 //!   `value_too_large`, 401 / 403, 405, 503 `backend_unavailable` (where the
 //!   old service answered a bare 500).
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use kvq_shared::jobs::Op;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
 
-use crate::error::ApiError;
-use crate::routes::kv::{self, Write};
+use crate::error::{ApiError, Problem};
+use crate::routes::kv::{self, KeyPath, Write};
 use crate::startup::AppState;
 
 /// The path prefixes of the legacy routes, each followed by the key.
@@ -53,27 +54,35 @@ pub fn is_legacy(path: &str) -> bool {
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let resource = |path: &str, route: actix_web::Route| {
-        web::resource(path)
-            .route(route)
-            .default_service(web::to(crate::routes::method_not_allowed))
-    };
-    cfg.service(resource("/create/{key:.*}", web::post().to(create)))
-        .service(resource("/read/{key:.*}", web::get().to(read)))
-        .service(resource("/update/{key:.*}", web::put().to(update)))
-        .service(resource("/delete/{key:.*}", web::delete().to(delete)));
+    use crate::routes::resource;
+    cfg.service(resource(
+        "/create/{key:.*}",
+        [(Method::POST, web::to(create))],
+    ))
+    .service(resource("/read/{key:.*}", [(Method::GET, web::to(read))]))
+    .service(resource(
+        "/update/{key:.*}",
+        [(Method::PUT, web::to(update))],
+    ))
+    .service(resource(
+        "/delete/{key:.*}",
+        [(Method::DELETE, web::to(delete))],
+    ));
 }
 
 /// The query string of `/create` and `/update`; other parameters are
 /// ignored, as FastAPI ignored them.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ValueQuery {
-    /// The new value, stored as a JSON string.
+    /// The new value, stored as a JSON string (required: without it the
+    /// answer is FastAPI's 422).
+    #[param(required = true)]
     pub value: Option<String>,
 }
 
 /// The 200 body of every legacy write.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct TaskSubmitted {
     /// Always `Task submitted`.
     pub message: &'static str,
@@ -82,7 +91,7 @@ pub struct TaskSubmitted {
 }
 
 /// The 200 body of `/read`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ReadBody {
     /// The key.
     pub key: String,
@@ -141,7 +150,27 @@ async fn submit(
 }
 
 /// `POST /create/{key}?value=`: queue a create.
-async fn create(
+#[utoipa::path(
+    post,
+    path = "/create/{key}",
+    tag = "legacy",
+    params(
+        KeyPath,
+        ValueQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
+        (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No `value`: FastAPI's answer", body = Object),
+        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<ValueQuery>,
@@ -153,7 +182,28 @@ async fn create(
 }
 
 /// `PUT /update/{key}?value=`: queue an update.
-async fn update(
+#[utoipa::path(
+    put,
+    path = "/update/{key}",
+    tag = "legacy",
+    params(
+        KeyPath,
+        ValueQuery,
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
+        (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "No `value`: FastAPI's answer", body = Object),
+        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn update(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<ValueQuery>,
@@ -165,12 +215,47 @@ async fn update(
 }
 
 /// `DELETE /delete/{key}`: queue a delete.
-async fn delete(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    delete,
+    path = "/delete/{key}",
+    tag = "legacy",
+    params(
+        KeyPath,
+        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+    ),
+    responses(
+        (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
+        (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn delete(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
     submit(&req, &state, "/delete/", Op::Delete, None).await
 }
 
 /// `GET /read/{key}`: the value as a string, or FastAPI's 404.
-async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/read/{key}",
+    tag = "legacy",
+    params(KeyPath),
+    responses(
+        (status = 200, description = "The value, as a string", body = ReadBody),
+        (status = 400, description = "`invalid_key`", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "`{\"detail\": \"Key not found\"}`, as FastAPI answered", body = Object),
+        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
+            ("Retry-After" = String, description = "Seconds"),
+        )),
+    ),
+)]
+pub async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let key = kv::key_after(&req, "/read/", &state)?;
     let Some(entry) = kv::load(&state, &key).await? else {
         return Ok(HttpResponse::NotFound().json(json!({"detail": "Key not found"})));

@@ -262,3 +262,36 @@ async fn ttl_sets_expires_at_an_update_without_it_clears_it_and_keys_expire() {
     let job = stack.finished(stack.create("t", json!(4)).await).await;
     assert_eq!(job["result"], json!({"outcome": "created", "version": 4}));
 }
+
+#[tokio::test]
+async fn ttl_seconds_takes_any_whole_number_as_json_schema_integers_do() {
+    // The OpenAPI document says `integer`; JSON Schema counts 60.0 and 6e1
+    // as integers (schemathesis sent 609261.0 and got a 422).
+    let stack = Stack::start().await;
+    for (key, ttl) in [("w1", "60.0"), ("w2", "6e1")] {
+        let accepted = stack
+            .request(Method::POST, "/v1/kv")
+            .header("content-type", "application/json")
+            .body(format!(
+                r#"{{"key":"{key}","value":1,"ttl_seconds":{ttl}}}"#
+            ))
+            .send()
+            .await
+            .unwrap();
+        let job = stack.finished(accepted).await;
+        assert_eq!(job["status"], "succeeded", "ttl_seconds {ttl}");
+        let ttl: i64 = stack.kv.cmd(&["TTL", &format!("kvq:kv:{{{key}}}")]);
+        assert!((55..=60).contains(&ttl), "Redis TTL {ttl}");
+    }
+    for ttl in ["1.5", "-60.0", "0.0", "1e300", "null"] {
+        let response = stack
+            .request(Method::PUT, "/v1/kv/w1")
+            .header("content-type", "application/json")
+            .body(format!(r#"{{"value":2,"ttl_seconds":{ttl}}}"#))
+            .send()
+            .await
+            .unwrap();
+        let expected = if ttl == "null" { 202 } else { 422 };
+        assert_eq!(response.status(), expected, "ttl_seconds {ttl}");
+    }
+}

@@ -11,4 +11,5 @@ mod health;
 mod jobs;
 mod kv;
 mod legacy;
+mod openapi;
 mod resilience;
