@@ -95,7 +95,7 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
     /// The previous page's `next_cursor`.
-    #[param(pattern = "^[0-9]{1,19}$")]
+    #[param(pattern = "^[0-9]{0,19}$")]
     pub cursor: Option<String>,
 }
 
