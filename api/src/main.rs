@@ -37,6 +37,7 @@ fn token(config: &Config, args: &[String]) -> ExitCode {
 
 #[actix_web::main]
 async fn main() -> ExitCode {
+    kvq_shared::store::install_tls_provider();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {

@@ -253,6 +253,7 @@ impl Config {
                 }
             },
         };
+        env.tls_roots(&[&config.kv_redis_url, &config.queue_redis_url])?;
         Ok(config)
     }
 }
@@ -335,6 +336,42 @@ impl Env<'_> {
     }
 }
 
+impl Env<'_> {
+    /// With a `rediss://` URL, `SSL_CERT_FILE` (when set) replaces the
+    /// system's roots, so it must hold at least one PEM certificate: fail at
+    /// start rather than on every connection.
+    fn tls_roots(&self, urls: &[&RedisUrl]) -> Result<(), ConfigError> {
+        use rustls::pki_types::{CertificateDer, pem::PemObject};
+        const VAR: &str = "SSL_CERT_FILE";
+        if !urls.iter().any(|url| url.0.starts_with("rediss://")) {
+            return Ok(());
+        }
+        let Some(path) = (self.0)(VAR) else {
+            return Ok(());
+        };
+        let certs = CertificateDer::pem_file_iter(&path)
+            .map_err(|e| format!("cannot be read ({e})"))
+            .and_then(|certs| {
+                certs
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("is not PEM ({e})"))
+            });
+        match certs {
+            Ok(certs) if !certs.is_empty() => Ok(()),
+            Ok(_) => Err(ConfigError {
+                var: VAR,
+                message: format!(
+                    "{path:?} holds no certificate; it replaces the system's roots for rediss:// URLs"
+                ),
+            }),
+            Err(why) => Err(ConfigError {
+                var: VAR,
+                message: format!("{path:?} {why}; it holds the CAs trusted for rediss:// URLs"),
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,6 +417,44 @@ mod tests {
             assert_eq!(err.var, var);
             assert!(err.to_string().starts_with(var), "{err}");
         }
+    }
+
+    /// ISRG Root X2, a public CA certificate.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIICGzCCAaGgAwIBAgIQQdKd0XLq7qeAwSxs6S+HUjAKBggqhkjOPQQDAzBPMQsw
+CQYDVQQGEwJVUzEpMCcGA1UEChMgSW50ZXJuZXQgU2VjdXJpdHkgUmVzZWFyY2gg
+R3JvdXAxFTATBgNVBAMTDElTUkcgUm9vdCBYMjAeFw0yMDA5MDQwMDAwMDBaFw00
+MDA5MTcxNjAwMDBaME8xCzAJBgNVBAYTAlVTMSkwJwYDVQQKEyBJbnRlcm5ldCBT
+ZWN1cml0eSBSZXNlYXJjaCBHcm91cDEVMBMGA1UEAxMMSVNSRyBSb290IFgyMHYw
+EAYHKoZIzj0CAQYFK4EEACIDYgAEzZvVn4CDCuwJSvMWSj5cz3es3mcFDR0HttwW
++1qLFNvicWDEukWVEYmO6gbf9yoWHKS5xcUy4APgHoIYOIvXRdgKam7mAHf7AlF9
+ItgKbppbd9/w+kHsOdx1ymgHDB/qo0IwQDAOBgNVHQ8BAf8EBAMCAQYwDwYDVR0T
+AQH/BAUwAwEB/zAdBgNVHQ4EFgQUfEKWrt5LSDv6kviejM9ti6lyN5UwCgYIKoZI
+zj0EAwMDaAAwZQIwe3lORlCEwkSHRhtFcP9Ymd70/aTSVaYgLXTWNLxBo1BfASdW
+tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1
+/q4AaOeMSQ+2b1tbFfLn
+-----END CERTIFICATE-----
+";
+
+    #[test]
+    fn rediss_urls_check_the_ssl_cert_file_they_will_trust() {
+        let dir = std::env::temp_dir().join(format!("kvq-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let (good, empty) = (dir.join("ca.pem"), dir.join("empty.pem"));
+        std::fs::write(&good, CA_PEM).expect("write");
+        std::fs::write(&empty, "no certificate here\n").expect("write");
+        let (good, empty) = (good.display().to_string(), empty.display().to_string());
+        let tls = ("KVQ_QUEUE_REDIS_URL", "rediss://127.0.0.1:6380");
+        for bad in [empty.as_str(), "/no/such/ca.pem", ""] {
+            let err = config(&[tls, ("SSL_CERT_FILE", bad)]).expect_err(bad);
+            assert_eq!(err.var, "SSL_CERT_FILE", "{err}");
+        }
+        config(&[tls, ("SSL_CERT_FILE", &good)]).expect("a PEM CA is fine");
+        config(&[tls]).expect("without SSL_CERT_FILE the system's roots are used");
+        config(&[("SSL_CERT_FILE", "/no/such/ca.pem")]).expect("unused without rediss://");
+        config(&[("KVQ_KV_REDIS_URL", "rediss://:pw@127.0.0.1:1/#insecure")])
+            .expect("#insecure parses");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

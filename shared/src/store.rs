@@ -29,9 +29,31 @@ if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
 end
 ";
 
+/// Chooses aws-lc-rs as the process' rustls crypto provider, which
+/// `rediss://` connections need. Call once at start, before any Redis client
+/// connects; a provider installed already is kept.
+pub fn install_tls_provider() {
+    // Err only means a provider is installed already: keep it.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// Checks a Redis URL and makes a client for it (no connection yet).
+///
+/// A `rediss://` URL connects over TLS and verifies the server's certificate
+/// against the system's roots, or those of `SSL_CERT_FILE` / `SSL_CERT_DIR`
+/// when set (rustls-native-certs). `rediss://host/#insecure` skips the
+/// verification: for tests only, and warned about here.
 pub fn client(url: &RedisUrl) -> Result<redis::Client, StoreError> {
-    Ok(redis::Client::open(url.expose())?)
+    let client = redis::Client::open(url.expose())?;
+    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } =
+        client.get_connection_info().addr()
+    {
+        tracing::warn!(
+            redis = %url,
+            "#insecure: this Redis' TLS certificate is not verified; use it only in tests"
+        );
+    }
+    Ok(client)
 }
 
 /// Opens a lazily connected, self-reconnecting, multiplexed Redis connection

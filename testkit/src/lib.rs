@@ -3,7 +3,9 @@
 //! and HTTP over loopback. Every process is killed when its guard drops.
 //!
 //! # Layout
-//! - [`TestRedis`]: a `redis-server` on a free port, `--save ""`.
+//! - [`TestRedis`]: a `redis-server` on a free port, `--save ""`, plain or
+//!   TLS only.
+//! - [`TestCa`]: a CA made for one test, signing TLS servers' certificates.
 //! - [`KvqProcess`]: a running `kvq-api` or `kvq-worker`, its log lines
 //!   captured, with SIGTERM / SIGKILL / SIGSTOP helpers.
 //! - [`Stack`]: two Redis servers, one API and N workers, with typed request
@@ -15,10 +17,12 @@
 mod process;
 mod redis_server;
 mod stack;
+mod tls;
 
 pub use process::{KvqProcess, bin_path};
 pub use redis_server::{TestRedis, free_port};
 pub use stack::{Stack, StackBuilder};
+pub use tls::TestCa;
 
 use std::future::Future;
 use std::time::{Duration, Instant};

@@ -1,4 +1,4 @@
-//! A real `redis-server` for one test.
+//! A real `redis-server` for one test, plain or TLS only.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -6,12 +6,16 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::TestCa;
+
 /// A `redis-server` on a free loopback port, persistence off, killed on drop.
 pub struct TestRedis {
     child: Option<Child>,
     port: u16,
     dir: TempDir,
     extra: Vec<String>,
+    /// With TLS: the PEM of the CA that signed the server's certificate.
+    tls_ca: Option<String>,
 }
 
 impl TestRedis {
@@ -23,12 +27,33 @@ impl TestRedis {
     /// Starts a server with extra command-line arguments (e.g.
     /// `["--requirepass", "pw"]`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_server(extra, None)
+    }
+
+    /// Starts a server that speaks TLS only (no plain port), with a
+    /// certificate for `127.0.0.1` signed by `ca`, and extra arguments.
+    /// Clients are not asked for certificates. [`TestRedis::url`] is then
+    /// `rediss://`.
+    pub fn start_tls(ca: &TestCa, extra: &[&str]) -> Self {
+        Self::start_server(extra, Some(ca))
+    }
+
+    fn start_server(extra: &[&str], ca: Option<&TestCa>) -> Self {
         let mut server = Self {
             child: None,
             port: 0,
             dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            tls_ca: None,
         };
+        if let Some(ca) = ca {
+            let (cert, key) = ca.server_cert();
+            let dir = server.dir.path();
+            std::fs::write(dir.join("server.pem"), cert).unwrap();
+            std::fs::write(dir.join("server.key"), key).unwrap();
+            std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+            server.tls_ca = Some(ca.pem().to_owned());
+        }
         for _ in 0..20 {
             server.port = free_port();
             if server.spawn() {
@@ -39,8 +64,21 @@ impl TestRedis {
     }
 
     fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+        let mut cmd = Command::new("redis-server");
+        if self.tls_ca.is_some() {
+            let file = |name: &str| self.dir.path().join(name);
+            cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(file("server.pem"))
+                .arg("--tls-key-file")
+                .arg(file("server.key"))
+                .arg("--tls-ca-cert-file")
+                .arg(file("ca.pem"))
+                .args(["--tls-auth-clients", "no"]);
+        } else {
+            cmd.args(["--port", &self.port.to_string()]);
+        }
+        let child = cmd
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
@@ -69,6 +107,10 @@ impl TestRedis {
 
     fn ping(&self) -> bool {
         let mut args = vec!["-p".to_string(), self.port.to_string()];
+        if self.tls_ca.is_some() {
+            let ca = self.dir.path().join("ca.pem");
+            args.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
+        }
         if let Some(i) = self.extra.iter().position(|a| a == "--requirepass") {
             args.extend([
                 "-a".into(),
@@ -89,13 +131,23 @@ impl TestRedis {
         self.port
     }
 
-    /// `redis://127.0.0.1:PORT`, with `:PASSWORD@` when started with
-    /// `--requirepass`.
+    /// `redis://127.0.0.1:PORT` (`rediss://` with TLS), with `:PASSWORD@`
+    /// when started with `--requirepass`.
     pub fn url(&self) -> String {
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         match self.password() {
-            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(password) => format!("{scheme}://:{password}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// Whether the server speaks TLS only.
+    pub fn is_tls(&self) -> bool {
+        self.tls_ca.is_some()
     }
 
     fn password(&self) -> Option<&str> {
@@ -129,12 +181,22 @@ impl TestRedis {
         panic!("could not restart redis-server on port {}", self.port);
     }
 
-    /// A synchronous connection for checks made by the test itself.
+    /// A synchronous connection for checks made by the test itself (over
+    /// TLS, trusting the test's CA, when the server speaks TLS).
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url())
-            .unwrap()
-            .get_connection()
-            .unwrap()
+        let client = match &self.tls_ca {
+            Some(ca) => {
+                // The test process needs a rustls provider as the binaries do.
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone().into_bytes()),
+                };
+                redis::Client::build_with_tls(self.url(), certificates).unwrap()
+            }
+            None => redis::Client::open(self.url()).unwrap(),
+        };
+        client.get_connection().unwrap()
     }
 
     /// Runs a command and returns its answer.

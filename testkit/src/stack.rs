@@ -5,7 +5,7 @@ use std::time::Duration;
 use reqwest::{Client, Method, Response};
 use serde_json::Value;
 
-use crate::{KvqProcess, TestRedis, eventually};
+use crate::{KvqProcess, TestCa, TestRedis, eventually};
 
 /// How long a test waits for a job to end before failing.
 pub const JOB_DEADLINE: Duration = Duration::from_secs(15);
@@ -18,6 +18,7 @@ pub struct StackBuilder {
     workers: usize,
     env: Vec<(String, String)>,
     redis_args: Vec<String>,
+    tls: bool,
 }
 
 impl StackBuilder {
@@ -34,6 +35,14 @@ impl StackBuilder {
         self
     }
 
+    /// Starts both Redis servers TLS only, with certificates from one test
+    /// CA; their URLs are `rediss://` and the kvq processes trust the CA
+    /// through `SSL_CERT_FILE`.
+    pub fn redis_tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Sets an environment variable for the API and the workers.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
@@ -43,8 +52,14 @@ impl StackBuilder {
     /// Starts everything and waits until it is up.
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
-        let kv = TestRedis::start_with(&args);
-        let queue = TestRedis::start_with(&args);
+        let ca = self.tls.then(TestCa::new);
+        let (kv, queue) = match &ca {
+            Some(ca) => (
+                TestRedis::start_tls(ca, &args),
+                TestRedis::start_tls(ca, &args),
+            ),
+            None => (TestRedis::start_with(&args), TestRedis::start_with(&args)),
+        };
         let mut stack = Stack {
             api: None,
             workers: Vec::new(),
@@ -56,6 +71,7 @@ impl StackBuilder {
             extra_env: self.env,
             kv,
             queue,
+            ca,
         };
         stack.start_api().await;
         for _ in 0..self.workers {
@@ -75,6 +91,8 @@ pub struct Stack {
     pub kv: TestRedis,
     /// The queue Redis.
     pub queue: TestRedis,
+    /// The CA of the Redis servers' certificates, with TLS.
+    pub ca: Option<TestCa>,
     base: String,
     http: Client,
     extra_env: Vec<(String, String)>,
@@ -92,6 +110,7 @@ impl Stack {
             workers: 1,
             env: Vec::new(),
             redis_args: Vec::new(),
+            tls: false,
         }
     }
 
@@ -107,6 +126,12 @@ impl Stack {
             ),
             ("KVQ_AUTH_DISABLED".to_owned(), "true".to_owned()),
         ];
+        if let Some(ca) = &self.ca {
+            env.push((
+                "SSL_CERT_FILE".to_owned(),
+                ca.pem_file().display().to_string(),
+            ));
+        }
         env.extend(self.extra_env.iter().cloned());
         env
     }

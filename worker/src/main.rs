@@ -8,6 +8,7 @@ use kvq_worker::startup::Worker;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    kvq_shared::store::install_tls_provider();
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(e) => {

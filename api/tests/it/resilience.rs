@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvq_testkit::{Stack, eventually};
+use kvq_testkit::{KvqProcess, Stack, TestCa, eventually};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -128,6 +128,160 @@ async fn password_protected_redis_servers_work_and_the_password_stays_secret() {
         .get_connection()
         .and_then(|mut c| redis::cmd("GET").arg("x").query::<Option<String>>(&mut c));
     assert!(refused.is_err(), "the KV Redis answered without a password");
+    for line in stack
+        .api()
+        .logs()
+        .iter()
+        .chain(stack.workers[0].logs().iter())
+    {
+        assert!(
+            !line.contains(password),
+            "a log line shows the password: {line}"
+        );
+    }
+}
+
+/// Starts one more API with `env` (later entries win) and returns the status
+/// of its `/readyz`: 200 only when it reaches both Redis servers.
+async fn readiness_with(env: &[(String, String)]) -> (u16, KvqProcess) {
+    let api = KvqProcess::spawn("kvq-api", env);
+    let line = api
+        .wait_for_log("kvq-api listening", Duration::from_secs(20))
+        .await;
+    let port = line["port"].as_u64().unwrap();
+    let status = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    (status, api)
+}
+
+/// `env` with `overrides` appended (the process sees the last value).
+fn env_with(env: Vec<(String, String)>, overrides: &[(&str, String)]) -> Vec<(String, String)> {
+    let mut env = env;
+    env.extend(overrides.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
+}
+
+#[tokio::test]
+async fn tls_only_redis_servers_carry_the_whole_flow_with_the_certificate_verified() {
+    let stack = Stack::builder().redis_tls().start().await;
+    let (kv_port, queue_port) = (stack.kv.port(), stack.queue.port());
+    assert_eq!(stack.kv.url(), format!("rediss://127.0.0.1:{kv_port}"));
+    assert_eq!(
+        stack.queue.url(),
+        format!("rediss://127.0.0.1:{queue_port}")
+    );
+
+    let id = Stack::job_id(stack.create("sealed", json!({"over": "tls"})).await).await;
+    let job = stack.wait_job(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let read = stack.get("sealed").await;
+    assert_eq!(read.status(), 200);
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(read["value"], json!({"over": "tls"}));
+    assert_eq!(read["version"], 1);
+    let ready = stack
+        .request(reqwest::Method::GET, "/readyz")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    // The test's own checks reach both servers over TLS as well.
+    assert_eq!(stack.queue.pending_jobs(), 0);
+    assert!(stack.kv.keys().contains(&"kvq:kv:{sealed}".to_owned()));
+    assert!(stack.queue.keys().contains(&format!("kvq:job:{id}")));
+
+    // The servers speak TLS only: a plain redis:// client is not ready.
+    let (plain, _api) = readiness_with(&env_with(
+        stack.env(),
+        &[
+            ("KVQ_KV_REDIS_URL", format!("redis://127.0.0.1:{kv_port}")),
+            (
+                "KVQ_QUEUE_REDIS_URL",
+                format!("redis://127.0.0.1:{queue_port}"),
+            ),
+        ],
+    ))
+    .await;
+    assert_eq!(plain, 503, "plain redis:// reached a TLS-only server");
+
+    // The certificate is verified: trusting another CA, the API is not ready.
+    let other_ca = TestCa::new();
+    let other_ca_file = other_ca.pem_file().display().to_string();
+    let (untrusted, _api) = readiness_with(&env_with(
+        stack.env(),
+        &[("SSL_CERT_FILE", other_ca_file.clone())],
+    ))
+    .await;
+    assert_eq!(
+        untrusted, 503,
+        "a certificate from an untrusted CA was accepted"
+    );
+
+    // ... unless the URL says #insecure (tests only), which is warned about.
+    let (insecure, api) = readiness_with(&env_with(
+        stack.env(),
+        &[
+            ("SSL_CERT_FILE", other_ca_file),
+            (
+                "KVQ_KV_REDIS_URL",
+                format!("rediss://127.0.0.1:{kv_port}/#insecure"),
+            ),
+            (
+                "KVQ_QUEUE_REDIS_URL",
+                format!("rediss://127.0.0.1:{queue_port}/#insecure"),
+            ),
+        ],
+    ))
+    .await;
+    assert_eq!(insecure, 200, "#insecure did not skip verification");
+    assert!(
+        api.logs()
+            .iter()
+            .any(|line| line.contains("WARN") && line.contains("#insecure")),
+        "no warning about #insecure: {:?}",
+        api.logs()
+    );
+
+    // The guards still kill the TLS servers.
+    let pids = [stack.kv.pid().unwrap(), stack.queue.pid().unwrap()];
+    drop(stack);
+    for pid in pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "redis-server {pid} outlived its guard"
+        );
+    }
+}
+
+#[tokio::test]
+async fn tls_and_a_password_together_work() {
+    let password = "tls-and-pw";
+    let mut stack = Stack::builder()
+        .redis_tls()
+        .redis_password(password)
+        .start()
+        .await;
+    let kv_port = stack.kv.port();
+    assert_eq!(
+        stack.kv.url(),
+        format!("rediss://:{password}@127.0.0.1:{kv_port}")
+    );
+    let job = stack
+        .finished(stack.create("both", json!("locks")).await)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let read: Value = stack.get("both").await.json().await.unwrap();
+    assert_eq!(read["value"], "locks");
+    // Over TLS but without the password, the KV Redis refuses.
+    let (refused, _api) = readiness_with(&env_with(
+        stack.env(),
+        &[("KVQ_KV_REDIS_URL", format!("rediss://127.0.0.1:{kv_port}"))],
+    ))
+    .await;
+    assert_eq!(refused, 503, "the KV Redis answered without a password");
     for line in stack
         .api()
         .logs()
