@@ -183,10 +183,17 @@ pub(crate) fn required_role(method: &Method, path: &str) -> Option<Role> {
     Some(if read { Role::Reader } else { Role::Writer })
 }
 
+/// The path as the router matches it: percent-decoded (but for `%2F` and
+/// the like), so `/%76%31/jobs` is `/v1/jobs` here as it is to the router.
+/// The raw `req.path()` must not decide who may pass.
+fn routed_path(req: &ServiceRequest) -> &str {
+    req.match_info().as_str()
+}
+
 /// Whether the request is for a legacy route while `KVQ_LEGACY_ROUTES=false`:
 /// then it is an unknown path, answered 404 without a token.
 fn legacy_switched_off(req: &ServiceRequest) -> bool {
-    crate::routes::legacy::is_legacy(req.path())
+    crate::routes::legacy::is_legacy(routed_path(req))
         && req
             .app_data::<web::Data<crate::startup::AppState>>()
             .is_some_and(|state| !state.config.legacy_routes)
@@ -199,7 +206,7 @@ pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    if let Some(needed) = required_role(req.method(), req.path())
+    if let Some(needed) = required_role(req.method(), routed_path(&req))
         && !legacy_switched_off(&req)
         && let Some(auth) = req.app_data::<web::Data<Auth>>()
     {

@@ -125,6 +125,29 @@ async fn each_role_reaches_exactly_its_routes() {
             }
         }
     }
+    // Percent-encoding a path changes nothing: the router decodes it, and so
+    // does the check.
+    for (method, path) in [
+        (Method::GET, "/%76%31/jobs?status=dead"),
+        (Method::GET, "/v1/%6Aobs?status=dead"),
+        (
+            Method::POST,
+            "/%76%31/jobs/0198c3d2-0000-7000-8000-000000000000/retry",
+        ),
+        (Method::GET, "/%76%31/kv?prefix="),
+        (Method::POST, "/%76%31/kv"),
+        (Method::GET, "/%72ead/k"),
+    ] {
+        assert_eq!(
+            call(&stack, method.clone(), path, None).await,
+            (401, Some("unauthorized".to_owned())),
+            "{method} {path} without a token"
+        );
+    }
+    assert_eq!(
+        call(&stack, Method::GET, "/%76%31/jobs?status=dead", Some(&writer)).await,
+        (403, Some("forbidden".to_owned())),
+    );
     for path in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(
             call(&stack, Method::GET, path, None).await.0,
