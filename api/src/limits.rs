@@ -16,7 +16,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::HttpMessage;
-use actix_web::body::MessageBody;
+use actix_web::ResponseError;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::error::PayloadError;
 use actix_web::http::header;
@@ -38,14 +39,18 @@ pub struct BodyTimeout(pub Duration);
 pub async fn middleware(
     mut req: ServiceRequest,
     next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let header_bytes: usize = req
         .headers()
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
     if header_bytes > MAX_HEADER_BYTES {
-        return Err(ApiError::HeadersTooLarge(header_bytes).into());
+        // An answer, not an error, so that the layers outside (request id,
+        // metrics) see it as they see any other.
+        let (request, _) = req.into_parts();
+        let response = ApiError::HeadersTooLarge(header_bytes).error_response();
+        return Ok(ServiceResponse::new(request, response).map_into_right_body());
     }
     if let Some(timeout) = req.app_data::<web::Data<BodyTimeout>>()
         && has_body(&req)
@@ -58,7 +63,7 @@ pub async fn middleware(
         })
             as Pin<Box<dyn Stream<Item = Result<Bytes, PayloadError>>>>));
     }
-    next.call(req).await
+    Ok(next.call(req).await?.map_into_left_body())
 }
 
 /// Whether the request announces a body (GETs, the bulk of the traffic, do

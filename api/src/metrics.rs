@@ -5,10 +5,12 @@
 //!   every request; `route` is the route's pattern (`/v1/kv/{key}`), never
 //!   the raw path, so a client cannot blow up the number of series;
 //! - `kvq_api_writes_accepted_total{op}`;
-//! - `kvq_queue_jobs` (entries in the queue stream, waiting or in flight) and
+//! - `kvq_queue_jobs` (jobs waiting, in flight or waiting to be retried) and
 //!   `kvq_dead_jobs` (dead letters), read from the queue Redis at scrape time,
-//!   for alerts and for scaling workers on the backlog.
+//!   for alerts and for scaling workers on the backlog; left out of a scrape
+//!   when the queue Redis does not answer, never shown stale.
 
+use std::fmt::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -62,13 +64,9 @@ fn describe() {
         "kvq_api_writes_accepted_total",
         "Writes queued (answered 202), by operation."
     );
-    metrics::describe_gauge!(
-        "kvq_queue_jobs",
-        "Jobs in the queue stream, waiting or in flight, at the last scrape."
-    );
-    metrics::describe_gauge!(
-        "kvq_dead_jobs",
-        "Dead letters (jobs whose retries ran out) at the last scrape."
+    metrics::describe_counter!(
+        "kvq_api_dead_jobs_retried_total",
+        "Dead jobs queued again by POST /v1/jobs/{id}/retry."
     );
 }
 
@@ -87,7 +85,7 @@ pub async fn middleware(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method()).to_owned();
     let response = next.call(req).await?;
     let route = response
         .request()
@@ -106,9 +104,38 @@ pub async fn middleware(
     Ok(response)
 }
 
+/// The method as a label: any method is a valid token to actix, so unknown
+/// ones share one label rather than each making new series.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
 /// `/v1/kv/{key:.*}` → `/v1/kv/{key}`.
 fn readable(pattern: &str) -> String {
     pattern.replace(":.*}", "}")
+}
+
+/// Registers `GET /metrics`.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(crate::routes::resource(
+        "/metrics",
+        [(actix_web::http::Method::GET, web::to(render))],
+    ));
+}
+
+/// Counts a dead job queued again.
+pub fn dead_job_retried() {
+    metrics::counter!("kvq_api_dead_jobs_retried_total").increment(1);
 }
 
 /// Counts an accepted write.
@@ -125,17 +152,36 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
     responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
 )]
 pub async fn render(state: web::Data<AppState>) -> HttpResponse {
+    let mut text = handle().render();
+    // Gauges of the queue Redis are read now and written here, not kept in
+    // the recorder, so that a failed read leaves them out instead of
+    // repeating an old value.
     match tokio::time::timeout(state.read_attempt_timeout(), state.queue.depths()).await {
         Ok(Ok((queued, dead))) => {
-            metrics::gauge!("kvq_queue_jobs").set(queued as f64);
-            metrics::gauge!("kvq_dead_jobs").set(dead as f64);
+            for (name, help, value) in [
+                (
+                    "kvq_queue_jobs",
+                    "Jobs waiting, in flight or waiting to be retried.",
+                    queued,
+                ),
+                (
+                    "kvq_dead_jobs",
+                    "Dead letters: jobs whose retries ran out.",
+                    dead,
+                ),
+            ] {
+                let _ = write!(
+                    text,
+                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
+                );
+            }
         }
         Ok(Err(e)) => tracing::warn!(error = %e, "could not read the queue depth for /metrics"),
         Err(_) => tracing::warn!("the queue Redis did not answer in time for /metrics"),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(handle().render())
+        .body(text)
 }
 
 #[cfg(test)]

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::error::{JsonPayloadError, QueryPayloadError};
-use actix_web::http::Method;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
 use kvq_shared::jobs::JobRecords;
@@ -130,10 +129,7 @@ impl Application {
             .wrap(from_fn(crate::request_id::middleware))
             .wrap(from_fn(crate::metrics::middleware))
             .configure(routes::health::configure)
-            .service(routes::resource(
-                "/metrics",
-                [(Method::GET, web::to(crate::metrics::render))],
-            ))
+            .configure(crate::metrics::configure)
             .configure(routes::kv::configure)
             .configure(routes::jobs::configure)
             .configure(crate::openapi::configure)

@@ -34,6 +34,19 @@ pub enum Claim {
 /// The job record field that keeps a dead job's [`ApplyJob`], for retry.
 const PAYLOAD: &str = "payload";
 
+/// Takes a job out of the dead letters if it is one: answers its payload and
+/// the time it died, or nil.
+static TAKE_DEAD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"local died = redis.call('ZSCORE', KEYS[1], ARGV[1])
+          if not died then return false end
+          redis.call('ZREM', KEYS[1], ARGV[1])
+          local job = redis.call('HMGET', KEYS[2], 'status', ARGV[2])
+          if job[1] ~= 'dead' or not job[2] then return false end
+          return {job[2], died}",
+    )
+});
+
 /// The queue's name below the namespace; see [`keys::queue_name`].
 pub const QUEUE: &str = "apply";
 
@@ -319,8 +332,33 @@ pub enum Final {
     Succeeded(JobResult),
     /// Business failure.
     Failed(JobError),
-    /// Retries exhausted.
+    /// Retries exhausted ([`RETRIES_EXHAUSTED`], a dead letter that can be
+    /// retried), or a write given up on for good.
     Dead(JobError),
+}
+
+/// The error code of a job whose retries ran out: only such dead jobs are
+/// dead letters, kept for `POST /v1/jobs/{id}/retry`.
+pub const RETRIES_EXHAUSTED: &str = "backend_unavailable";
+
+impl From<Outcome> for Final {
+    fn from(outcome: Outcome) -> Self {
+        let ok = |name: &str, version| {
+            Final::Succeeded(JobResult {
+                outcome: name.to_owned(),
+                version,
+            })
+        };
+        match outcome {
+            Outcome::Created(v) => ok("created", v),
+            Outcome::Updated(v) => ok("updated", v),
+            Outcome::Deleted(v) => ok("deleted", v),
+            Outcome::Failed(code) => Final::Failed(JobError {
+                code: code.as_str().to_owned(),
+                message: code.message().to_owned(),
+            }),
+        }
+    }
 }
 
 /// The job records in the queue Redis: written by the API at enqueue, updated
@@ -451,7 +489,10 @@ impl JobRecords {
         fields.push(("status", status.as_str().to_owned()));
         fields.push(("finished_at", now.to_string()));
         fields.push((field, json));
-        let dead_at = matches!(end, Final::Dead(_)).then_some(now);
+        // Only a job whose retries ran out is a dead letter; one given up on
+        // for its place in the key's order would, retried, write over newer
+        // writes.
+        let dead_at = matches!(end, Final::Dead(e) if e.code == RETRIES_EXHAUSTED).then_some(now);
         if dead_at.is_some() {
             // What `POST /v1/jobs/{id}/retry` queues again.
             let payload =
@@ -472,30 +513,32 @@ impl JobRecords {
         self.add_create(pipe, job);
     }
 
-    /// Takes job `id` out of the dead letters and returns what it queued, or
-    /// `None` if it is not a dead letter (any more). Of two concurrent calls
-    /// for one job, only one gets it.
-    pub async fn take_dead(&self, id: &str) -> Result<Option<ApplyJob>, StoreError> {
-        let script = redis::Script::new(
-            r"if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-                return redis.call('HGET', KEYS[2], ARGV[2])
-              end
-              return false",
-        );
-        let payload: Option<String> = script
+    /// Takes job `id` out of the dead letters and returns what it queued and
+    /// when it died, or `None` if it is not a dead letter (any more). Of two
+    /// concurrent calls for one job, only one gets it. A job that ran again
+    /// after it was recorded dead (redelivered after a crash) is no dead
+    /// letter, whatever the set says.
+    #[tracing::instrument(skip(self))]
+    pub async fn take_dead(&self, id: &str) -> Result<Option<(ApplyJob, i64)>, StoreError> {
+        let taken: Option<(String, i64)> = TAKE_DEAD
             .key(keys::dead_set(&self.namespace))
             .key(keys::job_key(&self.namespace, id))
             .arg(id)
             .arg(PAYLOAD)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        payload
-            .map(|p| serde_json::from_str(&p).map_err(|e| StoreError::Corrupt(e.to_string())))
+        taken
+            .map(|(payload, died_at)| {
+                serde_json::from_str(&payload)
+                    .map(|job| (job, died_at))
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
             .transpose()
     }
 
     /// Puts job `id`, taken by [`JobRecords::take_dead`], back among the dead
-    /// letters, when queueing it again failed.
+    /// letters in its place, when queueing it again failed.
+    #[tracing::instrument(skip(self))]
     pub async fn restore_dead(&self, id: &str, died_at: i64) -> Result<(), StoreError> {
         let _: () = self
             .conn
@@ -507,7 +550,9 @@ impl JobRecords {
 
     /// One page of dead letters, oldest first: up to `limit` records from
     /// position `offset`, and the offset of the next page if there is one.
-    /// Ids whose records have expired are dropped from the set on the way.
+    /// Ids whose records have expired, or that are no longer dead, are
+    /// dropped from the set on the way.
+    #[tracing::instrument(skip(self))]
     pub async fn dead(
         &self,
         offset: usize,
@@ -532,10 +577,14 @@ impl JobRecords {
         let mut records = Vec::with_capacity(ids.len());
         let mut expired = Vec::new();
         for (id, hash) in ids.iter().zip(hashes) {
-            if hash.is_empty() {
-                expired.push(id.as_str());
+            let record = if hash.is_empty() {
+                None
             } else {
-                records.push(JobRecord::from_hash(hash)?);
+                Some(JobRecord::from_hash(hash)?)
+            };
+            match record {
+                Some(record) if record.status == JobStatus::Dead => records.push(record),
+                _ => expired.push(id.as_str()),
             }
         }
         if !expired.is_empty() {

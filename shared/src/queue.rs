@@ -177,17 +177,20 @@ impl JobQueue {
         Ok(())
     }
 
-    /// How many jobs the queue stream holds (waiting or in flight), and how
-    /// many dead letters there are.
+    /// How many jobs are queued (in the stream, waiting or in flight, plus
+    /// those waiting to be retried), and how many dead letters there are.
+    #[tracing::instrument(skip(self))]
     pub async fn depths(&self) -> Result<(u64, u64), StoreError> {
-        let (queued, dead): (u64, u64) = redis::pipe()
+        let (streamed, retrying, dead): (u64, u64, u64) = redis::pipe()
             .cmd("XLEN")
             .arg(&self.stream)
+            .cmd("ZCARD")
+            .arg(format!("{}:retry", self.stream))
             .cmd("ZCARD")
             .arg(keys::dead_set(&self.namespace))
             .query_async(&mut self.conn.clone())
             .await?;
-        Ok((queued, dead))
+        Ok((streamed + retrying, dead))
     }
 
     /// Answers `PING` on the queue Redis.

@@ -179,6 +179,18 @@ impl KvStore {
         Ok(seq)
     }
 
+    /// What the write with `seq` did to `key`, if it was applied and its
+    /// outcome is still remembered (the last 64 are).
+    #[tracing::instrument(skip(self))]
+    pub async fn outcome_of(&self, key: &str, seq: u64) -> Result<Option<Outcome>, StoreError> {
+        let recorded: Option<String> = self
+            .conn
+            .clone()
+            .hget(keys::meta_key(&self.namespace, key), format!("r:{seq}"))
+            .await?;
+        Ok(recorded.as_deref().and_then(Outcome::parse))
+    }
+
     /// Marks `seq` of `key` as handed out but never queued, so the key's later
     /// writes do not wait for it.
     #[tracing::instrument(skip(self))]

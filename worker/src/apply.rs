@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
 use kvq_shared::StoreError;
 use kvq_shared::error::chain;
-use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, JobResult, Outcome, now_ms};
+use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, now_ms};
 use kvq_shared::store::{Applied, KvStore};
 use tracing::Instrument;
 
@@ -134,7 +134,7 @@ impl Applier {
         }
         let applied = self.apply_in_order(job).await?;
         let end = match applied {
-            Applied::Done { outcome, .. } | Applied::Duplicate(Some(outcome)) => final_of(outcome),
+            Applied::Done { outcome, .. } | Applied::Duplicate(Some(outcome)) => Final::from(outcome),
             Applied::Duplicate(None) => Final::Dead(JobError {
                 code: "sequence_skipped".into(),
                 message: "this write arrived after the gap timeout, when later writes to the key had been applied without it; it was not applied".into(),
@@ -183,23 +183,5 @@ impl Applier {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_millis(10));
         }
-    }
-}
-
-fn final_of(outcome: Outcome) -> Final {
-    let ok = |name: &str, version| {
-        Final::Succeeded(JobResult {
-            outcome: name.to_owned(),
-            version,
-        })
-    };
-    match outcome {
-        Outcome::Created(v) => ok("created", v),
-        Outcome::Updated(v) => ok("updated", v),
-        Outcome::Deleted(v) => ok("deleted", v),
-        Outcome::Failed(code) => Final::Failed(JobError {
-            code: code.as_str().to_owned(),
-            message: code.message().to_owned(),
-        }),
     }
 }

@@ -3,7 +3,9 @@
 
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
-use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, now_ms, rfc3339};
+use kvq_shared::jobs::{
+    ApplyJob, Final, JobError, JobRecord, JobResult, JobStatus, Op, Outcome, now_ms, rfc3339,
+};
 use kvq_shared::retry;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -11,7 +13,7 @@ use validator::Validate;
 
 use crate::error::{ApiError, Problem};
 use crate::request_id::RequestId;
-use crate::routes::kv::{Accepted, MAX_LIST_LIMIT, accepted_response};
+use crate::routes::kv::{Accepted, MAX_LIST_LIMIT, Queueing, accepted_response, queue_in_order};
 use crate::startup::AppState;
 
 /// Dead letters per page unless `limit` says otherwise.
@@ -200,7 +202,7 @@ pub async fn retry_job(
         .take_dead(&id)
         .await
         .map_err(ApiError::BackendUnavailable)?;
-    let Some(mut job) = taken else {
+    let Some((mut job, died_at)) = taken else {
         let record = state
             .records
             .get(&id)
@@ -209,40 +211,61 @@ pub async fn retry_job(
         return Err(match record {
             None => ApiError::NotFound(format!("no job {id:?}")),
             Some(r) => ApiError::NotDead(format!(
-                "job {id} is {}; only dead jobs can be retried",
+                "job {id} is {}, or another request is retrying it: only a job whose retries ran out can be retried",
                 r.status.as_str()
             )),
         });
     };
-    let died_at = now_ms();
-    let seq = match state.kv.next_seq(&job.key).await {
-        Ok(seq) => seq,
+    // A write can land while its answer is lost, and Redis then stay away
+    // through every retry: the job died, applied. Queued again under a new
+    // seq, it would apply twice; its remembered outcome says so first.
+    let applied = match state.kv.outcome_of(&job.key, job.seq).await {
+        Ok(applied) => applied,
         Err(e) => {
             restore(&state, &id, died_at).await;
             return Err(ApiError::BackendUnavailable(e));
         }
     };
-    job.seq = seq;
+    if let Some(outcome) = applied {
+        correct_record(&state, &job, outcome).await?;
+        return Err(ApiError::NotDead(format!(
+            "job {id} had been applied before its retries ran out; its record now says so"
+        )));
+    }
     job.request_id = RequestId::of(&req);
     job.enqueued_at = now_ms();
-    if let Err(e) = state.queue.requeue(&job).await {
-        if let Err(mark) = state.kv.abandon_seq(&job.key, seq).await {
-            tracing::warn!(seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+    let job = match queue_in_order(&state, job, Queueing::Again).await {
+        Ok(job) => job,
+        Err(e) => {
+            restore(&state, &id, died_at).await;
+            return Err(e);
         }
-        restore(&state, &id, died_at).await;
-        return Err(ApiError::BackendUnavailable(e));
-    }
-    tracing::info!(job_id = %job.id, op = %job.op, seq, "dead job queued again");
-    Ok(accepted_response(
-        &Accepted {
-            job_id: job.id,
-            status: "queued".into(),
-            op: job.op,
-            key: job.key,
-            seq,
-        },
-        false,
-    ))
+    };
+    crate::metrics::dead_job_retried();
+    tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "dead job queued again");
+    Ok(accepted_response(&Accepted::of(&job), false))
+}
+
+/// Records the outcome a dead job turned out to have had.
+async fn correct_record(
+    state: &AppState,
+    job: &ApplyJob,
+    outcome: Outcome,
+) -> Result<(), ApiError> {
+    let record = state
+        .records
+        .get(&job.id)
+        .await
+        .map_err(ApiError::BackendUnavailable)?;
+    let (attempts, started_at) = record
+        .map(|r| (r.attempts, r.started_at.unwrap_or(r.enqueued_at)))
+        .unwrap_or((0, job.enqueued_at));
+    let now = now_ms();
+    state
+        .records
+        .finish(job, &Final::from(outcome), attempts, started_at, now)
+        .await
+        .map_err(ApiError::BackendUnavailable)
 }
 
 /// Puts a job whose retry could not be queued back among the dead letters.

@@ -144,6 +144,19 @@ pub struct Accepted {
     pub seq: u64,
 }
 
+impl Accepted {
+    /// The answer for `job`, just queued.
+    pub fn of(job: &ApplyJob) -> Self {
+        Self {
+            job_id: job.id.clone(),
+            status: "queued".into(),
+            op: job.op,
+            key: job.key.clone(),
+            seq: job.seq,
+        }
+    }
+}
+
 /// A validated write, ready to be queued.
 pub struct Write {
     /// The operation.
@@ -700,47 +713,62 @@ pub(crate) fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResp
     response.json(accepted)
 }
 
-/// Gives the write its `seq`, then records and pushes the job in one atomic
-/// step. On failure nothing was queued, and the `seq` is marked abandoned.
+/// Gives the write its `seq` and queues it.
 async fn queue_job(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
 ) -> Result<Accepted, ApiError> {
-    let request_id = RequestId::of(req);
-    let seq = state
-        .kv
-        .next_seq(&write.key)
-        .await
-        .map_err(ApiError::BackendUnavailable)?;
-    let op = write.op;
     let job = ApplyJob {
         id: uuid::Uuid::now_v7().to_string(),
-        op,
+        op: write.op,
         key: write.key,
-        seq,
+        seq: 0,
         value: write.value,
         ttl_seconds: write.ttl_seconds,
         if_match: write.if_match,
-        request_id,
+        request_id: RequestId::of(req),
         enqueued_at: now_ms(),
     };
-    if let Err(e) = state.queue.push(&job).await {
-        // Tell the key's later writes not to wait for this seq.
-        if let Err(mark) = state.kv.abandon_seq(&job.key, seq).await {
-            tracing::warn!(seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+    let job = queue_in_order(state, job, Queueing::New).await?;
+    crate::metrics::write_accepted(job.op);
+    tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "job queued");
+    Ok(Accepted::of(&job))
+}
+
+/// How a job enters the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Queueing {
+    /// A new write.
+    New,
+    /// A dead job, queued again under its own id.
+    Again,
+}
+
+/// Gives `job` its key's next `seq`, then records and pushes it in one
+/// atomic step. On failure nothing was queued, and the `seq` is marked
+/// abandoned, so the key's later writes do not wait for it.
+pub(crate) async fn queue_in_order(
+    state: &AppState,
+    mut job: ApplyJob,
+    how: Queueing,
+) -> Result<ApplyJob, ApiError> {
+    job.seq = state
+        .kv
+        .next_seq(&job.key)
+        .await
+        .map_err(ApiError::BackendUnavailable)?;
+    let pushed = match how {
+        Queueing::New => state.queue.push(&job).await,
+        Queueing::Again => state.queue.requeue(&job).await,
+    };
+    if let Err(e) = pushed {
+        if let Err(mark) = state.kv.abandon_seq(&job.key, job.seq).await {
+            tracing::warn!(seq = job.seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
         }
         return Err(ApiError::BackendUnavailable(e));
     }
-    crate::metrics::write_accepted(op);
-    tracing::info!(job_id = %job.id, op = %op, seq, "job queued");
-    Ok(Accepted {
-        job_id: job.id,
-        status: "queued".into(),
-        op,
-        key: job.key,
-        seq,
-    })
+    Ok(job)
 }
 
 /// Whether `If-None-Match` lists `version` (or is `*`).

@@ -2,7 +2,7 @@
 //! in time, an idle keep-alive connection, and oversized headers all end
 //! with the connection closed, never with a connection held for ever.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvq_testkit::Stack;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -10,6 +10,10 @@ use tokio::net::TcpStream;
 
 /// Generous: the server is told to give up after 0.5 s or 1 s.
 const CLOSED_WITHIN: Duration = Duration::from_secs(15);
+
+/// Under actix-web's own defaults (5 s for the head, 5 s keep-alive), so a
+/// connection closed sooner than this was closed by kvq's settings.
+const SETTINGS_APPLIED_WITHIN: Duration = Duration::from_secs(4);
 
 async fn impatient() -> Stack {
     Stack::builder()
@@ -43,8 +47,14 @@ async fn a_request_head_that_never_ends_is_cut_off() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: kvq\r\n")
         .await
         .unwrap();
+    let started = Instant::now();
     let answer = read_until_closed(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        started.elapsed() < SETTINGS_APPLIED_WITHIN,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]
@@ -72,8 +82,14 @@ async fn an_idle_keep_alive_connection_is_closed() {
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: kvq\r\n\r\n")
         .await
         .unwrap();
+    let started = Instant::now();
     let answer = read_until_closed(&mut stream).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        started.elapsed() < SETTINGS_APPLIED_WITHIN,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -66,6 +66,12 @@ async fn metrics_count_requests_by_route_and_show_the_queue() {
         assert_eq!(stack.get(key).await.status(), 404);
     }
     assert_eq!(stack.create("m", serde_json::json!(1)).await.status(), 202);
+    // Made-up methods share one label.
+    for method in ["BREW", "WHEN"] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let response = stack.request(method, "/healthz").send().await.unwrap();
+        assert_eq!(response.status(), 405);
+    }
     let response = stack.request(Method::GET, "/metrics").send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(
@@ -84,6 +90,7 @@ async fn metrics_count_requests_by_route_and_show_the_queue() {
         // No worker runs: the write waits in the queue.
         "kvq_queue_jobs 1",
         "kvq_dead_jobs 0",
+        r#"kvq_api_http_requests_total{method="other",route="/healthz",status="405"} 2"#,
     ] {
         assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
     }

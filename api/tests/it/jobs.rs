@@ -144,6 +144,11 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
         assert_eq!(job["status"], "dead", "{job}");
         assert_eq!(job["error"]["code"], "backend_unavailable", "{job}");
     }
+    let died: Vec<&str> = listed
+        .iter()
+        .map(|j| j["finished_at"].as_str().unwrap())
+        .collect();
+    assert!(died.is_sorted(), "not oldest first: {died:?}");
 
     // A retry queues the same job again, and it applies. The API's first
     // command on the restarted KV Redis may find the old connection broken
@@ -192,6 +197,38 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
         .await
         .unwrap();
     assert_eq!(unknown.status(), 404);
+
+    // A dead job whose write had landed (its answer lost) is not applied
+    // again: the retry finds its outcome and corrects the record.
+    let _: () = stack.kv.cmd(&[
+        "HSET",
+        "kvq:meta:{phoenix/2}",
+        "seq",
+        "1",
+        "r:1",
+        "created:1",
+    ]);
+    let landed = retry(&stack, &ids[1]).await;
+    assert_eq!(landed.status(), 409);
+    let job = stack.job(&ids[1]).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["result"], json!({"outcome": "created", "version": 1}));
+
+    // Of two retries at once, one queues the job and the other is refused.
+    let (first, second) = tokio::join!(retry(&stack, &ids[2]), retry(&stack, &ids[2]));
+    let mut statuses = [first.status().as_u16(), second.status().as_u16()];
+    statuses.sort_unstable();
+    assert_eq!(statuses, [202, 409]);
+    assert_eq!(stack.wait_job(&ids[2]).await["status"], "succeeded");
+    assert_eq!(dead_letters(&stack, "").await["jobs"], json!([]));
+}
+
+async fn retry(stack: &Stack, id: &str) -> reqwest::Response {
+    stack
+        .request(Method::POST, &format!("/v1/jobs/{id}/retry"))
+        .send()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
