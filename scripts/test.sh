@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every kvq test: unit and integration tests (real redis-server, real
-# kvq-api and kvq-worker processes), then a smoke run of `./deploy.sh --local`
+# kvq-api and kvq-worker processes), then a smoke run of `./deploy.sh --local`,
 # the Postman collection run by newman against `./deploy.sh --local`, and a
 # schemathesis fuzz pass against the API's OpenAPI document. Installs what it
 # needs (redis-server, redis-tools, curl; node, npm and newman for the
