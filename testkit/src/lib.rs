@@ -14,11 +14,13 @@
 
 #![allow(clippy::unwrap_used)] // a test harness panics loudly by design
 
+pub mod auth;
 mod process;
 mod redis_server;
 mod stack;
 mod tls;
 
+pub use auth::{TEST_JWT_SECRET, token};
 pub use process::{KvqProcess, bin_path};
 pub use redis_server::{TestRedis, free_port};
 pub use stack::{Stack, StackBuilder};

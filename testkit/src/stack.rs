@@ -49,6 +49,13 @@ impl StackBuilder {
         self
     }
 
+    /// Turns auth on (stacks are open by default), with
+    /// [`crate::TEST_JWT_SECRET`]; [`crate::token`] mints tokens for it.
+    pub fn secured(self) -> Self {
+        self.env("KVQ_AUTH_DISABLED", "false")
+            .env("KVQ_AUTH_JWT_SECRET", crate::TEST_JWT_SECRET)
+    }
+
     /// Starts everything and waits until it is up.
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();

@@ -1,46 +1,18 @@
 //! Bearer tokens and roles: the 401/403 matrix, bad tokens, Keycloak's
 //! claim layout, token minting, and the refusal to start without a key.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use kvq_testkit::{KvqProcess, Stack};
+use jsonwebtoken::Algorithm;
+use kvq_testkit::auth::{exp_in, sign};
+use kvq_testkit::{KvqProcess, Stack, TEST_JWT_SECRET, token};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-const SECRET: &str = "test-secret-0123456789abcdef";
+const SECRET: &str = TEST_JWT_SECRET;
 
 async fn secured() -> Stack {
-    Stack::builder()
-        .env("KVQ_AUTH_DISABLED", "false")
-        .env("KVQ_AUTH_JWT_SECRET", SECRET)
-        .start()
-        .await
-}
-
-fn exp_in(secs: i64) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
-    (now + secs) as u64
-}
-
-fn sign(claims: Value, algorithm: Algorithm, secret: &str) -> String {
-    jsonwebtoken::encode(
-        &Header::new(algorithm),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
-fn token(roles: &[&str]) -> String {
-    sign(
-        json!({"exp": exp_in(600), "roles": roles}),
-        Algorithm::HS256,
-        SECRET,
-    )
+    Stack::builder().secured().start().await
 }
 
 /// Status and problem code of a request with `token`.
@@ -178,7 +150,7 @@ async fn bad_tokens_are_401_and_change_nothing() {
         (
             "wrong signature",
             sign(
-                json!({"exp": exp_in(600), "roles": ["admin"]}),
+                &json!({"exp": exp_in(600), "roles": ["admin"]}),
                 Algorithm::HS256,
                 "another-secret",
             ),
@@ -186,7 +158,7 @@ async fn bad_tokens_are_401_and_change_nothing() {
         (
             "wrong algorithm",
             sign(
-                json!({"exp": exp_in(600), "roles": ["admin"]}),
+                &json!({"exp": exp_in(600), "roles": ["admin"]}),
                 Algorithm::HS384,
                 SECRET,
             ),
@@ -194,14 +166,14 @@ async fn bad_tokens_are_401_and_change_nothing() {
         (
             "expired",
             sign(
-                json!({"exp": exp_in(-600), "roles": ["admin"]}),
+                &json!({"exp": exp_in(-600), "roles": ["admin"]}),
                 Algorithm::HS256,
                 SECRET,
             ),
         ),
         (
             "no exp",
-            sign(json!({"roles": ["admin"]}), Algorithm::HS256, SECRET),
+            sign(&json!({"roles": ["admin"]}), Algorithm::HS256, SECRET),
         ),
         ("alg none", none_alg),
         ("garbage", "not.a.jwt".to_owned()),
@@ -221,7 +193,7 @@ async fn bad_tokens_are_401_and_change_nothing() {
     }
     // A valid token without any kvq role is 403.
     let roleless = sign(
-        json!({"exp": exp_in(600), "roles": ["other"]}),
+        &json!({"exp": exp_in(600), "roles": ["other"]}),
         Algorithm::HS256,
         SECRET,
     );
@@ -236,25 +208,15 @@ async fn bad_tokens_are_401_and_change_nothing() {
 
 /// base64url without padding.
 fn encode_b64(bytes: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..=chunk.len() {
-            out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 #[tokio::test]
 async fn keycloak_realm_roles_work_and_minted_tokens_work() {
     let stack = secured().await;
     let keycloak = sign(
-        json!({"exp": exp_in(600), "aud": "account", "realm_access": {"roles": ["offline_access", "writer"]}}),
+        &json!({"exp": exp_in(600), "aud": "account", "realm_access": {"roles": ["offline_access", "writer"]}}),
         Algorithm::HS256,
         SECRET,
     );
@@ -314,8 +276,7 @@ async fn the_api_refuses_to_start_without_a_key_and_says_what_to_set() {
 /// A stack with auth and a rate limit of 1/s with a burst of 3.
 async fn rate_limited() -> Stack {
     Stack::builder()
-        .env("KVQ_AUTH_DISABLED", "false")
-        .env("KVQ_AUTH_JWT_SECRET", SECRET)
+        .secured()
         .env("KVQ_RATE_LIMIT_PER_SECOND", "1")
         .env("KVQ_RATE_LIMIT_BURST", "3")
         .start()

@@ -2,9 +2,8 @@
 //! `/delete`, answering as it did, interoperating with `/v1`, switched off
 //! by `KVQ_LEGACY_ROUTES=false`, and guarded by the same roles.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kvq_testkit::{Stack, eventually};
 use reqwest::{Method, Response};
 use serde_json::{Value, json};
@@ -223,8 +222,7 @@ async fn a_missing_value_is_fastapis_422_and_bad_keys_are_problems() {
 async fn kvq_legacy_routes_false_turns_them_off() {
     let stack = Stack::builder()
         .env("KVQ_LEGACY_ROUTES", "false")
-        .env("KVQ_AUTH_DISABLED", "false")
-        .env("KVQ_AUTH_JWT_SECRET", SECRET)
+        .secured()
         .start()
         .await;
     // Unknown paths, so 404 even without a token.
@@ -253,29 +251,13 @@ async fn kvq_legacy_routes_false_turns_them_off() {
     assert_eq!(created.status(), 202, "/v1 still works");
 }
 
-const SECRET: &str = "legacy-secret-0123456789abcdef";
-
 fn token(role: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"exp": exp, "roles": [role]}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    kvq_testkit::token(&[role])
 }
 
 #[tokio::test]
 async fn legacy_routes_need_the_same_roles_as_v1() {
-    let stack = Stack::builder()
-        .env("KVQ_AUTH_DISABLED", "false")
-        .env("KVQ_AUTH_JWT_SECRET", SECRET)
-        .start()
-        .await;
+    let stack = Stack::builder().secured().start().await;
     let (reader, writer) = (token("reader"), token("writer"));
     let routes = [
         (Method::GET, "/read/k", false),

@@ -2,12 +2,10 @@
 //! exactly the methods it serves; other methods get 405 + `Allow`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use kvq_testkit::Stack;
 use reqwest::Method;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Every path the API serves, as a client calls it, and the template the
 /// document lists it under. A new route needs a line here (else the
@@ -36,32 +34,16 @@ const SERVED: &[(&str, &str)] = &[
     ("/openapi.json", "/openapi.json"),
 ];
 
-const SECRET: &str = "openapi-test-secret-0123456789";
-
 const METHODS: &[&str] = &[
     "get", "put", "post", "delete", "patch", "options", "head", "trace",
 ];
 
 async fn secured() -> Stack {
-    Stack::builder()
-        .env("KVQ_AUTH_DISABLED", "false")
-        .env("KVQ_AUTH_JWT_SECRET", SECRET)
-        .start()
-        .await
+    Stack::builder().secured().start().await
 }
 
 fn admin_token() -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"exp": exp, "roles": ["admin"]}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    kvq_testkit::token(&["admin"])
 }
 
 /// The document, fetched without a token.
