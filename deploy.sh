@@ -22,8 +22,8 @@
 # missing, any mode but --local writes one with random values. Keep it: the
 # running cluster's passwords come from it.
 #
-# The docker-desktop overlay is only applied to the context "docker-desktop"
-# unless KVQ_DEPLOY_ANY_CONTEXT=true.
+# The docker-desktop overlay is only applied to, or deleted from, the context
+# "docker-desktop" unless KVQ_DEPLOY_ANY_CONTEXT=true.
 #
 # Local settings (environment): KVQ_LOCAL_DIR (state and logs, default
 # ./.local), KVQ_LOCAL_KV_PORT (6379), KVQ_LOCAL_QUEUE_PORT (6380),
@@ -244,12 +244,14 @@ run_dry_run() {
   } >&2
 }
 
-# Stops unless the context may receive the overlay.
+# Stops unless the overlay may be applied to (or deleted from) the context:
+# a bare ./deploy.sh or ./deploy.sh --delete must not touch whatever cluster
+# happens to be current.
 check_context() {
-  local overlay=$1 context=$2
+  local overlay=$1 context=$2 action=$3
   if [ "$overlay" = docker-desktop ] && [ "$context" != docker-desktop ] &&
     [ "${KVQ_DEPLOY_ANY_CONTEXT:-false}" != true ]; then
-    die "the docker-desktop overlay goes to the context \"docker-desktop\", and the current one is \"$context\"; switch with \`kubectl config use-context docker-desktop\`, or set KVQ_DEPLOY_ANY_CONTEXT=true"
+    die "the docker-desktop overlay is only ${action} the context \"docker-desktop\", and the current one is \"$context\"; switch with \`kubectl config use-context docker-desktop\`, or set KVQ_DEPLOY_ANY_CONTEXT=true"
   fi
 }
 
@@ -257,7 +259,7 @@ run_apply() {
   local overlay=$1 dir=$2 context rendered image ns
   need_kubectl
   context=$(current_context)
-  check_context "$overlay" "$context"
+  check_context "$overlay" "$context" "applied to"
   need_docker
   ensure_secret_file "$dir"
   rendered=$(mktemp)
@@ -336,9 +338,10 @@ service_url() {
 }
 
 run_delete() {
-  local dir=$1 context rendered ns
+  local overlay=$1 dir=$2 context rendered ns
   need_kubectl
   context=$(current_context)
+  check_context "$overlay" "$context" "deleted from"
   ensure_secret_file "$dir"
   rendered=$(mktemp)
   # shellcheck disable=SC2064 # expand now: the variable is local
@@ -399,6 +402,6 @@ fi
 case $mode in
   local) run_local ;;
   dry-run) run_dry_run "$dir" ;;
-  delete) run_delete "$dir" ;;
+  delete) run_delete "$overlay" "$dir" ;;
   apply) run_apply "$overlay" "$dir" ;;
 esac
