@@ -22,8 +22,13 @@
 # missing, any mode but --local writes one with random values. Keep it: the
 # running cluster's passwords come from it.
 #
-# The docker-desktop overlay is only applied to the context "docker-desktop"
-# unless KVQ_DEPLOY_ANY_CONTEXT=true.
+# Each build is tagged with the overlay's tag and the image's ID (e.g.
+# kvq:0.1.0-3f2a9c1b0d4e) and applied with that tag, set in the rendered copy
+# (the committed files, and --dry-run, keep the overlay's tag): a changed
+# build rolls out, an unchanged one leaves the Deployments as they are.
+#
+# The docker-desktop overlay is only applied to, or deleted from, the context
+# "docker-desktop" unless KVQ_DEPLOY_ANY_CONTEXT=true.
 #
 # Local settings (environment): KVQ_LOCAL_DIR (state and logs, default
 # ./.local), KVQ_LOCAL_KV_PORT (6379), KVQ_LOCAL_QUEUE_PORT (6380),
@@ -210,6 +215,24 @@ kvq_image() {
   awk '$1 == "image:" && $2 ~ /(^|\/)kvq:/ { print $2 }' "$1" | sort -u
 }
 
+# The tag a build is deployed with: the overlay's, plus the first 12 hex
+# digits of the image's ID, so it names this build's content and no other.
+build_tag() {
+  local image=$1 id=$2 hex
+  hex=${id#sha256:}
+  echo "$image-${hex:0:12}"
+}
+
+# Replaces the image $2 by $3 wherever the rendered manifests $1 run it.
+set_image() {
+  local file=$1 from=$2 to=$3
+  awk -v from="$from" -v to="$to" '
+    { line = $0; sub(/^ *(- )?/, "", line) }
+    line == "image: " from { sub(/image: .*$/, "image: " to) }
+    { print }
+  ' "$file" >"$file.new" && mv "$file.new" "$file"
+}
+
 manifest_namespace() {
   awk '$1 == "namespace:" { print $2; exit }' "$1"
 }
@@ -239,17 +262,19 @@ run_dry_run() {
     echo
     echo "rendered $dir: $(grep -c '^kind:' "$rendered") objects in namespace $(manifest_namespace "$rendered")"
     summarize "$rendered"
-    echo "image: $(kvq_image "$rendered")"
+    echo "image: $(kvq_image "$rendered") (./deploy.sh applies its build as $(kvq_image "$rendered")-<12 hex digits of the image ID>)"
     echo "nothing was built or applied (--dry-run)"
   } >&2
 }
 
-# Stops unless the context may receive the overlay.
+# Stops unless the overlay may be applied to (or deleted from) the context:
+# a bare ./deploy.sh or ./deploy.sh --delete must not touch whatever cluster
+# happens to be current.
 check_context() {
-  local overlay=$1 context=$2
+  local overlay=$1 context=$2 action=$3
   if [ "$overlay" = docker-desktop ] && [ "$context" != docker-desktop ] &&
     [ "${KVQ_DEPLOY_ANY_CONTEXT:-false}" != true ]; then
-    die "the docker-desktop overlay goes to the context \"docker-desktop\", and the current one is \"$context\"; switch with \`kubectl config use-context docker-desktop\`, or set KVQ_DEPLOY_ANY_CONTEXT=true"
+    die "the docker-desktop overlay is only ${action} the context \"docker-desktop\", and the current one is \"$context\"; switch with \`kubectl config use-context docker-desktop\`, or set KVQ_DEPLOY_ANY_CONTEXT=true"
   fi
 }
 
@@ -257,12 +282,12 @@ run_apply() {
   local overlay=$1 dir=$2 context rendered image ns
   need_kubectl
   context=$(current_context)
-  check_context "$overlay" "$context"
+  check_context "$overlay" "$context" "applied to"
   need_docker
   ensure_secret_file "$dir"
   rendered=$(mktemp)
   # shellcheck disable=SC2064 # expand now: the variable is local
-  trap "rm -f '$rendered'" EXIT
+  trap "rm -f '$rendered' '$rendered.iid' '$rendered.new'" EXIT
   render "$dir" "$rendered"
   image=$(kvq_image "$rendered")
   ns=$(manifest_namespace "$rendered")
@@ -270,13 +295,23 @@ run_apply() {
     die "expected one kvq image in the $overlay overlay, found: ${image:-none}"
   fi
   case $image in
+    *@*) die "the $overlay overlay names the kvq image by digest ($image); deploy.sh builds it, so give it a tag" ;;
     registry.example.com/*)
       die "set images[kvq].newName in $dir/kustomization.yaml to your registry (it is $image)"
       ;;
   esac
 
-  echo "==> building $image"
-  docker build -t "$image" .
+  echo "==> building the kvq image"
+  local iid="$rendered.iid" id
+  docker build --iidfile "$iid" .
+  id=$(cat "$iid")
+  rm -f "$iid"
+  [ -n "$id" ] || die "docker build wrote no image ID"
+  image=$(build_tag "$image" "$id")
+  docker tag "$id" "$image"
+  set_image "$rendered" "$(kvq_image "$rendered")" "$image"
+  [ "$(kvq_image "$rendered")" = "$image" ] || die "could not set the image $image in the rendered manifests"
+  echo "==> built $image"
   if [ "$overlay" != docker-desktop ]; then
     echo "==> pushing $image"
     docker push "$image"
@@ -336,9 +371,10 @@ service_url() {
 }
 
 run_delete() {
-  local dir=$1 context rendered ns
+  local overlay=$1 dir=$2 context rendered ns
   need_kubectl
   context=$(current_context)
+  check_context "$overlay" "$context" "deleted from"
   ensure_secret_file "$dir"
   rendered=$(mktemp)
   # shellcheck disable=SC2064 # expand now: the variable is local
@@ -399,6 +435,6 @@ fi
 case $mode in
   local) run_local ;;
   dry-run) run_dry_run "$dir" ;;
-  delete) run_delete "$dir" ;;
+  delete) run_delete "$overlay" "$dir" ;;
   apply) run_apply "$overlay" "$dir" ;;
 esac

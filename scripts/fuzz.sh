@@ -44,23 +44,6 @@ while read -r var; do
   unset "$var"
 done < <(compgen -e | grep '^KVQ_' || true)
 
-# A free loopback port below the kernel's ephemeral range (32768 and up
-# here), so no outgoing connection holds it, and never one of the defaults
-# others' stacks use.
-taken=" 6379 6380 8080 9091 "
-free_port() {
-  local port
-  while :; do
-    port=$((20000 + RANDOM % 12000))
-    case "$taken" in *" $port "*) continue ;; esac
-    if ! port_in_use "$port"; then
-      taken+="$port "
-      echo "$port"
-      return
-    fi
-  done
-}
-
 run=$(mktemp -d "${TMPDIR:-/tmp}/kvq-fuzz.XXXXXX")
 pids=()
 cleanup() {
@@ -79,10 +62,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kv_port=$(free_port)
-queue_port=$(free_port)
-api_port=$(free_port)
-health_port=$(free_port)
+read -r kv_port queue_port api_port health_port < <(free_ports 4)
 for port in "$kv_port" "$queue_port"; do
   mkdir -p "$run/redis-$port"
   redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \

@@ -50,3 +50,36 @@ wait_http() {
   echo "error: $url did not answer within ${2:-30} s" >&2
   return 1
 }
+
+# Prints $1 distinct free loopback ports on one line, separated by spaces:
+#   read -r kv_port api_port < <(free_ports 2)
+# Each is below the kernel's ephemeral range (32768 and up), so no outgoing
+# connection holds it, and none is a default (6379 6380 8080 9091) that
+# others' stacks use. One call for all of them: ports picked in separate
+# $(...) subshells could not see each other, and could repeat.
+free_ports() {
+  local taken=" 6379 6380 8080 9091 " ports=() port
+  while [ "${#ports[@]}" -lt "$1" ]; do
+    port=$((20000 + RANDOM % 12000))
+    case "$taken" in *" $port "*) continue ;; esac
+    taken+="$port "
+    port_in_use "$port" || ports+=("$port")
+  done
+  echo "${ports[*]}"
+}
+
+# Waits until `./deploy.sh --local` (process $2, its output in the file $1,
+# which may not exist yet) prints "kvq is running". Fails, showing that
+# output prefixed by "$3:", if the process exits first or 15 minutes pass (a
+# first run builds the release binaries).
+wait_local_stack() {
+  local out=$1 pid=$2 who=$3 deadline=$((SECONDS + 900))
+  until grep -qs "kvq is running" "$out"; do
+    if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      echo "$who: deploy.sh --local did not come up:" >&2
+      cat "$out" >&2
+      return 1
+    fi
+    sleep 0.5
+  done
+}

@@ -35,12 +35,7 @@ while IFS= read -r var; do
 done < <(compgen -e)
 
 # Four distinct free ports, never the defaults (other stacks may use them).
-ports=()
-while [ "${#ports[@]}" -lt 4 ]; do
-  port=$((20000 + RANDOM % 40000))
-  case " ${ports[*]} " in *" $port "*) continue ;; esac
-  port_in_use "$port" || ports+=("$port")
-done
+read -ra ports < <(free_ports 4)
 export KVQ_LOCAL_DIR
 KVQ_LOCAL_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kvq-postman.XXXXXX")
 export KVQ_LOCAL_KV_PORT=${ports[0]}
@@ -77,15 +72,7 @@ stop_stack() {
 }
 trap 'stop_stack || true' EXIT
 
-deadline=$((SECONDS + 900)) # the first run builds release binaries
-until grep -q "kvq is running" "$out"; do
-  if ! kill -0 "$deploy" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
-    echo "postman: deploy.sh --local did not come up:" >&2
-    cat "$out" >&2
-    exit 1
-  fi
-  sleep 0.5
-done
+wait_local_stack "$out" "$deploy" postman || exit 1
 wait_http "$base/readyz" 30
 
 mint() {

@@ -24,15 +24,7 @@ set +m
 cleanup() { kill -INT "$deploy" 2>/dev/null || true; }
 trap cleanup EXIT
 
-deadline=$((SECONDS + 900)) # the first run builds release binaries
-until grep -q "kvq is running" "$out"; do
-  if ! kill -0 "$deploy" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
-    echo "smoke: deploy.sh --local did not come up:" >&2
-    cat "$out" >&2
-    exit 1
-  fi
-  sleep 0.5
-done
+wait_local_stack "$out" "$deploy" smoke || exit 1
 
 token=$(sed -n 's/^  export KVQ_TOKEN=//p' "$out")
 auth=(-H "Authorization: Bearer $token")

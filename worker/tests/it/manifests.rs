@@ -4,16 +4,19 @@
 //! renders it (in a copy of the repository's `kubernetes/`, with a secret
 //! file deploy.sh generates there), and `kvq-api` and `kvq-worker` are started
 //! with exactly the command and environment their pods get: the ConfigMap,
-//! the Secret's values, and Kubernetes' `$(VAR)` expansion. Two local
-//! `redis-server`s run with the Redis StatefulSets' own arguments, password
-//! included. Only what cannot exist outside a cluster is replaced: the Redis
-//! host names (by those local servers) and the listen addresses (by loopback
-//! ports), each after checking that it points where the manifests say it
-//! should. Then a write must be applied, end to end.
+//! the Secret's values, and Kubernetes' `$(VAR)` expansion. The Redis
+//! StatefulSets' own command runs too (it writes the password into a config
+//! file), and two local `redis-server`s get what it hands `redis-server`,
+//! password included. Only what cannot exist outside a cluster is replaced:
+//! the Redis host names (by those local servers), the listen addresses (by
+//! loopback ports) and emptyDir mounts (by scratch directories), each after
+//! checking that it points where the manifests say it should. Then a write
+//! must be applied, end to end.
 //!
 //! A variable renamed on one side, a secret key missing from deploy.sh's file,
-//! a port the probes do not listen on, or a Redis password the servers and
-//! the clients disagree on fails here, not in a cluster.
+//! a port the probes do not listen on, a Redis password the servers and the
+//! clients disagree on, or one on a command line (where `ps` shows it) fails
+//! here, not in a cluster.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -219,18 +222,23 @@ impl Manifests {
         self.pod_of("Deployment", deployment)
     }
 
-    /// A local `redis-server` with the StatefulSet's arguments, after checking
-    /// that kvq's URLs point at this StatefulSet's pod with its password.
+    /// A local `redis-server` with what the StatefulSet's command hands
+    /// `redis-server`, after checking that kvq's URLs point at this
+    /// StatefulSet's pod with its password.
     fn start_redis(&self, statefulset: &str) -> LocalRedis {
         let pod = self.pod_of("StatefulSet", statefulset);
-        let env = pod.env();
-        let mut args = pod.container["args"]
-            .as_array()
-            .expect("redis args")
-            .iter()
-            .map(|a| expand(a.as_str().expect("a string arg"), &env))
-            .collect::<Vec<_>>();
+        let launch = pod.run_redis_command();
+        let mut args = launch.options;
         let password = flag(&args, "--requirepass").expect("Redis runs with a password");
+        assert!(
+            !launch
+                .command_lines
+                .iter()
+                .flatten()
+                .any(|word| word.contains(&password)),
+            "{statefulset}: the Redis password is on a command line: {:?}",
+            launch.command_lines
+        );
         let port: u16 = flag(&args, "--port")
             .map_or(Ok(6379), |p| p.parse())
             .expect("a port");
@@ -407,6 +415,118 @@ impl Pod<'_> {
         env
     }
 
+    /// Runs the container's command and args as the kubelet would (`$(VAR)`
+    /// expanded, only the container's environment), with each emptyDir mount
+    /// moved to a scratch directory and `redis-server` replaced by a stand-in
+    /// that records its arguments. Returns what Redis would run with: the
+    /// directives of a config file it is given as `--name value` options
+    /// (the same thing to Redis), then its other arguments.
+    fn run_redis_command(&self) -> RedisLaunch {
+        use std::os::unix::fs::PermissionsExt as _;
+
+        let env = self.env();
+        let scratch = tempfile::tempdir().unwrap();
+        let empty_dirs: Vec<&str> = self.spec["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|v| v["emptyDir"].is_object())
+            .map(|v| v["name"].as_str().expect("a volume name"))
+            .collect();
+        let mounts: Vec<(String, String)> = self.container["volumeMounts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|m| empty_dirs.contains(&m["name"].as_str().expect("a mount name")))
+            .map(|m| {
+                let local = scratch.path().join(m["name"].as_str().unwrap());
+                std::fs::create_dir(&local).unwrap();
+                let path = m["mountPath"].as_str().expect("a mountPath").to_owned();
+                (path, local.to_str().expect("a UTF-8 path").to_owned())
+            })
+            .collect();
+        let words: Vec<String> = ["command", "args"]
+            .into_iter()
+            .flat_map(|key| self.container[key].as_array().into_iter().flatten())
+            .map(|word| {
+                let word = expand(word.as_str().expect("a string"), &env);
+                mounts
+                    .iter()
+                    .fold(word, |word, (path, local)| word.replace(path, local))
+            })
+            .collect();
+
+        let bin = scratch.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let stand_in = bin.join("redis-server");
+        std::fs::write(
+            &stand_in,
+            "#!/bin/sh\nprintf '%s\\0' \"$@\" >\"$KVQ_TEST_REDIS_ARGS\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&stand_in, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let record = scratch.path().join("redis-server.args");
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let output = Command::new(&words[0])
+            .args(&words[1..])
+            .env_clear()
+            .envs(env.iter().map(|(n, v)| (n, v)))
+            .env("PATH", path)
+            .env("KVQ_TEST_REDIS_ARGS", &record)
+            .output()
+            .unwrap_or_else(|e| panic!("{}: cannot run {:?}: {e}", self.name, words[0]));
+        assert!(
+            output.status.success(),
+            "{}: the Redis command failed: {}",
+            self.name,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let recorded: Vec<String> = std::fs::read_to_string(&record)
+            .unwrap_or_else(|_| panic!("{}: the command did not start redis-server", self.name))
+            .split_terminator('\0')
+            .map(str::to_owned)
+            .collect();
+
+        // redis-server [config-file] [options]
+        let mut options = Vec::new();
+        let mut rest = recorded.as_slice();
+        if let Some(file) = rest.first().filter(|a| !a.starts_with('-')) {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{}: {file} holds the password and is readable by others (mode {mode:o})",
+                self.name
+            );
+            assert!(
+                mounts
+                    .iter()
+                    .any(|(_, local)| file.starts_with(local.as_str())),
+                "{}: the config file {file} is not on an emptyDir (the root filesystem is read-only)",
+                self.name
+            );
+            let config = std::fs::read_to_string(file).unwrap();
+            for line in config.lines().map(str::trim) {
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let mut directive = line.split_whitespace();
+                options.push(format!("--{}", directive.next().unwrap()));
+                options.extend(directive.map(str::to_owned));
+            }
+            rest = &rest[1..];
+        }
+        options.extend(rest.iter().cloned());
+        RedisLaunch {
+            options,
+            command_lines: vec![words, recorded],
+        }
+    }
+
     /// Starts the container's command (a kvq binary) with `args` appended.
     fn spawn(&self, args: &[&str], env: &[(String, String)]) -> KvqProcess {
         let command: Vec<&str> = self.container["command"]
@@ -448,6 +568,14 @@ impl Pod<'_> {
             .unwrap_or_else(|| panic!("{}: no HTTP {probe}", self.name))
             .to_owned()
     }
+}
+
+/// What a Redis container's command hands `redis-server`.
+struct RedisLaunch {
+    /// Its config file's directives as options, then its arguments.
+    options: Vec<String>,
+    /// The container's command line, then `redis-server`'s: what `ps` shows.
+    command_lines: Vec<Vec<String>>,
 }
 
 /// A local stand-in for a Redis StatefulSet's pod.
