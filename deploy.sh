@@ -332,14 +332,20 @@ run_apply() {
     kubectl -n "$ns" rollout status "$object" --timeout="$ROLLOUT_TIMEOUT"
   done
 
-  local url
+  local url reach=""
   url=$(service_url "$ns")
+  if [ "$url" = "http://127.0.0.1:${url##*:}" ]; then
+    reach="
+The Service has no external address: first run, in another terminal,
+  kubectl -n $ns port-forward service/kvq-api ${url##*:}:${url##*:}
+"
+  fi
   local token
   token=$(kubectl -n "$ns" exec deploy/kvq-api -c kvq-api -- kvq-api token --role writer --ttl 24h | tail -n 1)
   cat <<INFO
 
 kvq is running in context $context, namespace $ns: $url
-
+$reach
 A writer token, valid 24 h
 (\`kubectl -n $ns exec deploy/kvq-api -- kvq-api token --role ROLE\` mints more):
   export KVQ_TOKEN=$token
@@ -350,7 +356,7 @@ A writer token, valid 24 h
 INFO
 }
 
-# The API's URL: the load balancer's address, or how to forward a port to it.
+# The API's URL: the load balancer's address, or 127.0.0.1 for a port forward.
 service_url() {
   local ns=$1 type port host=""
   type=$(kubectl -n "$ns" get service kvq-api -o jsonpath='{.spec.type}')
@@ -366,7 +372,7 @@ service_url() {
   if [ -n "$host" ]; then
     echo "http://$host:$port"
   else
-    echo "http://127.0.0.1:$port (after: kubectl -n $ns port-forward service/kvq-api $port:$port)"
+    echo "http://127.0.0.1:$port"
   fi
 }
 
