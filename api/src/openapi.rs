@@ -69,9 +69,10 @@ pub struct ApiDoc;
 /// The name of the bearer scheme in the document.
 const BEARER: &str = "bearer";
 
-/// Adds what the auth middleware does to every route it guards: the bearer
+/// Adds what the middlewares do to every route they guard: the bearer
 /// requirement (with the role needed, as OpenAPI 3.1 allows for non-OAuth
-/// schemes), 401 and 403. Which routes and roles comes from
+/// schemes), 401, 403 and 429; and the 503 of a Redis that does not answer,
+/// unless the route documents its own. Which routes and roles comes from
 /// [`crate::auth::required_role`], the function the middleware itself uses.
 struct Security;
 
@@ -104,6 +105,15 @@ impl Modify for Security {
                     problem(
                         "`unauthorized`: no token, or an invalid or expired one",
                         Some("WWW-Authenticate"),
+                    )
+                    .into()
+                });
+                // Every guarded route needs Redis; handlers that say more
+                // about their 503 document it themselves.
+                responses.entry("503".into()).or_insert_with(|| {
+                    problem(
+                        "`backend_unavailable`: a Redis server did not answer",
+                        Some("Retry-After"),
                     )
                     .into()
                 });

@@ -128,9 +128,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     responses(
         (status = 200, description = "A page of dead jobs, oldest first", body = JobList),
         (status = 400, description = "`invalid_request`: no `status=dead`, or a bad `limit` or `cursor`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn list_jobs(
@@ -287,9 +284,6 @@ async fn restore(state: &AppState, id: &str, died_at: i64) {
     responses(
         (status = 200, description = "The job", body = JobBody),
         (status = 404, description = "`not_found`: unknown, or finished longer ago than the retention period", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn get_job(

@@ -801,9 +801,6 @@ fn none_match(headers: &HeaderMap, version: u64) -> bool {
         )),
         (status = 400, description = "`invalid_key`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found`: no such key", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
@@ -853,9 +850,6 @@ pub(crate) async fn load(state: &AppState, key: &str) -> Result<Option<Entry>, A
     responses(
         (status = 200, description = "A page of keys", body = ListBody),
         (status = 400, description = "`invalid_request`: bad `limit` or `cursor`, unknown parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn list(

@@ -165,9 +165,6 @@ async fn submit(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No `value`: FastAPI's answer", body = Object),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn create(
@@ -198,9 +195,6 @@ pub async fn create(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "No `value`: FastAPI's answer", body = Object),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn update(
@@ -228,9 +222,6 @@ pub async fn update(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn delete(
@@ -250,9 +241,6 @@ pub async fn delete(
         (status = 200, description = "The value, as a string", body = ReadBody),
         (status = 400, description = "`invalid_key`", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`{\"detail\": \"Key not found\"}`, as FastAPI answered", body = Object),
-        (status = 503, description = "`backend_unavailable`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
     ),
 )]
 pub async fn read(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {

@@ -172,7 +172,7 @@ async fn every_operation_documents_its_errors_and_security() {
                     security.iter().any(|s| s.get("bearer").is_some()),
                     "{what}: no bearer requirement"
                 );
-                for status in ["401", "403", "429"] {
+                for status in ["401", "403", "429", "503"] {
                     assert!(responses.contains_key(status), "{what}: no {status}");
                 }
                 assert!(
