@@ -10,14 +10,17 @@
 //!   for alerts and for scaling workers on the backlog; left out of a scrape
 //!   when the queue Redis does not answer, never shown stale.
 
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::startup::AppState;
@@ -79,28 +82,69 @@ pub async fn upkeep() {
     }
 }
 
+/// A route's pattern as a metrics label, attached to its resource by
+/// [`crate::routes::resource`], so that a request's route is known without
+/// matching its path again.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteLabel(pub &'static str);
+
+/// The label for a route `pattern`: `/v1/kv/{key:.*}` → `/v1/kv/{key}`.
+/// Labels are interned: one allocation per route for the life of the
+/// process, whatever the number of worker threads.
+pub fn route_label(pattern: &str) -> RouteLabel {
+    static LABELS: Mutex<BTreeSet<&'static str>> = Mutex::new(BTreeSet::new());
+    let label = pattern.replace(":.*}", "}");
+    let mut labels = LABELS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = labels.get(label.as_str()) {
+        return RouteLabel(known);
+    }
+    let label: &'static str = Box::leak(label.into_boxed_str());
+    labels.insert(label);
+    RouteLabel(label)
+}
+
+/// One request's series: method, route, status.
+type SeriesKey = (&'static str, &'static str, u16);
+
+thread_local! {
+    /// Each thread's handles of the series it has seen, so that a request
+    /// costs a small map lookup, not a registry lookup with fresh labels.
+    static SERIES: RefCell<HashMap<SeriesKey, (Counter, Histogram)>> =
+        RefCell::new(HashMap::new());
+}
+
 /// Counts and times every request.
 pub async fn middleware(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
-    let method = method_label(req.method()).to_owned();
+    let method = method_label(req.method());
     let response = next.call(req).await?;
     let route = response
         .request()
-        .match_pattern()
-        .map_or_else(|| "unmatched".to_owned(), |p| readable(&p));
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route)];
-    metrics::histogram!("kvq_api_http_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
-    let [method, route] = labels;
-    metrics::counter!(
-        "kvq_api_http_requests_total",
-        &[method, route, ("status", status)]
-    )
-    .increment(1);
+        .app_data::<RouteLabel>()
+        .map_or("unmatched", |label| label.0);
+    let status = response.status().as_u16();
+    SERIES.with_borrow_mut(|series| {
+        let (counter, histogram) = series.entry((method, route, status)).or_insert_with(|| {
+            (
+                metrics::counter!(
+                    "kvq_api_http_requests_total",
+                    "method" => method,
+                    "route" => route,
+                    "status" => status.to_string()
+                ),
+                metrics::histogram!(
+                    "kvq_api_http_request_duration_seconds",
+                    "method" => method,
+                    "route" => route
+                ),
+            )
+        });
+        counter.increment(1);
+        histogram.record(started.elapsed().as_secs_f64());
+    });
     Ok(response)
 }
 
@@ -118,11 +162,6 @@ fn method_label(method: &actix_web::http::Method) -> &'static str {
         Method::OPTIONS => "OPTIONS",
         _ => "other",
     }
-}
-
-/// `/v1/kv/{key:.*}` → `/v1/kv/{key}`.
-fn readable(pattern: &str) -> String {
-    pattern.replace(":.*}", "}")
 }
 
 /// Registers `GET /metrics`.
@@ -188,7 +227,12 @@ pub async fn render(state: web::Data<AppState>) -> HttpResponse {
 mod tests {
     #[test]
     fn patterns_read_as_documented() {
-        assert_eq!(super::readable("/v1/kv/{key:.*}"), "/v1/kv/{key}");
-        assert_eq!(super::readable("/v1/jobs/{id}"), "/v1/jobs/{id}");
+        assert_eq!(super::route_label("/v1/kv/{key:.*}").0, "/v1/kv/{key}");
+        assert_eq!(super::route_label("/v1/jobs/{id}").0, "/v1/jobs/{id}");
+        // Interned: the same label, not a second copy.
+        assert!(std::ptr::eq(
+            super::route_label("/v1/kv/{key:.*}").0,
+            super::route_label("/v1/kv/{key:.*}").0
+        ));
     }
 }

@@ -26,11 +26,10 @@ pub fn resource<const N: usize>(path: &str, routes: [(Method, Route); N]) -> Res
         .map(|(method, _)| method.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let resource = routes
-        .into_iter()
-        .fold(web::resource(path), |resource, (method, route)| {
-            resource.route(route.method(method))
-        });
+    let resource = routes.into_iter().fold(
+        web::resource(path).app_data(crate::metrics::route_label(path)),
+        |resource, (method, route)| resource.route(route.method(method)),
+    );
     resource.default_service(web::to(move || {
         let allow = allow.clone();
         async move { Err::<actix_web::HttpResponse, _>(ApiError::MethodNotAllowed { allow }) }
