@@ -72,6 +72,29 @@ free_ports() {
 # which may not exist yet) prints "kvq is running". Fails, showing that
 # output prefixed by "$3:", if the process exits first or 15 minutes pass (a
 # first run builds the release binaries).
+# Stops the `./deploy.sh --local` of pid $1 as Ctrl-C would, and checks that
+# it exited within 30 s and freed the KVQ_LOCAL_*_PORT ports; $2 names the
+# caller in messages.
+stop_local_stack() {
+  local pid=$1 who=$2 port
+  kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 150); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.2
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    echo "$who: deploy.sh did not stop on Ctrl-C" >&2
+    return 1
+  fi
+  wait "$pid" 2>/dev/null || true
+  for port in "$KVQ_LOCAL_KV_PORT" "$KVQ_LOCAL_QUEUE_PORT" "$KVQ_LOCAL_API_PORT" "$KVQ_LOCAL_WORKER_HEALTH_PORT"; do
+    if port_in_use "$port"; then
+      echo "$who: port $port is still in use after the stack stopped" >&2
+      return 1
+    fi
+  done
+}
+
 wait_local_stack() {
   local out=$1 pid=$2 who=$3 deadline=$((SECONDS + 900))
   until grep -qs "kvq is running" "$out"; do

@@ -51,26 +51,7 @@ set -m
 deploy=$!
 set +m
 
-# Stops deploy.sh as Ctrl-C would and checks that everything stopped.
-stop_stack() {
-  kill -INT "$deploy" 2>/dev/null || true
-  for _ in $(seq 1 150); do
-    kill -0 "$deploy" 2>/dev/null || break
-    sleep 0.2
-  done
-  if kill -0 "$deploy" 2>/dev/null; then
-    echo "postman: deploy.sh did not stop on SIGINT" >&2
-    return 1
-  fi
-  wait "$deploy" 2>/dev/null || true
-  for port in "${ports[@]}"; do
-    if port_in_use "$port"; then
-      echo "postman: port $port is still in use after the stack stopped" >&2
-      return 1
-    fi
-  done
-}
-trap 'stop_stack || true' EXIT
+trap 'stop_local_stack "$deploy" postman || true' EXIT
 
 wait_local_stack "$out" "$deploy" postman || exit 1
 wait_http "$base/readyz" 30
@@ -94,7 +75,7 @@ status=0
   --color off || status=$?
 
 trap - EXIT
-stop_stack || status=1
+stop_local_stack "$deploy" postman || status=1
 if [ "$status" -ne 0 ]; then
   echo "postman: FAILED (stack logs kept in $KVQ_LOCAL_DIR/logs)" >&2
   exit "$status"

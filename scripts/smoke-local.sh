@@ -47,20 +47,6 @@ curl -fsS "${auth[@]}" "$base/v1/kv/smoke/1" | grep -q '"version":1' || {
   exit 1
 }
 
-kill -INT "$deploy"
 trap - EXIT
-for _ in $(seq 1 150); do
-  kill -0 "$deploy" 2>/dev/null || break
-  sleep 0.2
-done
-if kill -0 "$deploy" 2>/dev/null; then
-  echo "smoke: deploy.sh did not stop on Ctrl-C" >&2
-  exit 1
-fi
-for port in "$KVQ_LOCAL_KV_PORT" "$KVQ_LOCAL_QUEUE_PORT" "$KVQ_LOCAL_API_PORT" "$KVQ_LOCAL_WORKER_HEALTH_PORT"; do
-  if port_in_use "$port"; then
-    echo "smoke: port $port is still in use after Ctrl-C" >&2
-    exit 1
-  fi
-done
+stop_local_stack "$deploy" smoke || exit 1
 echo "smoke: deploy.sh --local works (write applied, clean stop)"
