@@ -193,7 +193,6 @@ impl ResponseError for ApiError {
             response.force_close();
         }
         if let ApiError::MethodNotAllowed { allow } = self
-            && !allow.is_empty()
             && let Ok(value) = HeaderValue::from_str(allow)
         {
             response.insert_header((header::ALLOW, value));

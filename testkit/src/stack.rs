@@ -159,6 +159,18 @@ impl Stack {
         self.workers.last_mut().unwrap()
     }
 
+    /// Fails if any log line of the API or a worker so far contains
+    /// `secret`.
+    pub fn assert_no_log_line_shows(&mut self, secret: &str) {
+        let mut lines = self.api().logs();
+        for worker in &self.workers {
+            lines.extend(worker.logs());
+        }
+        for line in lines {
+            assert!(!line.contains(secret), "a log line shows a secret: {line}");
+        }
+    }
+
     /// The API process.
     pub fn api(&mut self) -> &mut KvqProcess {
         self.api.as_mut().unwrap()

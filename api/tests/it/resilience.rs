@@ -128,17 +128,7 @@ async fn password_protected_redis_servers_work_and_the_password_stays_secret() {
         .get_connection()
         .and_then(|mut c| redis::cmd("GET").arg("x").query::<Option<String>>(&mut c));
     assert!(refused.is_err(), "the KV Redis answered without a password");
-    for line in stack
-        .api()
-        .logs()
-        .iter()
-        .chain(stack.workers[0].logs().iter())
-    {
-        assert!(
-            !line.contains(password),
-            "a log line shows the password: {line}"
-        );
-    }
+    stack.assert_no_log_line_shows(password);
 }
 
 /// Starts one more API with `env` (later entries win) and returns the status
@@ -282,15 +272,5 @@ async fn tls_and_a_password_together_work() {
     ))
     .await;
     assert_eq!(refused, 503, "the KV Redis answered without a password");
-    for line in stack
-        .api()
-        .logs()
-        .iter()
-        .chain(stack.workers[0].logs().iter())
-    {
-        assert!(
-            !line.contains(password),
-            "a log line shows the password: {line}"
-        );
-    }
+    stack.assert_no_log_line_shows(password);
 }
