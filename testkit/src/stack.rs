@@ -49,6 +49,13 @@ impl StackBuilder {
         self
     }
 
+    /// Workers give a job up (`dead`) after two attempts with 0.5 s Redis
+    /// timeouts, so that tests of dead jobs are quick.
+    pub fn quick_to_give_up(self) -> Self {
+        self.env("KVQ_WORKER_MAX_ATTEMPTS", "2")
+            .env("KVQ_REDIS_TIMEOUT_MS", "500")
+    }
+
     /// Turns auth on (stacks are open by default), with
     /// [`crate::TEST_JWT_SECRET`]; [`crate::token`] mints tokens for it.
     pub fn secured(self) -> Self {

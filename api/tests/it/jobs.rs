@@ -107,12 +107,7 @@ async fn finished_job_records_expire_after_the_retention_period() {
 
 #[tokio::test]
 async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
-    let mut stack = Stack::builder()
-        .workers(0)
-        .env("KVQ_WORKER_MAX_ATTEMPTS", "2")
-        .env("KVQ_REDIS_TIMEOUT_MS", "500")
-        .start()
-        .await;
+    let mut stack = Stack::builder().workers(0).quick_to_give_up().start().await;
     let mut ids = Vec::new();
     for key in ["phoenix/1", "phoenix/2", "phoenix/3"] {
         ids.push(Stack::job_id(stack.create(key, json!({"from": key})).await).await);

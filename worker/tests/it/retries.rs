@@ -8,12 +8,7 @@ use serde_json::json;
 
 #[tokio::test]
 async fn a_job_is_dead_after_its_attempts_run_out_on_a_dead_kv_redis() {
-    let mut stack = Stack::builder()
-        .workers(0)
-        .env("KVQ_WORKER_MAX_ATTEMPTS", "2")
-        .env("KVQ_REDIS_TIMEOUT_MS", "500")
-        .start()
-        .await;
+    let mut stack = Stack::builder().workers(0).quick_to_give_up().start().await;
     let accepted = stack.create("doomed", json!(1)).await;
     assert_eq!(accepted.status(), 202);
     let id = Stack::job_id(accepted).await;
