@@ -101,6 +101,43 @@ pub struct KeyPath {
     pub key: String,
 }
 
+/// `If-Match` (for the document; handlers read headers themselves).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IfMatchHeader {
+    /// `"<version>"`: apply only if the key still has this version.
+    #[param(
+        rename = "If-Match",
+        pattern = r#"^"[0-9]{1,19}"$"#,
+        example = r#""3""#
+    )]
+    pub if_match: Option<String>,
+}
+
+/// `Prefer` (for the document).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct PreferHeader {
+    /// `wait=N` (N ≤ 30 s): answer once the job is final.
+    #[param(rename = "Prefer", example = "wait=5")]
+    pub prefer: Option<String>,
+}
+
+/// `Idempotency-Key` (for the document).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct IdempotencyKeyHeader {
+    /// 1 to 255 visible ASCII characters: a repeat within 24 h answers the
+    /// first request's answer again.
+    #[param(
+        rename = "Idempotency-Key",
+        min_length = 1,
+        max_length = 255,
+        pattern = "^[!-~]{1,255}$"
+    )]
+    pub idempotency_key: Option<String>,
+}
+
 /// `PUT /v1/kv/{key}` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -346,8 +383,8 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     tag = "kv",
     request_body = CreateBody,
     params(
-        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        PreferHeader,
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 202, description = "Queued", body = Accepted, headers(
@@ -409,9 +446,9 @@ pub async fn create(
     params(
         KeyPath,
         UpdateQuery,
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
-        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        IfMatchHeader,
+        PreferHeader,
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 202, description = "Queued", body = Accepted, headers(
@@ -480,9 +517,9 @@ pub async fn update(
     tag = "kv",
     params(
         KeyPath,
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
-        ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 30 s): answer once the job is final", example = "wait=5"),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters: a repeat within 24 h answers the first request's 202 again", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        IfMatchHeader,
+        PreferHeader,
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 202, description = "Queued", body = Accepted, headers(

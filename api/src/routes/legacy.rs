@@ -41,7 +41,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
-use crate::routes::kv::{self, KeyPath, Write};
+use crate::routes::kv::{self, IdempotencyKeyHeader, IfMatchHeader, KeyPath, Write};
 use crate::startup::AppState;
 
 /// The path prefixes of the legacy routes, each followed by the key.
@@ -157,7 +157,7 @@ async fn submit(
     params(
         KeyPath,
         ValueQuery,
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
@@ -186,8 +186,8 @@ pub async fn create(
     params(
         KeyPath,
         ValueQuery,
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        IfMatchHeader,
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
@@ -215,8 +215,8 @@ pub async fn update(
     tag = "legacy",
     params(
         KeyPath,
-        ("If-Match" = Option<String>, Header, description = "`\"<version>\"`: apply only if the key still has this version", pattern = "^\"[0-9]{1,19}\"$", example = "\"3\""),
-        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters", min_length = 1, max_length = 255, pattern = "^[!-~]{1,255}$"),
+        IfMatchHeader,
+        IdempotencyKeyHeader,
     ),
     responses(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
