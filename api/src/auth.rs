@@ -21,7 +21,7 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
-use actix_web::web;
+use actix_web::{HttpMessage, web};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use kvq_shared::Config;
 use serde::{Deserialize, Serialize};
@@ -57,6 +57,43 @@ impl Role {
             Role::Reader => "reader",
             Role::Writer => "writer",
             Role::Admin => "admin",
+        }
+    }
+}
+
+/// Who sent a request, for scoping what it leaves behind (an
+/// `Idempotency-Key`). Set by [`middleware`] once a token verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The verified token's `sub`.
+    Subject(String),
+    /// A verified token without `sub`: the token's hex SHA-256.
+    Token(String),
+    /// No token (auth off): the peer's address.
+    Address(String),
+}
+
+impl std::fmt::Display for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Caller::Subject(sub) => write!(f, "sub:{sub}"),
+            Caller::Token(hash) => write!(f, "token:{hash}"),
+            Caller::Address(addr) => write!(f, "addr:{addr}"),
+        }
+    }
+}
+
+impl Caller {
+    fn of_token(token: &str, sub: Option<String>) -> Self {
+        use sha2::{Digest, Sha256};
+        match sub {
+            Some(sub) => Caller::Subject(sub),
+            None => Caller::Token(
+                Sha256::digest(token.as_bytes())
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            ),
         }
     }
 }
@@ -133,10 +170,11 @@ impl Auth {
         self.0.is_some()
     }
 
-    /// The highest role of the bearer token in `authorization`.
-    fn role(&self, authorization: Option<&str>) -> Result<Role, ApiError> {
+    /// The highest role of the bearer token in `authorization`, and who
+    /// holds it (`None` when auth is off).
+    fn role(&self, authorization: Option<&str>) -> Result<(Role, Option<Caller>), ApiError> {
         let Some(verifier) = &self.0 else {
-            return Ok(Role::Admin);
+            return Ok((Role::Admin, None));
         };
         let token = bearer(authorization)
             .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
@@ -150,10 +188,11 @@ impl Auth {
             .roles
             .iter()
             .chain(claims.realm_access.iter().flat_map(|r| r.roles.iter()));
-        names
+        let role = names
             .filter_map(|name| Role::parse(name))
             .max()
-            .ok_or_else(|| ApiError::Forbidden("the token has no kvq role".into()))
+            .ok_or_else(|| ApiError::Forbidden("the token has no kvq role".into()))?;
+        Ok((role, Some(Caller::of_token(token, claims.sub))))
     }
 }
 
@@ -226,8 +265,13 @@ pub async fn middleware(
             limit.check(&client).err()
         });
         let refusal = limited.or(match verdict {
-            Ok(role) if role >= needed => None,
-            Ok(role) => Some(ApiError::Forbidden(format!(
+            Ok((role, caller)) if role >= needed => {
+                if let Some(caller) = caller {
+                    req.extensions_mut().insert(caller);
+                }
+                None
+            }
+            Ok((role, _)) => Some(ApiError::Forbidden(format!(
                 "this needs the {} role; the token has {}",
                 needed.as_str(),
                 role.as_str()

@@ -72,6 +72,12 @@ pub enum ApiError {
     /// A request with the same `Idempotency-Key` is still being handled.
     #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
     IdempotencyConflict,
+    /// The `Idempotency-Key` was used before, by this caller on this route,
+    /// for a different request.
+    #[error(
+        "this Idempotency-Key was used for a different request; use a new key for a new request"
+    )]
+    IdempotencyKeyReused,
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
@@ -93,6 +99,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
             ApiError::IdempotencyConflict => "idempotency_conflict",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::NotDead(_) => "job_not_dead",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
@@ -112,6 +119,7 @@ impl ApiError {
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed { .. } => "Method not allowed",
             ApiError::IdempotencyConflict => "Request in progress",
+            ApiError::IdempotencyKeyReused => "Idempotency-Key reused",
             ApiError::NotDead(_) => "Job not dead",
             ApiError::RequestTimeout => "Request timeout",
             ApiError::HeadersTooLarge(_) => "Request headers too large",
@@ -155,7 +163,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidKey(_) | ApiError::MalformedJson(_) | ApiError::InvalidRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::InvalidBody(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::InvalidBody(_) | ApiError::IdempotencyKeyReused => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,

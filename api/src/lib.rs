@@ -12,6 +12,7 @@
 //!   `legacy` (the original service's routes).
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
+//! - [`idempotency`]: `Idempotency-Key` scopes and request fingerprints.
 //! - [`limits`]: header size and the deadline for request bodies.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`metrics`]: Prometheus metrics and `GET /metrics`.
@@ -21,6 +22,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;

@@ -17,19 +17,49 @@ use crate::keys;
 /// How long an `Idempotency-Key` token is remembered.
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// What an `Idempotency-Key` token holds while its first request runs.
-const IDEMPOTENCY_PENDING: &str = "pending";
-
 /// What [`JobRecords::claim_idempotency`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The token is new: this request goes ahead.
+    /// The key is new: this request goes ahead.
     New,
-    /// Another request with the token is still running.
+    /// The key's first request is still running.
     Pending,
-    /// The token's first request was answered with this (JSON).
+    /// The key's first request was answered with this (JSON).
     Answered(String),
+    /// The key was first used for a request with another fingerprint.
+    Reused,
 }
+
+/// Claims an `Idempotency-Key` scope for a request with fingerprint ARGV[1],
+/// kept ARGV[2] seconds; answers `new`, `reused`, `pending` or
+/// `answered` + the first answer.
+static CLAIM_IDEMPOTENCY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local fp = redis.call('HGET', KEYS[1], 'fp')
+if not fp then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return {'new'}
+end
+if fp ~= ARGV[1] then return {'reused'} end
+local answer = redis.call('HGET', KEYS[1], 'answer')
+if answer then return {'answered', answer} end
+return {'pending'}
+",
+    )
+});
+
+/// Stores ARGV[1] as the answer of a claimed scope, unless it expired.
+static SETTLE_IDEMPOTENCY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'answer', ARGV[1])
+end
+",
+    )
+});
 
 /// The job record field that keeps a dead job's [`ApplyJob`], for retry.
 const PAYLOAD: &str = "payload";
@@ -594,49 +624,47 @@ impl JobRecords {
         Ok((records, next))
     }
 
-    /// Claims an `Idempotency-Key` token for this request, or tells what the
-    /// token's first request did.
-    pub async fn claim_idempotency(&self, token: &str) -> Result<Claim, StoreError> {
-        let key = keys::idempotency_key(&self.namespace, token);
-        let mut conn = self.conn.clone();
-        let set: bool = redis::cmd("SET")
-            .arg(&key)
-            .arg(IDEMPOTENCY_PENDING)
-            .arg("NX")
-            .arg("EX")
+    /// Claims an `Idempotency-Key` scope (see [`keys::idempotency_key`]) for
+    /// a request with `fingerprint`, or tells what the scope's first request
+    /// did.
+    pub async fn claim_idempotency(
+        &self,
+        scope: &str,
+        fingerprint: &str,
+    ) -> Result<Claim, StoreError> {
+        let answer: Vec<String> = CLAIM_IDEMPOTENCY
+            .key(keys::idempotency_key(&self.namespace, scope))
+            .arg(fingerprint)
             .arg(IDEMPOTENCY_TTL.as_secs())
-            .query_async::<Option<String>>(&mut conn)
-            .await?
-            .is_some();
-        if set {
-            return Ok(Claim::New);
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        match answer.as_slice() {
+            [kind] if kind == "new" => Ok(Claim::New),
+            [kind] if kind == "pending" => Ok(Claim::Pending),
+            [kind] if kind == "reused" => Ok(Claim::Reused),
+            [kind, first] if kind == "answered" => Ok(Claim::Answered(first.clone())),
+            _ => Err(StoreError::Corrupt(format!(
+                "idempotency claim answer {answer:?}"
+            ))),
         }
-        let found: Option<String> = conn.get(&key).await?;
-        Ok(match found {
-            Some(answer) if answer != IDEMPOTENCY_PENDING => Claim::Answered(answer),
-            _ => Claim::Pending,
-        })
     }
 
-    /// Stores the answer to a token's first request.
-    pub async fn settle_idempotency(&self, token: &str, answer: &str) -> Result<(), StoreError> {
-        let key = keys::idempotency_key(&self.namespace, token);
-        let _: () = redis::cmd("SET")
-            .arg(&key)
+    /// Stores the answer to a scope's first request.
+    pub async fn settle_idempotency(&self, scope: &str, answer: &str) -> Result<(), StoreError> {
+        let _: () = SETTLE_IDEMPOTENCY
+            .key(keys::idempotency_key(&self.namespace, scope))
             .arg(answer)
-            .arg("XX")
-            .arg("KEEPTTL")
-            .query_async(&mut self.conn.clone())
+            .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
     }
 
-    /// Forgets a token whose first request failed, so it can be tried again.
-    pub async fn release_idempotency(&self, token: &str) -> Result<(), StoreError> {
+    /// Forgets a scope whose first request failed, so it can be tried again.
+    pub async fn release_idempotency(&self, scope: &str) -> Result<(), StoreError> {
         let _: () = self
             .conn
             .clone()
-            .del(keys::idempotency_key(&self.namespace, token))
+            .del(keys::idempotency_key(&self.namespace, scope))
             .await?;
         Ok(())
     }

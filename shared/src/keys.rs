@@ -86,11 +86,13 @@ pub fn job_key(ns: &str, job_id: &str) -> String {
     format!("{ns}:job:{job_id}")
 }
 
-/// An `Idempotency-Key` token's first answer (or `pending` while that first
-/// request runs), a string in the queue Redis that expires after 24 h:
-/// `{ns}:idem:<token>`.
-pub fn idempotency_key(ns: &str, token: &str) -> String {
-    format!("{ns}:idem:{token}")
+/// One `Idempotency-Key` use, in the queue Redis, expiring 24 h after the
+/// first request: a hash with `fp` (the first request's fingerprint) and,
+/// once that request was answered, `answer` (its 202 body). `scope` is the
+/// hex SHA-256 of the caller, the method, the route and the token, so one
+/// caller's token never meets another's: `{ns}:idk:<scope>`.
+pub fn idempotency_key(ns: &str, scope: &str) -> String {
+    format!("{ns}:idk:{scope}")
 }
 
 /// The dead letters: ids of jobs that ended `dead`, in a sorted set scored by

@@ -19,6 +19,7 @@ use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
 use crate::error::{ApiError, Problem};
+use crate::idempotency;
 use crate::request_id::RequestId;
 use crate::routes::jobs::JobBody;
 use crate::startup::AppState;
@@ -127,8 +128,10 @@ pub struct PreferHeader {
 #[derive(Debug, IntoParams)]
 #[into_params(parameter_in = Header)]
 pub struct IdempotencyKeyHeader {
-    /// 1 to 255 visible ASCII characters: a repeat within 24 h answers the
-    /// first request's answer again.
+    /// 1 to 255 visible ASCII characters, scoped to the caller, the method
+    /// and the route: a repeat of the same request within 24 h answers the
+    /// first request's answer again; a repeat with a different request is
+    /// 422 `idempotency_key_reused`.
     #[param(
         rename = "Idempotency-Key",
         min_length = 1,
@@ -206,23 +209,6 @@ pub struct Write {
     pub ttl_seconds: Option<u64>,
     /// `If-Match` version.
     pub if_match: Option<u64>,
-}
-
-/// The header that makes a write idempotent.
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
-
-/// The `Idempotency-Key` token, if sent: 1 to 255 visible ASCII characters.
-fn idempotency_token(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(raw) = headers.get(IDEMPOTENCY_KEY) else {
-        return Ok(None);
-    };
-    let token = raw.to_str().unwrap_or_default().trim();
-    if token.is_empty() || token.len() > 255 || !token.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::InvalidRequest(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-        ));
-    }
-    Ok(Some(token.to_owned()))
 }
 
 /// The 200 body of a read.
@@ -403,7 +389,7 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         )),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
@@ -474,7 +460,7 @@ pub async fn create(
         (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
@@ -537,6 +523,7 @@ pub async fn update(
             ("Retry-After" = String, description = "Seconds"),
         )),
         (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
@@ -592,22 +579,24 @@ pub(crate) struct Submitted {
 }
 
 /// Queues a write, or finds the job an earlier request with the same
-/// `Idempotency-Key` queued; the part of [`enqueue`] every write route shares.
+/// `Idempotency-Key` (of the same caller, method and route, see
+/// [`idempotency`]) queued; the part of [`enqueue`] every write route shares.
 pub(crate) async fn submit(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
 ) -> Result<Submitted, ApiError> {
-    let token = idempotency_token(req.headers())?;
-    if let Some(token) = &token {
+    let scope = idempotency::token(req.headers())?.map(|token| idempotency::scope(req, token));
+    if let Some(scope) = &scope {
         match state
             .records
-            .claim_idempotency(token)
+            .claim_idempotency(scope, &idempotency::fingerprint(&write))
             .await
             .map_err(ApiError::BackendUnavailable)?
         {
             Claim::New => {}
             Claim::Pending => return Err(ApiError::IdempotencyConflict),
+            Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
             Claim::Answered(answer) => {
                 let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
                     ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
@@ -620,13 +609,13 @@ pub(crate) async fn submit(
         }
     }
     let result = queue_job(req, state, write).await;
-    if let Some(token) = &token {
+    if let Some(scope) = &scope {
         let stored = match &result {
             Ok(accepted) => match serde_json::to_string(accepted) {
-                Ok(answer) => state.records.settle_idempotency(token, &answer).await,
+                Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
                 Err(e) => Err(StoreError::Corrupt(e.to_string())),
             },
-            Err(_) => state.records.release_idempotency(token).await,
+            Err(_) => state.records.release_idempotency(scope).await,
         };
         if let Err(e) = stored {
             tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");

@@ -163,7 +163,10 @@ async fn submit(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "No `value`: FastAPI's answer", body = Object),
+        (status = 422, description = "No `value`: FastAPI's answer (JSON); `idempotency_key_reused` (problem JSON)", content(
+            (Object = "application/json"),
+            (Problem = "application/problem+json"),
+        )),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -193,7 +196,10 @@ pub async fn create(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "No `value`: FastAPI's answer", body = Object),
+        (status = 422, description = "No `value`: FastAPI's answer (JSON); `idempotency_key_reused` (problem JSON)", content(
+            (Object = "application/json"),
+            (Problem = "application/problem+json"),
+        )),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
     ),
 )]
@@ -222,6 +228,7 @@ pub async fn update(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn delete(

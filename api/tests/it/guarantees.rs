@@ -361,13 +361,18 @@ async fn an_idempotency_key_repeat_returns_the_first_job_and_applies_nothing() {
     let location = first.headers()["location"].clone();
     let first: Value = first.json().await.unwrap();
     for _ in 0..3 {
-        let again = upsert("tok-1", 2).await.unwrap();
+        let again = upsert("tok-1", 1).await.unwrap();
         assert_eq!(again.status(), 202);
         assert_eq!(again.headers()["location"], location);
         assert_eq!(again.headers()["idempotent-replayed"], "true");
         let again: Value = again.json().await.unwrap();
         assert_eq!(again, first);
     }
+    // The same token for a different request: refused, not dropped.
+    let changed = upsert("tok-1", 2).await.unwrap();
+    assert_eq!(changed.status(), 422);
+    let changed: Value = changed.json().await.unwrap();
+    assert_eq!(changed["code"], "idempotency_key_reused");
     let job = stack.wait_job(first["job_id"].as_str().unwrap()).await;
     assert_eq!(job["result"], json!({"outcome": "created", "version": 1}));
     let read: Value = stack.get("idem").await.json().await.unwrap();

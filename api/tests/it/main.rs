@@ -8,6 +8,7 @@ mod errors;
 mod guarantees;
 mod hardening;
 mod health;
+mod idempotency;
 mod jobs;
 mod kv;
 mod legacy;
