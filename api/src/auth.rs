@@ -26,6 +26,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use kvq_shared::Config;
 use serde::{Deserialize, Serialize};
 
+use crate::caller::Caller;
 use crate::error::ApiError;
 use crate::rate_limit::{Client, RateLimit};
 
@@ -57,43 +58,6 @@ impl Role {
             Role::Reader => "reader",
             Role::Writer => "writer",
             Role::Admin => "admin",
-        }
-    }
-}
-
-/// Who sent a request, for scoping what it leaves behind (an
-/// `Idempotency-Key`). Set by [`middleware`] once a token verifies.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Caller {
-    /// The verified token's `sub`.
-    Subject(String),
-    /// A verified token without `sub`: the token's hex SHA-256.
-    Token(String),
-    /// No token (auth off): the peer's address.
-    Address(String),
-}
-
-impl std::fmt::Display for Caller {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Caller::Subject(sub) => write!(f, "sub:{sub}"),
-            Caller::Token(hash) => write!(f, "token:{hash}"),
-            Caller::Address(addr) => write!(f, "addr:{addr}"),
-        }
-    }
-}
-
-impl Caller {
-    fn of_token(token: &str, sub: Option<String>) -> Self {
-        use sha2::{Digest, Sha256};
-        match sub {
-            Some(sub) => Caller::Subject(sub),
-            None => Caller::Token(
-                Sha256::digest(token.as_bytes())
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            ),
         }
     }
 }
@@ -234,7 +198,7 @@ fn routed_path(req: &ServiceRequest) -> &str {
 fn legacy_switched_off(req: &ServiceRequest) -> bool {
     crate::routes::legacy::is_legacy(routed_path(req))
         && req
-            .app_data::<web::Data<crate::startup::AppState>>()
+            .app_data::<web::Data<crate::state::AppState>>()
             .is_some_and(|state| !state.config.legacy_routes)
 }
 

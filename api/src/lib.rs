@@ -8,11 +8,14 @@
 //! # Layout
 //! - [`startup`]: [`startup::Application`] builds the server (listener bound
 //!   first, so tests use port 0) and runs it.
+//! - [`state`]: [`state::AppState`], what every handler shares.
+//! - [`writes`]: the write pipeline every write route shares: accept,
+//!   `Idempotency-Key`, and the answer (`202`, or `Prefer: wait`'s).
 //! - [`routes`]: one module per resource: `kv`, `jobs`, `health`, and
 //!   `legacy` (the original service's routes).
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
-//! - [`idempotency`]: `Idempotency-Key` scopes and request fingerprints.
+//! - [`caller`]: who sent a request (token subject or peer address).
 //! - [`limits`]: header size and the deadline for request bodies.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`metrics`]: Prometheus metrics and `GET /metrics`.
@@ -21,8 +24,8 @@
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
+pub mod caller;
 pub mod error;
-pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
@@ -30,4 +33,6 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod startup;
+pub mod state;
 pub mod wait;
+pub mod writes;

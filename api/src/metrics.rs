@@ -23,7 +23,7 @@ use actix_web::{HttpResponse, web};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// Request duration buckets, in seconds: loopback reads take well under a
 /// millisecond, `Prefer: wait` can hold a request for 30 s.

@@ -9,7 +9,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, Problem};
-use crate::startup::AppState;
+use crate::state::AppState;
 
 /// How long readiness waits for each Redis.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);

@@ -3,9 +3,7 @@
 
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
-use kvq_shared::jobs::{
-    ApplyJob, Final, JobError, JobRecord, JobResult, JobStatus, Op, Outcome, now_ms, rfc3339,
-};
+use kvq_shared::jobs::{ApplyJob, Final, Outcome, now_ms};
 use kvq_shared::retry;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -13,67 +11,14 @@ use validator::Validate;
 
 use crate::error::{ApiError, Problem};
 use crate::request_id::RequestId;
-use crate::routes::kv::{Accepted, MAX_LIST_LIMIT, Queueing, accepted_response, queue_in_order};
-use crate::startup::AppState;
+use crate::routes::kv::MAX_LIST_LIMIT;
+use crate::state::AppState;
+use crate::writes::Accepted;
+use crate::writes::accept::{Queueing, queue_in_order};
+use crate::writes::outcome::{JobBody, accepted_response};
 
 /// Dead letters per page unless `limit` says otherwise.
 const DEFAULT_DEAD_LIMIT: usize = 100;
-
-/// The 200 body of `GET /v1/jobs/{id}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct JobBody {
-    /// The job id.
-    pub id: String,
-    /// The operation.
-    pub op: Op,
-    /// The key.
-    pub key: String,
-    /// The key's sequence number for this write.
-    pub seq: u64,
-    /// `queued | running | succeeded | failed | dead`.
-    pub status: JobStatus,
-    /// How many times a worker started the job.
-    pub attempts: u32,
-    /// Once succeeded: `{outcome, version}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub result: Option<JobResult>,
-    /// Once failed or dead: `{code, message}`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<JobError>,
-    /// RFC 3339.
-    #[schema(format = DateTime)]
-    pub enqueued_at: String,
-    /// RFC 3339, once started.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(format = DateTime)]
-    pub started_at: Option<String>,
-    /// RFC 3339, once final.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(format = DateTime)]
-    pub finished_at: Option<String>,
-    /// The request that enqueued the job.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
-}
-
-impl From<JobRecord> for JobBody {
-    fn from(r: JobRecord) -> Self {
-        Self {
-            id: r.id,
-            op: r.op,
-            key: r.key,
-            seq: r.seq,
-            status: r.status,
-            attempts: r.attempts,
-            result: r.result,
-            error: r.error,
-            enqueued_at: rfc3339(r.enqueued_at),
-            started_at: r.started_at.map(rfc3339),
-            finished_at: r.finished_at.map(rfc3339),
-            request_id: r.request_id,
-        }
-    }
-}
 
 /// The 200 body of `GET /v1/jobs?status=dead`.
 #[derive(Debug, Serialize, ToSchema)]

@@ -3,14 +3,10 @@
 //! A key in a path is the rest of the path after `/v1/kv/`, percent-decoded,
 //! so it may contain `/` (`/v1/kv/users/42/name`) and any UTF-8 (`%C3%A9`).
 
-use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderMap};
-use std::time::Duration;
-
-use actix_web::http::Method;
-use actix_web::{HttpRequest, HttpResponse, ResponseError, web};
-use kvq_shared::StoreError;
-use kvq_shared::jobs::{ApplyJob, Claim, Op, now_ms, rfc3339};
+use actix_web::http::{Method, StatusCode};
+use actix_web::{HttpRequest, HttpResponse, web};
+use kvq_shared::jobs::{Op, rfc3339};
 use kvq_shared::retry;
 use kvq_shared::store::Entry;
 use serde::{Deserialize, Deserializer, Serialize, de};
@@ -19,10 +15,10 @@ use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
 use crate::error::{ApiError, Problem};
-use crate::idempotency;
-use crate::request_id::RequestId;
-use crate::routes::jobs::JobBody;
-use crate::startup::AppState;
+use crate::state::AppState;
+use crate::writes::headers::{IdempotencyKeyHeader, IfMatchHeader, PreferHeader, if_match};
+use crate::writes::outcome::JobBody;
+use crate::writes::{Accepted, Write, enqueue};
 
 /// The longest TTL: one year.
 pub const MAX_TTL_SECONDS: u64 = 31_536_000;
@@ -102,45 +98,6 @@ pub struct KeyPath {
     pub key: String,
 }
 
-/// `If-Match` (for the document; handlers read headers themselves).
-#[derive(Debug, IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct IfMatchHeader {
-    /// `"<version>"`: apply only if the key still has this version.
-    #[param(
-        rename = "If-Match",
-        pattern = r#"^"[0-9]{1,19}"$"#,
-        example = r#""3""#
-    )]
-    pub if_match: Option<String>,
-}
-
-/// `Prefer` (for the document).
-#[derive(Debug, IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct PreferHeader {
-    /// `wait=N` (N ≤ 30 s): answer once the job is final.
-    #[param(rename = "Prefer", example = "wait=5")]
-    pub prefer: Option<String>,
-}
-
-/// `Idempotency-Key` (for the document).
-#[derive(Debug, IntoParams)]
-#[into_params(parameter_in = Header)]
-pub struct IdempotencyKeyHeader {
-    /// 1 to 255 visible ASCII characters, scoped to the caller, the method
-    /// and the route: a repeat of the same request within 24 h answers the
-    /// first request's answer again; a repeat with a different request is
-    /// 422 `idempotency_key_reused`.
-    #[param(
-        rename = "Idempotency-Key",
-        min_length = 1,
-        max_length = 255,
-        pattern = "^[!-~]{1,255}$"
-    )]
-    pub idempotency_key: Option<String>,
-}
-
 /// `PUT /v1/kv/{key}` query.
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
@@ -166,49 +123,6 @@ pub struct ListQuery {
     /// The previous page's `next_cursor`.
     #[param(pattern = "^[0-9]{0,19}$")]
     pub cursor: Option<String>,
-}
-
-/// The 202 body of every write.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct Accepted {
-    /// The job id; poll `GET /v1/jobs/{job_id}`.
-    pub job_id: String,
-    /// Always `queued`.
-    #[schema(example = "queued")]
-    pub status: String,
-    /// The operation.
-    pub op: Op,
-    /// The key.
-    pub key: String,
-    /// The key's sequence number for this write.
-    pub seq: u64,
-}
-
-impl Accepted {
-    /// The answer for `job`, just queued.
-    pub fn of(job: &ApplyJob) -> Self {
-        Self {
-            job_id: job.id.clone(),
-            status: "queued".into(),
-            op: job.op,
-            key: job.key.clone(),
-            seq: job.seq,
-        }
-    }
-}
-
-/// A validated write, ready to be queued.
-pub struct Write {
-    /// The operation.
-    pub op: Op,
-    /// The key.
-    pub key: String,
-    /// The new value (not for delete).
-    pub value: Option<Box<RawValue>>,
-    /// Expiry, seconds.
-    pub ttl_seconds: Option<u64>,
-    /// `If-Match` version.
-    pub if_match: Option<u64>,
 }
 
 /// The 200 body of a read.
@@ -338,25 +252,6 @@ pub(crate) fn checked_value(
     }
     RawValue::from_string(text)
         .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))
-}
-
-/// Parses `If-Match: "<version>"`. `None` without the header.
-pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(raw) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    raw.to_str()
-        .ok()
-        .map(str::trim)
-        .and_then(|s| s.strip_prefix('"'))
-        .and_then(|s| s.strip_suffix('"'))
-        .and_then(|s| s.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(
-                "If-Match must be one version in quotes, as the ETag gives it, e.g. \"3\"".into(),
-            )
-        })
 }
 
 /// `POST /v1/kv`: queue a create.
@@ -547,254 +442,6 @@ pub async fn delete(
         },
     )
     .await
-}
-
-/// Queues a write, honouring `Idempotency-Key` and `Prefer: wait`: 202 once
-/// the job is in the queue Redis, 503 if it is not (then nothing was queued).
-/// A repeat of a token answers the token's first 202 again (with
-/// `Idempotent-Replayed: true`) and queues nothing; a repeat while the first
-/// is still running is a 409.
-async fn enqueue(
-    req: &HttpRequest,
-    state: &AppState,
-    write: Write,
-) -> Result<HttpResponse, ApiError> {
-    let submitted = submit(req, state, write).await?;
-    if submitted.replayed {
-        return Ok(accepted_response(&submitted.accepted, true));
-    }
-    let accepted = submitted.accepted;
-    match crate::wait::preferred_wait(req.headers()) {
-        Some(wait) if !wait.is_zero() => wait_for_final(state, &accepted, wait).await,
-        _ => Ok(accepted_response(&accepted, false)),
-    }
-}
-
-/// A write in the queue Redis.
-pub(crate) struct Submitted {
-    /// What the first request for it was told.
-    pub accepted: Accepted,
-    /// `true` when an `Idempotency-Key` repeat found an earlier job.
-    pub replayed: bool,
-}
-
-/// Queues a write, or finds the job an earlier request with the same
-/// `Idempotency-Key` (of the same caller, method and route, see
-/// [`idempotency`]) queued; the part of [`enqueue`] every write route shares.
-pub(crate) async fn submit(
-    req: &HttpRequest,
-    state: &AppState,
-    write: Write,
-) -> Result<Submitted, ApiError> {
-    let scope = idempotency::token(req.headers())?.map(|token| idempotency::scope(req, token));
-    if let Some(scope) = &scope {
-        match state
-            .records
-            .claim_idempotency(scope, &idempotency::fingerprint(&write))
-            .await
-            .map_err(ApiError::BackendUnavailable)?
-        {
-            Claim::New => {}
-            Claim::Pending => return Err(ApiError::IdempotencyConflict),
-            Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
-            Claim::Answered(answer) => {
-                let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
-                    ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
-                })?;
-                return Ok(Submitted {
-                    accepted,
-                    replayed: true,
-                });
-            }
-        }
-    }
-    let result = queue_job(req, state, write).await;
-    if let Some(scope) = &scope {
-        let stored = match &result {
-            Ok(accepted) => match serde_json::to_string(accepted) {
-                Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
-                Err(e) => Err(StoreError::Corrupt(e.to_string())),
-            },
-            Err(_) => state.records.release_idempotency(scope).await,
-        };
-        if let Err(e) = stored {
-            tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
-        }
-    }
-    Ok(Submitted {
-        accepted: result?,
-        replayed: false,
-    })
-}
-
-/// Answers like a synchronous API once the job is final (201 created, 200
-/// updated, 204 deleted, 404 / 409 / 412 for failures, 503 if dead), or with
-/// the plain 202 if `wait` runs out first.
-async fn wait_for_final(
-    state: &AppState,
-    accepted: &Accepted,
-    wait: Duration,
-) -> Result<HttpResponse, ApiError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut notice = Some(state.waiters.register(&accepted.job_id));
-    let outcome = loop {
-        match state.records.get(&accepted.job_id).await {
-            Ok(Some(record)) if record.status.is_final() => break Some(record),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read a waited-for job"),
-        }
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            break None;
-        }
-        // Woken by the worker's notice, or once a second should it be missed.
-        let nap = left.min(Duration::from_secs(1));
-        match notice.as_mut() {
-            Some(rx) => {
-                // Fired (or dropped): from now on, naps only.
-                if tokio::time::timeout(nap, rx).await.is_ok() {
-                    notice = None;
-                }
-            }
-            None => tokio::time::sleep(nap).await,
-        }
-    };
-    state.waiters.forget(&accepted.job_id);
-    let Some(record) = outcome else {
-        return Ok(accepted_response(accepted, false));
-    };
-    let applied = format!("wait={}", wait.as_secs());
-    if let Some(error) = &record.error {
-        let code = error.code.clone();
-        let status = match code.as_str() {
-            "not_found" => StatusCode::NOT_FOUND,
-            "already_exists" => StatusCode::CONFLICT,
-            "version_mismatch" => StatusCode::PRECONDITION_FAILED,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        let mut response = ApiError::JobFailed {
-            status,
-            code,
-            message: error.message.clone(),
-        }
-        .error_response();
-        if let Ok(value) = header::HeaderValue::from_str(&applied) {
-            response
-                .headers_mut()
-                .insert(header::HeaderName::from_static("preference-applied"), value);
-        }
-        return Ok(response);
-    }
-    let version = record.result.as_ref().map_or(0, |r| r.version);
-    let etag = format!("\"{version}\"");
-    let key_location = format!(
-        "/v1/kv/{}",
-        percent_encoding::utf8_percent_encode(&record.key, KEY_IN_PATH)
-    );
-    let mut response = match record.result.as_ref().map(|r| r.outcome.as_str()) {
-        Some("created") => HttpResponse::Created(),
-        Some("deleted") => HttpResponse::NoContent(),
-        _ => HttpResponse::Ok(),
-    };
-    response
-        .insert_header((header::ETAG, etag))
-        .insert_header(("preference-applied", applied))
-        .insert_header((header::CONTENT_LOCATION, format!("/v1/jobs/{}", record.id)));
-    if record
-        .result
-        .as_ref()
-        .is_some_and(|r| r.outcome == "created")
-    {
-        response.insert_header((header::LOCATION, key_location));
-    }
-    if record
-        .result
-        .as_ref()
-        .is_some_and(|r| r.outcome == "deleted")
-    {
-        return Ok(response.finish());
-    }
-    Ok(response.json(JobBody::from(record)))
-}
-
-/// Characters escaped when a key is put back into a path (`/` stays).
-const KEY_IN_PATH: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
-    .add(b' ')
-    .add(b'"')
-    .add(b'#')
-    .add(b'%')
-    .add(b'?')
-    .add(b'<')
-    .add(b'>')
-    .add(b'`')
-    .add(b'{')
-    .add(b'}');
-
-pub(crate) fn accepted_response(accepted: &Accepted, replayed: bool) -> HttpResponse {
-    let mut response = HttpResponse::Accepted();
-    response.insert_header((header::LOCATION, format!("/v1/jobs/{}", accepted.job_id)));
-    if replayed {
-        response.insert_header(("idempotent-replayed", "true"));
-    }
-    response.json(accepted)
-}
-
-/// Gives the write its `seq` and queues it.
-async fn queue_job(
-    req: &HttpRequest,
-    state: &AppState,
-    write: Write,
-) -> Result<Accepted, ApiError> {
-    let job = ApplyJob {
-        id: uuid::Uuid::now_v7().to_string(),
-        op: write.op,
-        key: write.key,
-        seq: 0,
-        value: write.value,
-        ttl_seconds: write.ttl_seconds,
-        if_match: write.if_match,
-        request_id: RequestId::of(req),
-        enqueued_at: now_ms(),
-    };
-    let job = queue_in_order(state, job, Queueing::New).await?;
-    crate::metrics::write_accepted(job.op);
-    tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "job queued");
-    Ok(Accepted::of(&job))
-}
-
-/// How a job enters the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queueing {
-    /// A new write.
-    New,
-    /// A dead job, queued again under its own id.
-    Again,
-}
-
-/// Gives `job` its key's next `seq`, then records and pushes it in one
-/// atomic step. On failure nothing was queued, and the `seq` is marked
-/// abandoned, so the key's later writes do not wait for it.
-pub(crate) async fn queue_in_order(
-    state: &AppState,
-    mut job: ApplyJob,
-    how: Queueing,
-) -> Result<ApplyJob, ApiError> {
-    job.seq = state
-        .kv
-        .next_seq(&job.key)
-        .await
-        .map_err(ApiError::BackendUnavailable)?;
-    let pushed = match how {
-        Queueing::New => state.queue.push(&job).await,
-        Queueing::Again => state.queue.requeue(&job).await,
-    };
-    if let Err(e) = pushed {
-        if let Err(mark) = state.kv.abandon_seq(&job.key, job.seq).await {
-            tracing::warn!(seq = job.seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
-        }
-        return Err(ApiError::BackendUnavailable(e));
-    }
-    Ok(job)
 }
 
 /// Whether `If-None-Match` lists `version` (or is `*`).

@@ -41,8 +41,10 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, Problem};
-use crate::routes::kv::{self, IdempotencyKeyHeader, IfMatchHeader, KeyPath, Write};
-use crate::startup::AppState;
+use crate::routes::kv::{self, KeyPath};
+use crate::state::AppState;
+use crate::writes::headers::{IdempotencyKeyHeader, IfMatchHeader};
+use crate::writes::{self, Write};
 
 /// The path prefixes of the legacy routes, each followed by the key.
 pub const PREFIXES: [&str; 4] = ["/create/", "/read/", "/update/", "/delete/"];
@@ -125,9 +127,9 @@ async fn submit(
         .transpose()?;
     let if_match = match op {
         Op::Create => None,
-        _ => kv::if_match(req.headers())?,
+        _ => writes::headers::if_match(req.headers())?,
     };
-    let submitted = kv::submit(
+    let submitted = writes::submit(
         req,
         state,
         Write {

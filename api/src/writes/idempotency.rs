@@ -16,9 +16,9 @@ use actix_web::http::header::HeaderMap;
 use actix_web::{HttpMessage, HttpRequest};
 use sha2::{Digest, Sha256};
 
-use crate::auth::Caller;
+use crate::caller::Caller;
 use crate::error::ApiError;
-use crate::routes::kv::Write;
+use crate::writes::Write;
 
 /// The header that makes a write idempotent.
 const IDEMPOTENCY_KEY: &str = "idempotency-key";

@@ -1,0 +1,149 @@
+//! The write pipeline every write route shares (`/v1/kv`, the legacy
+//! routes, dead-letter retry): accept a validated [`Write`] into the queue,
+//! honour `Idempotency-Key`, and answer (`202`, or with `Prefer: wait` the
+//! job's final outcome).
+//!
+//! # Layout
+//! - this module: [`Write`], the 202 body [`Accepted`], and [`submit`] /
+//!   [`enqueue`], the flow from a validated write to an answer;
+//! - [`accept`]: gives a job its place in its key's order and queues it;
+//! - [`idempotency`]: `Idempotency-Key` scopes and request fingerprints;
+//! - [`outcome`]: the 202 answer, and `Prefer: wait`'s synchronous answers;
+//! - [`headers`]: the headers every write takes (`If-Match`, `Prefer`,
+//!   `Idempotency-Key`), parsed and documented.
+
+use actix_web::{HttpRequest, HttpResponse};
+use kvq_shared::StoreError;
+use kvq_shared::jobs::{ApplyJob, Claim, Op};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub mod accept;
+pub mod headers;
+pub mod idempotency;
+pub mod outcome;
+
+/// The 202 body of every write.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Accepted {
+    /// The job id; poll `GET /v1/jobs/{job_id}`.
+    pub job_id: String,
+    /// Always `queued`.
+    #[schema(example = "queued")]
+    pub status: String,
+    /// The operation.
+    pub op: Op,
+    /// The key.
+    pub key: String,
+    /// The key's sequence number for this write.
+    pub seq: u64,
+}
+
+impl Accepted {
+    /// The answer for `job`, just queued.
+    pub fn of(job: &ApplyJob) -> Self {
+        Self {
+            job_id: job.id.clone(),
+            status: "queued".into(),
+            op: job.op,
+            key: job.key.clone(),
+            seq: job.seq,
+        }
+    }
+}
+
+/// A validated write, ready to be queued.
+pub struct Write {
+    /// The operation.
+    pub op: Op,
+    /// The key.
+    pub key: String,
+    /// The new value (not for delete).
+    pub value: Option<Box<RawValue>>,
+    /// Expiry, seconds.
+    pub ttl_seconds: Option<u64>,
+    /// `If-Match` version.
+    pub if_match: Option<u64>,
+}
+
+/// Queues a write, honouring `Idempotency-Key` and `Prefer: wait`: 202 once
+/// the job is in the queue Redis, 503 if it is not (then nothing was queued).
+/// A repeat of a token answers the token's first 202 again (with
+/// `Idempotent-Replayed: true`) and queues nothing; a repeat while the first
+/// is still running is a 409.
+pub(crate) async fn enqueue(
+    req: &HttpRequest,
+    state: &AppState,
+    write: Write,
+) -> Result<HttpResponse, ApiError> {
+    let submitted = submit(req, state, write).await?;
+    if submitted.replayed {
+        return Ok(outcome::accepted_response(&submitted.accepted, true));
+    }
+    let accepted = submitted.accepted;
+    match crate::wait::preferred_wait(req.headers()) {
+        Some(wait) if !wait.is_zero() => outcome::wait_for_final(state, &accepted, wait).await,
+        _ => Ok(outcome::accepted_response(&accepted, false)),
+    }
+}
+
+/// A write in the queue Redis.
+pub(crate) struct Submitted {
+    /// What the first request for it was told.
+    pub accepted: Accepted,
+    /// `true` when an `Idempotency-Key` repeat found an earlier job.
+    pub replayed: bool,
+}
+
+/// Queues a write, or finds the job an earlier request with the same
+/// `Idempotency-Key` (of the same caller, method and route, see
+/// [`idempotency`]) queued; the part of [`enqueue`] every write route shares.
+pub(crate) async fn submit(
+    req: &HttpRequest,
+    state: &AppState,
+    write: Write,
+) -> Result<Submitted, ApiError> {
+    let scope = idempotency::token(req.headers())?.map(|token| idempotency::scope(req, token));
+    if let Some(scope) = &scope {
+        match state
+            .records
+            .claim_idempotency(scope, &idempotency::fingerprint(&write))
+            .await
+            .map_err(ApiError::BackendUnavailable)?
+        {
+            Claim::New => {}
+            Claim::Pending => return Err(ApiError::IdempotencyConflict),
+            Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
+            Claim::Answered(answer) => {
+                let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
+                    ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
+                })?;
+                return Ok(Submitted {
+                    accepted,
+                    replayed: true,
+                });
+            }
+        }
+    }
+    let result = accept::queue_job(req, state, write).await;
+    if let Some(scope) = &scope {
+        let stored = match &result {
+            Ok(accepted) => match serde_json::to_string(accepted) {
+                Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
+                Err(e) => Err(StoreError::Corrupt(e.to_string())),
+            },
+            Err(_) => state.records.release_idempotency(scope).await,
+        };
+        if let Err(e) = stored {
+            tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
+        }
+    }
+    Ok(Submitted {
+        accepted: result?,
+        replayed: false,
+    })
+}
