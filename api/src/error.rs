@@ -53,7 +53,7 @@ pub enum ApiError {
         /// 404, 409, 412 or 503.
         status: StatusCode,
         /// The job's error code.
-        code: String,
+        code: kvq_shared::jobs::ErrorCode,
         /// The job's error message.
         message: String,
     },
@@ -87,7 +87,7 @@ impl ApiError {
     /// The stable machine code.
     pub fn code(&self) -> &str {
         match self {
-            ApiError::JobFailed { code, .. } => code,
+            ApiError::JobFailed { code, .. } => code.as_str(),
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
             ApiError::InvalidKey(_) => "invalid_key",

@@ -262,23 +262,72 @@ impl JobStatus {
     }
 }
 
+/// What a successful write did to its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Change {
+    /// The key did not exist (or had expired) and now does.
+    Created,
+    /// The key existed and has a new value.
+    Updated,
+    /// The key existed and is gone.
+    Deleted,
+}
+
 /// A successful job's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobResult {
-    /// `created`, `updated` or `deleted`.
-    #[schema(example = "created")]
-    pub outcome: String,
+    /// What the write did.
+    pub outcome: Change,
     /// The key's version after the write.
     pub version: u64,
+}
+
+/// Why a job ended `failed` or `dead`: the stable machine code of its error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// `failed`: create of a key that is live.
+    AlreadyExists,
+    /// `failed`: update or delete of a key that is absent.
+    NotFound,
+    /// `failed`: `If-Match` did not match the key's version.
+    VersionMismatch,
+    /// `dead`: a Redis server stayed unavailable through every retry; a dead
+    /// letter, which `POST /v1/jobs/{id}/retry` can queue again.
+    BackendUnavailable,
+    /// `dead`: later writes to the key were applied without this one.
+    SequenceSkipped,
+}
+
+impl ErrorCode {
+    /// The code as JSON and problem+json write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::VersionMismatch => "version_mismatch",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::SequenceSkipped => "sequence_skipped",
+        }
+    }
+}
+
+impl From<FailCode> for ErrorCode {
+    fn from(code: FailCode) -> Self {
+        match code {
+            FailCode::AlreadyExists => ErrorCode::AlreadyExists,
+            FailCode::NotFound => ErrorCode::NotFound,
+            FailCode::VersionMismatch => ErrorCode::VersionMismatch,
+        }
+    }
 }
 
 /// A failed or dead job's error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobError {
-    /// Stable machine code: `already_exists`, `not_found`,
-    /// `version_mismatch`, `backend_unavailable`, ...
-    #[schema(example = "already_exists")]
-    pub code: String,
+    /// The stable machine code.
+    pub code: ErrorCode,
     /// A sentence for humans.
     pub message: String,
 }
@@ -369,22 +418,17 @@ pub enum Final {
 
 /// The error code of a job whose retries ran out: only such dead jobs are
 /// dead letters, kept for `POST /v1/jobs/{id}/retry`.
-pub const RETRIES_EXHAUSTED: &str = "backend_unavailable";
+pub const RETRIES_EXHAUSTED: ErrorCode = ErrorCode::BackendUnavailable;
 
 impl From<Outcome> for Final {
     fn from(outcome: Outcome) -> Self {
-        let ok = |name: &str, version| {
-            Final::Succeeded(JobResult {
-                outcome: name.to_owned(),
-                version,
-            })
-        };
+        let ok = |outcome, version| Final::Succeeded(JobResult { outcome, version });
         match outcome {
-            Outcome::Created(v) => ok("created", v),
-            Outcome::Updated(v) => ok("updated", v),
-            Outcome::Deleted(v) => ok("deleted", v),
+            Outcome::Created(v) => ok(Change::Created, v),
+            Outcome::Updated(v) => ok(Change::Updated, v),
+            Outcome::Deleted(v) => ok(Change::Deleted, v),
             Outcome::Failed(code) => Final::Failed(JobError {
-                code: code.as_str().to_owned(),
+                code: code.into(),
                 message: code.message().to_owned(),
             }),
         }

@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
 use kvq_shared::StoreError;
 use kvq_shared::error::chain;
-use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, now_ms};
+use kvq_shared::jobs::{
+    ApplyJob, ErrorCode, Final, JobError, JobRecords, RETRIES_EXHAUSTED, now_ms,
+};
 use kvq_shared::store::{Applied, KvStore};
 use tracing::Instrument;
 
@@ -99,7 +101,7 @@ impl Applier {
                 Metrics::inc(&self.metrics.dead);
                 tracing::error!(error = %chain(&e), "job dead: retries exhausted");
                 let end = Final::Dead(JobError {
-                    code: "backend_unavailable".into(),
+                    code: RETRIES_EXHAUSTED,
                     message: format!(
                         "gave up after {attempt} attempts: a Redis server was unavailable"
                     ),
@@ -136,7 +138,7 @@ impl Applier {
         let end = match applied {
             Applied::Done { outcome, .. } | Applied::Duplicate(Some(outcome)) => Final::from(outcome),
             Applied::Duplicate(None) => Final::Dead(JobError {
-                code: "sequence_skipped".into(),
+                code: ErrorCode::SequenceSkipped,
                 message: "this write arrived after the gap timeout, when later writes to the key had been applied without it; it was not applied".into(),
             }),
             Applied::Wait { .. } => {

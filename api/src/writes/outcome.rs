@@ -6,7 +6,7 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::http::header;
 use actix_web::{HttpResponse, ResponseError};
-use kvq_shared::jobs::{JobError, JobRecord, JobResult, JobStatus, Op, rfc3339};
+use kvq_shared::jobs::{Change, ErrorCode, JobError, JobRecord, JobResult, JobStatus, Op, rfc3339};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -108,16 +108,17 @@ pub(crate) async fn wait_for_final(
     };
     let applied = format!("wait={}", wait.as_secs());
     if let Some(error) = &record.error {
-        let code = error.code.clone();
-        let status = match code.as_str() {
-            "not_found" => StatusCode::NOT_FOUND,
-            "already_exists" => StatusCode::CONFLICT,
-            "version_mismatch" => StatusCode::PRECONDITION_FAILED,
-            _ => StatusCode::SERVICE_UNAVAILABLE,
+        let status = match error.code {
+            ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::AlreadyExists => StatusCode::CONFLICT,
+            ErrorCode::VersionMismatch => StatusCode::PRECONDITION_FAILED,
+            ErrorCode::BackendUnavailable | ErrorCode::SequenceSkipped => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         };
         let mut response = ApiError::JobFailed {
             status,
-            code,
+            code: error.code,
             message: error.message.clone(),
         }
         .error_response();
@@ -128,34 +129,24 @@ pub(crate) async fn wait_for_final(
         }
         return Ok(response);
     }
+    let change = record.result.as_ref().map(|r| r.outcome);
     let version = record.result.as_ref().map_or(0, |r| r.version);
-    let etag = format!("\"{version}\"");
-    let key_location = format!(
-        "/v1/kv/{}",
-        percent_encoding::utf8_percent_encode(&record.key, KEY_IN_PATH)
-    );
-    let mut response = match record.result.as_ref().map(|r| r.outcome.as_str()) {
-        Some("created") => HttpResponse::Created(),
-        Some("deleted") => HttpResponse::NoContent(),
-        _ => HttpResponse::Ok(),
+    let mut response = match change {
+        Some(Change::Created) => HttpResponse::Created(),
+        Some(Change::Deleted) => HttpResponse::NoContent(),
+        Some(Change::Updated) | None => HttpResponse::Ok(),
     };
     response
-        .insert_header((header::ETAG, etag))
+        .insert_header((header::ETAG, format!("\"{version}\"")))
         .insert_header(("preference-applied", applied))
         .insert_header((header::CONTENT_LOCATION, format!("/v1/jobs/{}", record.id)));
-    if record
-        .result
-        .as_ref()
-        .is_some_and(|r| r.outcome == "created")
-    {
-        response.insert_header((header::LOCATION, key_location));
-    }
-    if record
-        .result
-        .as_ref()
-        .is_some_and(|r| r.outcome == "deleted")
-    {
-        return Ok(response.finish());
+    match change {
+        Some(Change::Created) => {
+            let key = percent_encoding::utf8_percent_encode(&record.key, KEY_IN_PATH);
+            response.insert_header((header::LOCATION, format!("/v1/kv/{key}")));
+        }
+        Some(Change::Deleted) => return Ok(response.finish()),
+        Some(Change::Updated) | None => {}
     }
     Ok(response.json(JobBody::from(record)))
 }
