@@ -635,7 +635,12 @@ async fn a_seq_that_never_arrives_stalls_its_key_only_for_the_gap_timeout() {
         .await;
     stack.finished(stack.create("gappy", json!(1)).await).await;
     // An API process killed between handing out seq 2 and queueing it.
-    let _: i64 = stack.kv.cmd(&["HINCRBY", "kvq:meta:{gappy}", "next", "1"]);
+    let _: i64 = stack.kv.cmd(&[
+        "HINCRBY",
+        &kvq_shared::keys::meta_key("kvq", "gappy"),
+        "next",
+        "1",
+    ]);
     let started = std::time::Instant::now();
     let job = stack
         .finished(stack.put("gappy", json!({"value": 3})).await)

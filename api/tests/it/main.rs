@@ -11,5 +11,6 @@ mod health;
 mod jobs;
 mod kv;
 mod legacy;
+mod list;
 mod openapi;
 mod resilience;
