@@ -1,10 +1,13 @@
-//! Load that needs to know about kvq: bursts timed until applied, and a
-//! steady write rate with write-to-visible latency.
+//! Load that needs to know about kvq: bursts timed until applied, a
+//! steady write rate with write-to-visible latency, and what a list page
+//! costs the data Redis.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kvq_shared::keys;
+use kvq_testkit::TestRedis;
 use reqwest::Client;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -18,9 +21,15 @@ pub fn client() -> Client {
         .unwrap_or_default()
 }
 
-/// Number of keys in the KV Redis.
-async fn dbsize(kv: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    Ok(redis::cmd("DBSIZE").query_async(kv).await?)
+/// Number of keys the KV Redis' bucket indexes hold: one per live key (no
+/// key of the bench has a TTL), so it grows by one per applied create.
+async fn indexed(kv: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let mut pipe = redis::pipe();
+    for bucket in 0..keys::BUCKETS {
+        pipe.cmd("ZCARD").arg(keys::index_key("kvq", bucket));
+    }
+    let counts: Vec<u64> = pipe.query_async(kv).await?;
+    Ok(counts.iter().sum())
 }
 
 /// The result of a burst.
@@ -37,9 +46,9 @@ pub struct Burst {
 }
 
 /// Sends creates of fresh keys with `wrk` (50 connections) for `duration`,
-/// then waits (at most `deadline`) until every accepted one is applied. A
-/// create adds one metadata key at accept and one value key at apply, so
-/// "applied" is read off `DBSIZE`. wrk is the load generator because it
+/// then waits (at most `deadline`) until every accepted one is applied. An
+/// applied create adds its key to its bucket's index, so "applied" is read
+/// off the indexes' sizes. wrk is the load generator because it
 /// costs the shared cores far less per request than an HTTP client library.
 pub async fn burst(
     base: &str,
@@ -51,7 +60,7 @@ pub async fn burst(
     let mut kv = redis::Client::open(kv_url)?
         .get_multiplexed_async_connection()
         .await?;
-    let before = dbsize(&mut kv).await?;
+    let before = indexed(&mut kv).await?;
     let started = Instant::now();
     let url = format!("{base}/v1/kv");
     let script = script.to_owned();
@@ -67,10 +76,10 @@ pub async fn burst(
         );
     }
     let writes = load.requests;
-    let target = before + 2 * writes;
+    let target = before + writes;
     let mut complete = false;
     while started.elapsed() < deadline {
-        if dbsize(&mut kv).await? >= target {
+        if indexed(&mut kv).await? >= target {
             complete = true;
             break;
         }
@@ -178,7 +187,7 @@ pub async fn paced(
     let mut kv = redis::Client::open(kv_url)?
         .get_multiplexed_async_connection()
         .await?;
-    let before = dbsize(&mut kv).await?;
+    let before = indexed(&mut kv).await?;
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     let mut tasks = Vec::new();
@@ -197,12 +206,78 @@ pub async fn paced(
             accepted += 1;
         }
     }
-    let target = before + 2 * accepted;
+    let target = before + accepted;
     while started.elapsed() < deadline {
-        if dbsize(&mut kv).await? >= target {
+        if indexed(&mut kv).await? >= target {
             return Ok(accepted == writes);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(false)
+}
+
+/// What a list page costs the data Redis.
+#[derive(Debug, Clone)]
+pub struct ListCost {
+    /// Keys in the keyspace listed.
+    pub keys: usize,
+    /// Pages of a prefix that matches none of them, requested one by one.
+    pub pages: u32,
+    /// The data Redis' CPU (user + system) per such page, ms.
+    pub nomatch_ms: f64,
+    /// Its CPU for one full page (1,000 keys), ms.
+    pub full_page_ms: f64,
+    /// The bucket indexes' memory per key, bytes (`MEMORY USAGE`).
+    pub index_bytes_per_key: f64,
+}
+
+/// Empties the data Redis and seeds `keys` keys straight into it (as the
+/// apply script writes them: value, metadata, index entry), then reads the data Redis'
+/// CPU time (`INFO cpu`) around `pages` requests of
+/// `GET /v1/kv?prefix=nomatch/&limit=1000`, and around one full page.
+pub async fn list_cost(
+    base: &str,
+    kv: &TestRedis,
+    keys: usize,
+    pages: u32,
+) -> anyhow::Result<ListCost> {
+    let _: () = kv.cmd(&["FLUSHALL"]);
+    kv.seed_keys((0..keys).map(|i| format!("listing/{i:07}")));
+    let http = client();
+    let get = |query: &'static str| {
+        let request = http.get(format!("{base}/v1/kv?{query}"));
+        async move {
+            let response = request.send().await?;
+            if response.status() != 200 {
+                bail!("GET /v1/kv?{query} answered {}", response.status());
+            }
+            let body: serde_json::Value = response.json().await?;
+            Ok(body["keys"].as_array().map_or(0, Vec::len))
+        }
+    };
+    get("prefix=nomatch/&limit=1000").await?; // loads the script
+    let before = kv.cpu_seconds();
+    for _ in 0..pages {
+        get("prefix=nomatch/&limit=1000").await?;
+    }
+    let nomatch_ms = (kv.cpu_seconds() - before) * 1000.0 / f64::from(pages);
+    let before = kv.cpu_seconds();
+    let listed = get("prefix=listing/&limit=1000").await?;
+    let full_page_ms = (kv.cpu_seconds() - before) * 1000.0;
+    if listed != 1000.min(keys) {
+        bail!("a full page held {listed} keys");
+    }
+    let mut index_bytes = 0;
+    for bucket in 0..keys::BUCKETS {
+        let index = keys::index_key("kvq", bucket);
+        let usage: Option<u64> = kv.cmd(&["MEMORY", "USAGE", &index, "SAMPLES", "0"]);
+        index_bytes += usage.unwrap_or(0);
+    }
+    Ok(ListCost {
+        keys,
+        pages,
+        nomatch_ms,
+        full_page_ms,
+        index_bytes_per_key: index_bytes as f64 / keys as f64,
+    })
 }

@@ -13,7 +13,8 @@
 //!
 //! # Layout
 //! - `tools`: `wrk` and `redis-benchmark` runs and their output.
-//! - `load`: bursts timed until applied, and steady-rate visibility.
+//! - `load`: bursts timed until applied, steady-rate visibility, and the
+//!   data Redis' CPU per list page.
 //! - `report`: the table and the chart.
 
 #![allow(clippy::print_stdout)]
@@ -42,7 +43,12 @@ struct Plan {
     visibility: Duration,
     /// Jobs run for the queue-memory measurement.
     memory_jobs: u64,
+    /// Keys seeded for the list-cost measurement.
+    list_keys: usize,
 }
+
+/// List pages of a non-matching prefix whose data-Redis CPU is averaged.
+const LIST_PAGES: u32 = 50;
 
 const RETENTION_SECONDS: u64 = 5;
 const VALUE_100_BYTES: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
@@ -63,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
             burst: Duration::from_secs(1),
             visibility: Duration::from_secs(3),
             memory_jobs: 2_000,
+            list_keys: 5_000,
         }
     } else {
         Plan {
@@ -71,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
             burst: Duration::from_secs(3),
             visibility: Duration::from_secs(10),
             memory_jobs: 20_000,
+            list_keys: 100_000,
         }
     };
     let started = Instant::now();
@@ -232,6 +240,12 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     let per_100k_mib =
         (after as f64 - baseline as f64) / plan.memory_jobs as f64 * 100_000.0 / 1_048_576.0;
 
+    step(&format!(
+        "data Redis CPU per list page: a prefix matching none of {} keys",
+        plan.list_keys
+    ));
+    let listing = load::list_cost(&base, &kv, plan.list_keys, LIST_PAGES).await?;
+
     let api_rss = tools::peak_rss_mib(api.pid()).unwrap_or(f64::NAN);
     let worker_rss = workers
         .iter()
@@ -247,6 +261,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         alive,
         &visible,
         (baseline, after, per_100k_mib, all_applied),
+        &listing,
         (api_rss, worker_rss),
     );
     if let Some(dir) = out {
@@ -332,6 +347,7 @@ fn rows(
     alive: usize,
     visible: &load::Visibility,
     memory: (u64, u64, f64, bool),
+    listing: &load::ListCost,
     rss: (f64, f64),
 ) -> Vec<Row> {
     let get_ratio = ratio(kvq_get.rps, redis_get.rps);
@@ -423,6 +439,17 @@ fn rows(
             "p50 ≤ 5 ms, p99 ≤ 50 ms".into(),
             visible.p50_ms <= 5.0 && visible.p99_ms <= 50.0 && visible.lost == 0,
         )),
+    });
+    rows.push(Row {
+        what: format!(
+            "data Redis CPU per list page, prefix matching none of {} keys ({} pages)",
+            listing.keys, listing.pages
+        ),
+        value: format!(
+            "{:.2} ms (a full page of 1,000 keys: {:.2} ms; index {:.0} B per key)",
+            listing.nomatch_ms, listing.full_page_ms, listing.index_bytes_per_key
+        ),
+        target: Some(("≤ 2 ms".into(), listing.nomatch_ms <= 2.0)),
     });
     rows.push(Row {
         what: "peak RSS kvq-api / kvq-worker".into(),

@@ -1,83 +1,76 @@
 //! Every Redis key kvq uses is built here, one function per key, each showing
 //! its shape. `ns` is `KVQ_NAMESPACE`.
 //!
-//! A user key appears inside a Redis Cluster hash tag (`{...}`), so a key's
-//! value and metadata always share one slot. The key is escaped first (`%` →
-//! `%25`, `{` → `%7B`, `}` → `%7D`), so a user key containing braces cannot
-//! move the tag; the escaping maps prefixes to prefixes, which keeps prefix
-//! listing a plain `SCAN MATCH`.
+//! Every user key belongs to one of [`BUCKETS`] buckets ([`bucket`]). The
+//! data Redis' keys carry the bucket as their Redis Cluster hash tag
+//! (`{<bucket>}`), so a key's value, its metadata, and its bucket's index and
+//! expiry set share one hash slot: the apply script and the list script each
+//! touch one slot. The user key follows the tag as it is, with no escaping:
+//! Redis takes the first `{...}` as the tag, and that one is always ours
+//! (`KVQ_NAMESPACE` cannot hold braces).
 
-/// Escapes a user key for use inside a hash tag.
-pub fn escape(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for c in key.chars() {
-        match c {
-            '%' => out.push_str("%25"),
-            '{' => out.push_str("%7B"),
-            '}' => out.push_str("%7D"),
-            c => out.push(c),
+/// How many buckets user keys are spread over. Never change it: every key
+/// in a data Redis would then be looked for in the wrong bucket.
+pub const BUCKETS: u16 = 64;
+
+/// CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
         }
     }
-    out
+    crc
 }
 
-/// Reverses [`escape`]. Returns `None` for text that [`escape`] never makes.
-pub fn unescape(escaped: &str) -> Option<String> {
-    let mut out = String::with_capacity(escaped.len());
-    let mut rest = escaped;
-    while let Some(i) = rest.find('%') {
-        out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 3)?;
-        out.push(match code {
-            "25" => '%',
-            "7B" => '{',
-            "7D" => '}',
-            _ => return None,
-        });
-        rest = &rest[i + 3..];
-    }
-    out.push_str(rest);
-    Some(out)
+/// The bucket of a user key: CRC16 of its bytes modulo [`BUCKETS`]. Fixed
+/// for good (the tests pin its values): data is stored under it.
+pub fn bucket(key: &str) -> u16 {
+    crc16(key.as_bytes()) % BUCKETS
 }
 
 /// The live value of a user key, a hash with fields `v` (the value as JSON),
 /// `ver` (its version), `ts` (updated at, Unix ms) and, with a TTL, `exp`
 /// (expires at, Unix ms, also set as Redis' own expiry on the key):
-/// `{ns}:kv:{<escaped key>}`.
+/// `{ns}:v:{<bucket>}:<key>`.
 pub fn value_key(ns: &str, key: &str) -> String {
-    format!("{ns}:kv:{{{}}}", escape(key))
+    format!("{}{key}", value_key_prefix(ns, bucket(key)))
 }
 
-/// The `SCAN MATCH` pattern for value keys whose user key starts with
-/// `prefix`: `{ns}:kv:{<escaped, glob-quoted prefix>*`.
-pub fn value_key_pattern(ns: &str, prefix: &str) -> String {
-    let mut pattern = format!("{ns}:kv:{{");
-    for c in escape(prefix).chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            pattern.push('\\');
-        }
-        pattern.push(c);
-    }
-    pattern.push('*');
-    pattern
-}
-
-/// Extracts the user key from a value key made by [`value_key`].
-pub fn user_key_of(ns: &str, value_key: &str) -> Option<String> {
-    let inner = value_key
-        .strip_prefix(ns)?
-        .strip_prefix(":kv:{")?
-        .strip_suffix('}')?;
-    unescape(inner)
+/// What every value key of `bucket` starts with, the user key following:
+/// `{ns}:v:{<bucket>}:`. The list script and the apply script's clean-up
+/// build value keys from it and an index member.
+pub fn value_key_prefix(ns: &str, bucket: u16) -> String {
+    format!("{ns}:v:{{{bucket}}}:")
 }
 
 /// A user key's metadata, kept after delete and expiry so versions never
 /// repeat: a hash with `ver` (last version), `next` (last `seq` handed out),
 /// `seq` (last `seq` applied), `r:<seq>` (outcomes of recent applies) and
 /// `x:<seq>` (handed out but never queued):
-/// `{ns}:meta:{<escaped key>}`.
+/// `{ns}:m:{<bucket>}:<key>`.
 pub fn meta_key(ns: &str, key: &str) -> String {
-    format!("{ns}:meta:{{{}}}", escape(key))
+    format!("{ns}:m:{{{}}}:{key}", bucket(key))
+}
+
+/// A bucket's index: a sorted set of the user keys of the bucket's live
+/// keys (and of keys expired but not yet cleaned up), all scored 0, so
+/// `ZRANGEBYLEX` reads them in byte order: `{ns}:ix:{<bucket>}`.
+pub fn index_key(ns: &str, bucket: u16) -> String {
+    format!("{ns}:ix:{{{bucket}}}")
+}
+
+/// A bucket's expiries: a sorted set of the user keys of the bucket's keys
+/// that have a TTL, scored by when they expire (Unix ms), for cleaning
+/// expired keys out of the index: `{ns}:ex:{<bucket>}`.
+pub fn expiry_key(ns: &str, bucket: u16) -> String {
+    format!("{ns}:ex:{{{bucket}}}")
 }
 
 /// One job's record (status, attempts, timestamps, outcome), a hash in the
@@ -118,27 +111,62 @@ pub fn queue_name(ns: &str) -> String {
 mod tests {
     use super::*;
 
-    #[test]
-    fn braces_cannot_move_the_hash_tag() {
-        let k = "}a{b%7D";
-        assert_eq!(value_key("kvq", k), "kvq:kv:{%7Da%7Bb%257D}");
-        assert_eq!(meta_key("kvq", k), "kvq:meta:{%7Da%7Bb%257D}");
-        assert_eq!(user_key_of("kvq", &value_key("kvq", k)).as_deref(), Some(k));
+    /// The Redis Cluster hash tag of a Redis key: the first `{...}` with
+    /// something inside.
+    fn hash_tag(redis_key: &str) -> &str {
+        let open = redis_key.find('{').expect("a tag");
+        let close = open + 1 + redis_key[open + 1..].find('}').expect("a closed tag");
+        &redis_key[open + 1..close]
     }
 
     #[test]
-    fn escaping_round_trips_and_keeps_prefixes() {
-        for k in ["plain", "users/42/name", "é%{}", "%", "%%7B", "a*b?[c]\\"] {
-            assert_eq!(unescape(&escape(k)).as_deref(), Some(k));
-            for cut in (0..=k.len()).filter(|i| k.is_char_boundary(*i)) {
-                assert!(escape(k).starts_with(&escape(&k[..cut])));
-            }
+    fn the_bucket_function_never_changes() {
+        // The CRC16 check value, as Redis Cluster's specification gives it.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        // Data is stored under these: a change here orphans every key.
+        let pinned = [
+            ("123456789", 3),
+            ("", 0),
+            ("a", 7),
+            ("users/42/name", 30),
+            ("é", 4),
+            ("😀/x", 14),
+            ("list/00", 42),
+        ];
+        for (key, expected) in pinned {
+            assert_eq!(bucket(key), expected, "bucket of {key:?}");
         }
-        assert_eq!(unescape("%41"), None);
     }
 
     #[test]
-    fn glob_characters_are_quoted() {
-        assert_eq!(value_key_pattern("kvq", "a*["), "kvq:kv:{a\\*\\[*");
+    fn buckets_spread_similar_keys() {
+        let mut counts = [0u32; BUCKETS as usize];
+        for i in 0..6_400 {
+            counts[usize::from(bucket(&format!("users/{i}")))] += 1;
+        }
+        // 100 per bucket on average.
+        assert!(
+            counts.iter().all(|&n| (50..=150).contains(&n)),
+            "{counts:?}"
+        );
+    }
+
+    #[test]
+    fn a_key_and_its_bucket_share_one_hash_tag() {
+        for key in ["plain", "}a{b", "{x}", "users/42/name", "é"] {
+            let b = bucket(key);
+            let tag = b.to_string();
+            assert_eq!(value_key("kvq", key), format!("kvq:v:{{{b}}}:{key}"));
+            assert_eq!(meta_key("kvq", key), format!("kvq:m:{{{b}}}:{key}"));
+            for redis_key in [
+                value_key("kvq", key),
+                meta_key("kvq", key),
+                index_key("kvq", b),
+                expiry_key("kvq", b),
+            ] {
+                assert_eq!(hash_tag(&redis_key), tag, "{redis_key}");
+            }
+            assert!(value_key("kvq", key).starts_with(&value_key_prefix("kvq", b)));
+        }
     }
 }

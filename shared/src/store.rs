@@ -1,4 +1,4 @@
-//! The KV Redis: reads, sequence numbers, and the atomic apply script.
+//! The KV Redis: reads, sequence numbers, the atomic apply script, listing.
 //!
 //! Per user key there are two Redis keys in one hash slot (see
 //! [`crate::keys`]): the live value (a hash, with Redis' expiry as the TTL) and
@@ -6,7 +6,9 @@
 //! repeat). Every write goes through `scripts/apply.lua`, which checks the
 //! job's `seq` against the key's last applied `seq`: a redelivered job reports
 //! the outcome recorded the first time and changes nothing, and a job whose
-//! predecessor has not been applied yet is told to wait.
+//! predecessor has not been applied yet is told to wait. The same script keeps
+//! the key's bucket's index (a sorted set of its keys, read by
+//! `scripts/list.lua`) and expiry set up to date, in the same slot.
 
 use std::time::Duration;
 
@@ -21,6 +23,10 @@ use crate::keys;
 
 /// How many recent outcomes the metadata remembers for redelivered jobs.
 const REMEMBERED_OUTCOMES: u64 = 64;
+
+/// Entries a bucket may examine beyond the keys it returns, before it
+/// stops (expired keys not yet cleaned up cost this much per page at most).
+const LIST_EXAMINE_SLACK: usize = 64;
 
 /// Marks ARGV[1] abandoned in meta key KEYS[1] unless it was applied already.
 const ABANDON_SCRIPT: &str = r"
@@ -123,6 +129,7 @@ pub struct KvStore {
     conn: ConnectionManager,
     namespace: String,
     apply_script: Script,
+    list_script: Script,
     abandon_script: Script,
 }
 
@@ -133,6 +140,7 @@ impl KvStore {
             conn,
             namespace: namespace.to_owned(),
             apply_script: Script::new(include_str!("scripts/apply.lua")),
+            list_script: Script::new(include_str!("scripts/list.lua")),
             abandon_script: Script::new(ABANDON_SCRIPT),
         }
     }
@@ -216,10 +224,13 @@ impl KvStore {
         now_ms: i64,
     ) -> Result<Applied, StoreError> {
         let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
+        let bucket = keys::bucket(&job.key);
         let answer: Vec<String> = self
             .apply_script
             .key(keys::value_key(&self.namespace, &job.key))
             .key(keys::meta_key(&self.namespace, &job.key))
+            .key(keys::index_key(&self.namespace, bucket))
+            .key(keys::expiry_key(&self.namespace, bucket))
             .arg(job.op.as_str())
             .arg(job.seq)
             .arg(job.value.as_ref().map_or("null", |v| v.get()))
@@ -229,6 +240,8 @@ impl KvStore {
             .arg(u64::try_from(gap_timeout.as_millis()).unwrap_or(u64::MAX))
             .arg(REMEMBERED_OUTCOMES)
             .arg(job.enqueued_at)
+            .arg(&job.key)
+            .arg(keys::value_key_prefix(&self.namespace, bucket))
             .invoke_async(&mut self.conn.clone())
             .await?;
         let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
@@ -247,44 +260,181 @@ impl KvStore {
         }
     }
 
-    /// Lists live user keys starting with `prefix`, at most about `limit` per
-    /// page, in no particular order. `cursor` is the previous page's
-    /// `next_cursor` (`None` for the first page); the returned cursor is
-    /// `None` on the last page.
+    /// Lists live user keys starting with `prefix`, in byte order, after
+    /// `after` (the last key of the previous page; `None` for the first
+    /// page). Answers up to `limit` keys and the key to continue after, or
+    /// `None` when the listing is complete.
+    ///
+    /// Each of the [`keys::BUCKETS`] buckets' indexes is asked, in one
+    /// pipeline, for its next `f = max(ceil(2 * limit / BUCKETS), 4)` live
+    /// keys of the range (`scripts/list.lua`, examining at most `f + 64`
+    /// entries and dropping expired ones it meets), so a page costs
+    /// O(BUCKETS * log N + page), whatever the keyspace holds.
+    ///
+    /// Why no key is skipped or repeated: a bucket that may hold more keys
+    /// returns every live key of the range up to the last entry it examined,
+    /// `L_b`; one that does not, every live key of the range. With `bound`
+    /// the smallest `L_b`, the keys returned that are `<= bound` are
+    /// therefore exactly the live keys in `(after, bound]`, and the page is
+    /// the first `limit` of them, sorted. The next page starts after the
+    /// page's last key, so every key in `(after, last]` was on this page and
+    /// none of them will be again: cursors only grow.
+    ///
+    /// Why a page is empty only at the end: the bucket whose `L_b` is
+    /// `bound` stopped either with `f` live keys, its last one being
+    /// `bound` itself (then on the page), or on its examine budget, having
+    /// met only expired keys. In that second case the page may be empty;
+    /// then there is no live key in `(after, bound]` and the expired
+    /// entries met were removed, so the listing goes on from `bound` at
+    /// once, in this call. The work that costs is paid once per expired
+    /// key.
     #[tracing::instrument(skip(self))]
     pub async fn list(
         &self,
         prefix: &str,
         limit: usize,
-        cursor: Option<u64>,
-    ) -> Result<(Vec<String>, Option<u64>), StoreError> {
-        let pattern = keys::value_key_pattern(&self.namespace, prefix);
-        let mut conn = self.conn.clone();
-        let mut cursor = cursor.unwrap_or(0);
-        let mut found = Vec::new();
-        // Bounded: each round asks Redis to look at `count` keys.
-        let count = limit.clamp(10, 1_000);
-        for _ in 0..64 {
-            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut conn)
-                .await?;
-            found.extend(
-                batch
-                    .iter()
-                    .filter_map(|k| keys::user_key_of(&self.namespace, k)),
-            );
-            cursor = next;
-            if cursor == 0 || found.len() >= limit {
-                break;
+        after: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>), StoreError> {
+        let limit = limit.max(1);
+        let per_bucket = (2 * limit).div_ceil(usize::from(keys::BUCKETS)).max(4);
+        let end = range_end(prefix.as_bytes());
+        let mut after = after.map(str::to_owned);
+        loop {
+            let start = range_start(prefix, after.as_deref());
+            let mut found = Vec::new();
+            let mut bound: Option<String> = None;
+            for (mut keys, more_after) in self.list_buckets(&start, &end, per_bucket).await? {
+                found.append(&mut keys);
+                if let Some(last) = more_after
+                    && bound.as_ref().is_none_or(|b| last < *b)
+                {
+                    bound = Some(last);
+                }
+            }
+            if let Some(bound) = &bound {
+                found.retain(|k| k <= bound);
+            }
+            // A key is in one bucket only: no duplicates to remove.
+            found.sort_unstable();
+            let cut = found.len() > limit;
+            found.truncate(limit);
+            match (found.last(), bound) {
+                (None, Some(bound)) => after = Some(bound),
+                (None, None) => return Ok((found, None)),
+                (Some(last), bound) => {
+                    let next = (cut || bound.is_some()).then(|| last.clone());
+                    return Ok((found, next));
+                }
             }
         }
-        found.sort();
-        found.dedup();
-        Ok((found, (cursor != 0).then_some(cursor)))
+    }
+
+    /// Runs the list script on every bucket, in one pipeline. Per bucket:
+    /// the live keys found, and the last entry examined if the bucket may
+    /// hold more.
+    async fn list_buckets(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        per_bucket: usize,
+    ) -> Result<Vec<(Vec<String>, Option<String>)>, StoreError> {
+        let ns = &self.namespace;
+        let mut pipe = redis::pipe();
+        for bucket in 0..keys::BUCKETS {
+            pipe.cmd("EVALSHA")
+                .arg(self.list_script.get_hash())
+                .arg(2)
+                .arg(keys::index_key(ns, bucket))
+                .arg(keys::expiry_key(ns, bucket))
+                .arg(keys::value_key_prefix(ns, bucket))
+                .arg(start)
+                .arg(end)
+                .arg(per_bucket)
+                .arg(per_bucket + LIST_EXAMINE_SLACK);
+        }
+        let mut conn = self.conn.clone();
+        let answers: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+            // A restarted Redis has forgotten the script: load it, once.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.list_script.load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            answers => answers?,
+        };
+        let text = |bytes: Vec<u8>| {
+            String::from_utf8(bytes)
+                .map_err(|_| StoreError::Corrupt("a listed key is not UTF-8".into()))
+        };
+        answers
+            .into_iter()
+            .map(|answer| {
+                let mut answer = answer.into_iter();
+                let (Some(more), Some(last)) = (answer.next(), answer.next()) else {
+                    return Err(StoreError::Corrupt("short list answer".into()));
+                };
+                let keys = answer.map(text).collect::<Result<Vec<_>, _>>()?;
+                let more_after = (more == b"1").then(|| text(last)).transpose()?;
+                Ok((keys, more_after))
+            })
+            .collect()
+    }
+}
+
+/// The `ZRANGEBYLEX` start of a listing: after the cursor key when there is
+/// one at or past the prefix (`(<after>`), else from the prefix on
+/// (`[<prefix>`, or `-` for no prefix).
+fn range_start(prefix: &str, after: Option<&str>) -> Vec<u8> {
+    match after {
+        Some(after) if after >= prefix => [b"(", after.as_bytes()].concat(),
+        _ if prefix.is_empty() => b"-".to_vec(),
+        _ => [b"[", prefix.as_bytes()].concat(),
+    }
+}
+
+/// The `ZRANGEBYLEX` end of a listing: before the smallest string greater
+/// than every string starting with `prefix` (the prefix with trailing 0xff
+/// bytes dropped and its last byte incremented), or `+` if there is none.
+fn range_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while end.last() == Some(&0xff) {
+        end.pop();
+    }
+    match end.last_mut() {
+        Some(last) => {
+            *last += 1;
+            [b"(", end.as_slice()].concat()
+        }
+        None => b"+".to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_holds_exactly_the_keys_with_the_prefix() {
+        assert_eq!(range_end(b""), b"+");
+        assert_eq!(range_end(b"a/"), b"(a0");
+        assert_eq!(range_end(b"ab"), b"(ac");
+        assert_eq!(range_end("é".as_bytes()), b"(\xc3\xaa");
+        assert_eq!(range_end(b"a\xff\xff"), b"(b");
+        assert_eq!(range_end(b"\xff"), b"+");
+        // Every key with the prefix sorts before the end, the end after.
+        let end = &range_end(b"a/")[1..];
+        for key in ["a/", "a/b", "a/\u{10FFFF}"] {
+            assert!(key.as_bytes() < end, "{key}");
+        }
+        assert!(b"a0".as_slice() >= end && b"ab".as_slice() >= end);
+    }
+
+    #[test]
+    fn the_start_follows_the_cursor_only_inside_the_prefix() {
+        assert_eq!(range_start("", None), b"-");
+        assert_eq!(range_start("a/", None), b"[a/");
+        assert_eq!(range_start("a/", Some("a/x")), b"(a/x");
+        assert_eq!(range_start("a/", Some("a/")), b"(a/");
+        assert_eq!(range_start("a/", Some("a")), b"[a/");
+        assert_eq!(range_start("", Some("k")), b"(k");
     }
 }

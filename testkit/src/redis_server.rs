@@ -225,6 +225,56 @@ impl TestRedis {
         }
     }
 
+    /// Writes `keys` (namespace `kvq`) straight into this data Redis as the
+    /// apply script would have created them (value `1`, version 1, no TTL:
+    /// value, metadata and index entry), pipelined in chunks: a large
+    /// keyspace in a second, where the API and a worker would take minutes.
+    pub fn seed_keys<I: IntoIterator<Item = String>>(&self, keys: I) {
+        use kvq_shared::keys;
+        let mut conn = self.conn();
+        let mut pipe = redis::pipe();
+        let mut queued = 0;
+        for key in keys {
+            let bucket = keys::bucket(&key);
+            pipe.cmd("HSET")
+                .arg(keys::value_key("kvq", &key))
+                .arg(&["v", "1", "ver", "1", "ts", "0"][..])
+                .ignore()
+                .cmd("HSET")
+                .arg(keys::meta_key("kvq", &key))
+                .arg(&["next", "1", "seq", "1", "ver", "1", "t", "0"][..])
+                .ignore()
+                .cmd("ZADD")
+                .arg(keys::index_key("kvq", bucket))
+                .arg(0)
+                .arg(&key)
+                .ignore();
+            queued += 1;
+            if queued == 5_000 {
+                pipe.query::<()>(&mut conn).unwrap();
+                pipe.clear();
+                queued = 0;
+            }
+        }
+        if queued > 0 {
+            pipe.query::<()>(&mut conn).unwrap();
+        }
+    }
+
+    /// CPU time the server has used so far, user plus system, in seconds
+    /// (`INFO cpu`).
+    pub fn cpu_seconds(&self) -> f64 {
+        let info: String = self.cmd(&["INFO", "cpu"]);
+        info.lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                matches!(name, "used_cpu_sys" | "used_cpu_user")
+                    .then(|| value.trim().parse::<f64>().ok())
+                    .flatten()
+            })
+            .sum()
+    }
+
     /// Every key in the server.
     pub fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.cmd(&["KEYS", "*"]);

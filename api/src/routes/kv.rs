@@ -6,6 +6,8 @@
 use actix_web::http::header::{self, HeaderMap};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use kvq_shared::jobs::{Op, rfc3339};
 use kvq_shared::retry;
 use kvq_shared::store::Entry;
@@ -120,8 +122,9 @@ pub struct ListQuery {
     #[validate(range(min = 1, max = 1_000))]
     #[param(minimum = 1, maximum = 1_000)]
     pub limit: Option<usize>,
-    /// The previous page's `next_cursor`.
-    #[param(pattern = "^[0-9]{0,19}$")]
+    /// The previous page's `next_cursor`, as given (opaque: base64url of
+    /// the page's last key); absent or empty for the first page.
+    #[param(max_length = 683, pattern = "^[A-Za-z0-9_-]*$")]
     pub cursor: Option<String>,
 }
 
@@ -146,7 +149,10 @@ pub struct KeyBody<'a> {
 /// The 200 body of a list.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ListBody {
-    /// Keys, sorted within the page.
+    /// Keys, sorted by their UTF-8 bytes, within the page and across pages:
+    /// every key of a page sorts after every key of the pages before. At
+    /// most `limit`; a page may hold fewer while `next_cursor` is not
+    /// `null`, but it is empty only when the listing is complete.
     pub keys: Vec<String>,
     /// Pass as `cursor` for the next page; `null` on the last page.
     pub next_cursor: Option<String>,
@@ -513,8 +519,11 @@ pub(crate) async fn load(state: &AppState, key: &str) -> Result<Option<Entry>, A
 
 /// `GET /v1/kv?prefix=&limit=&cursor=`: live keys by prefix, paginated.
 ///
-/// A page follows Redis `SCAN` and may hold a few more or fewer keys than
-/// `limit`; `next_cursor` is `null` on the last page.
+/// Keys come sorted by their UTF-8 bytes, across pages too; a page costs
+/// the data Redis the same small work whatever the keyspace holds. A page
+/// holds at most `limit` keys, sometimes fewer, and is empty only at the
+/// end; `next_cursor` is `null` on the last page. A key that exists from
+/// the first page to the last is listed exactly once; expired keys never are.
 #[utoipa::path(
     get,
     path = "/v1/kv",
@@ -531,25 +540,32 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
     validation(&query).map_err(ApiError::InvalidRequest)?;
-    let cursor = match query.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<u64>()
-                .map_err(|_| ApiError::InvalidRequest("cursor is not one this API gave".into()))?,
-        ),
-    };
+    let after =
+        match query.cursor.as_deref() {
+            None | Some("") => None,
+            Some(cursor) => Some(cursor_key(cursor, state.config.max_key_bytes).ok_or_else(
+                || ApiError::InvalidRequest("cursor is not one this API gave".into()),
+            )?),
+        };
     let limit = query.limit.unwrap_or(100);
     let (keys, next) = retry::with_backoff(
         state.config.read_retry_max,
         state.read_attempt_timeout(),
-        || state.kv.list(&query.prefix, limit, cursor),
+        || state.kv.list(&query.prefix, limit, after.as_deref()),
     )
     .await
     .map_err(ApiError::BackendUnavailable)?;
     Ok(HttpResponse::Ok().json(ListBody {
         keys,
-        next_cursor: next.map(|c| c.to_string()),
+        next_cursor: next.map(|key| URL_SAFE_NO_PAD.encode(key)),
     }))
+}
+
+/// The key a list cursor stands for: base64url (no padding) of a valid key.
+fn cursor_key(cursor: &str, max_key_bytes: usize) -> Option<String> {
+    let key = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
+    validate_key(&key, max_key_bytes).ok()?;
+    Some(key)
 }
 
 #[cfg(test)]
@@ -565,6 +581,17 @@ mod tests {
         assert!(validate_key("a\u{0}b", 512).is_err());
         assert!(validate_key("a\nb", 512).is_err());
         assert!(validate_key("a\u{9f}b", 512).is_err());
+    }
+
+    #[test]
+    fn cursors_are_base64url_of_a_valid_key() {
+        let cursor = URL_SAFE_NO_PAD.encode("a/é?");
+        assert_eq!(cursor_key(&cursor, 512).as_deref(), Some("a/é?"));
+        assert_eq!(cursor_key("zzz", 512), None, "not base64url of UTF-8");
+        assert_eq!(cursor_key("YQ==", 512), None, "padding is not ours");
+        assert_eq!(cursor_key(&URL_SAFE_NO_PAD.encode("a\nb"), 512), None);
+        assert_eq!(cursor_key(&URL_SAFE_NO_PAD.encode("abc"), 2), None);
+        assert_eq!(cursor_key("", 512), None);
     }
 
     #[test]

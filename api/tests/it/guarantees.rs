@@ -338,9 +338,10 @@ async fn a_backlog_of_20000_writes_drains_with_every_worker_alive() {
     for worker in &mut stack.workers {
         assert!(worker.is_running(), "a worker exited during the drain");
     }
-    // Applied: one value key and one metadata key per write.
+    // Applied: one value key and one metadata key per write, and the index
+    // of each bucket (20,000 keys fill all 64).
     let keys: u64 = stack.kv.cmd(&["DBSIZE"]);
-    assert_eq!(keys, 2 * total);
+    assert_eq!(keys, 2 * total + u64::from(kvq_shared::keys::BUCKETS));
     for id in last_ids.iter().step_by(997) {
         assert_eq!(stack.job(id).await["status"], "succeeded");
     }
@@ -640,7 +641,12 @@ async fn a_seq_that_never_arrives_stalls_its_key_only_for_the_gap_timeout() {
         .await;
     stack.finished(stack.create("gappy", json!(1)).await).await;
     // An API process killed between handing out seq 2 and queueing it.
-    let _: i64 = stack.kv.cmd(&["HINCRBY", "kvq:meta:{gappy}", "next", "1"]);
+    let _: i64 = stack.kv.cmd(&[
+        "HINCRBY",
+        &kvq_shared::keys::meta_key("kvq", "gappy"),
+        "next",
+        "1",
+    ]);
     let started = std::time::Instant::now();
     let job = stack
         .finished(stack.put("gappy", json!({"value": 3})).await)

@@ -197,7 +197,7 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
     // again: the retry finds its outcome and corrects the record.
     let _: () = stack.kv.cmd(&[
         "HSET",
-        "kvq:meta:{phoenix/2}",
+        &kvq_shared::keys::meta_key("kvq", "phoenix/2"),
         "seq",
         "1",
         "r:1",

@@ -1,5 +1,6 @@
 //! The success paths of `/v1/kv`.
 
+use kvq_shared::keys::value_key;
 use kvq_testkit::Stack;
 use reqwest::Method;
 use reqwest::header::{ETAG, IF_NONE_MATCH, LOCATION};
@@ -238,7 +239,7 @@ async fn ttl_sets_expires_at_an_update_without_it_clears_it_and_keys_expire() {
         expires.as_str() > read["updated_at"].as_str().unwrap(),
         "{read}"
     );
-    let ttl: i64 = stack.kv.cmd(&["TTL", "kvq:kv:{t}"]);
+    let ttl: i64 = stack.kv.cmd(&["TTL", &value_key("kvq", "t")]);
     assert!((3590..=3600).contains(&ttl), "Redis TTL {ttl}");
 
     stack
@@ -246,7 +247,7 @@ async fn ttl_sets_expires_at_an_update_without_it_clears_it_and_keys_expire() {
         .await;
     let read: Value = stack.get("t").await.json().await.unwrap();
     assert_eq!(read["expires_at"], Value::Null);
-    let ttl: i64 = stack.kv.cmd(&["TTL", "kvq:kv:{t}"]);
+    let ttl: i64 = stack.kv.cmd(&["TTL", &value_key("kvq", "t")]);
     assert_eq!(ttl, -1, "an update without ttl_seconds clears the TTL");
 
     stack
@@ -280,7 +281,7 @@ async fn ttl_seconds_takes_any_whole_number_as_json_schema_integers_do() {
             .unwrap();
         let job = stack.finished(accepted).await;
         assert_eq!(job["status"], "succeeded", "ttl_seconds {ttl}");
-        let ttl: i64 = stack.kv.cmd(&["TTL", &format!("kvq:kv:{{{key}}}")]);
+        let ttl: i64 = stack.kv.cmd(&["TTL", &value_key("kvq", key)]);
         assert!((55..=60).contains(&ttl), "Redis TTL {ttl}");
     }
     for ttl in ["1.5", "-60.0", "0.0", "1e300", "null"] {

@@ -12,5 +12,6 @@ mod idempotency;
 mod jobs;
 mod kv;
 mod legacy;
+mod list;
 mod openapi;
 mod resilience;

@@ -180,7 +180,12 @@ async fn tls_only_redis_servers_carry_the_whole_flow_with_the_certificate_verifi
     assert_eq!(ready.status(), 200);
     // The test's own checks reach both servers over TLS as well.
     assert_eq!(stack.queue.pending_jobs(), 0);
-    assert!(stack.kv.keys().contains(&"kvq:kv:{sealed}".to_owned()));
+    assert!(
+        stack
+            .kv
+            .keys()
+            .contains(&kvq_shared::keys::value_key("kvq", "sealed"))
+    );
     assert!(stack.queue.keys().contains(&format!("kvq:job:{id}")));
 
     // The servers speak TLS only: a plain redis:// client is not ready.
