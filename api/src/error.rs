@@ -69,15 +69,18 @@ pub enum ApiError {
     /// The client's rate limit is used up; retry after this many seconds.
     #[error("too many requests; retry after {0} s")]
     RateLimited(u64),
-    /// A request with the same `Idempotency-Key` is still being handled.
-    #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
-    IdempotencyConflict,
     /// The `Idempotency-Key` was used before, by this caller on this route,
     /// for a different request.
     #[error(
         "this Idempotency-Key was used for a different request; use a new key for a new request"
     )]
     IdempotencyKeyReused,
+    /// The queue Redis did not answer in time, and kvq could not learn
+    /// whether the write was queued.
+    #[error(
+        "the queue did not answer in time: the write may or may not have been queued; retry with the same Idempotency-Key to complete it exactly once"
+    )]
+    OutcomeUnknown(#[source] StoreError),
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
@@ -98,13 +101,13 @@ impl ApiError {
             ApiError::ValueTooLarge(_) => "value_too_large",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
-            ApiError::IdempotencyConflict => "idempotency_conflict",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::NotDead(_) => "job_not_dead",
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::RateLimited(_) => "rate_limited",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
+            ApiError::OutcomeUnknown(_) => "outcome_unknown",
         }
     }
 
@@ -118,7 +121,6 @@ impl ApiError {
             ApiError::ValueTooLarge(_) => "Value too large",
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed { .. } => "Method not allowed",
-            ApiError::IdempotencyConflict => "Request in progress",
             ApiError::IdempotencyKeyReused => "Idempotency-Key reused",
             ApiError::NotDead(_) => "Job not dead",
             ApiError::RequestTimeout => "Request timeout",
@@ -128,6 +130,7 @@ impl ApiError {
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
             ApiError::BackendUnavailable(_) => "Backend unavailable",
+            ApiError::OutcomeUnknown(_) => "Outcome unknown",
         }
     }
 }
@@ -170,20 +173,22 @@ impl ResponseError for ApiError {
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::IdempotencyConflict | ApiError::NotDead(_) => StatusCode::CONFLICT,
+            ApiError::NotDead(_) => StatusCode::CONFLICT,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
-            ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BackendUnavailable(_) | ApiError::OutcomeUnknown(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
-        if let ApiError::BackendUnavailable(cause) = self {
+        if let ApiError::BackendUnavailable(cause) | ApiError::OutcomeUnknown(cause) = self {
             tracing::error!(error = %chain(cause), "backend unavailable");
         }
         let problem = Problem {
@@ -212,7 +217,6 @@ impl ResponseError for ApiError {
         }
         let retry_after = match self {
             ApiError::RateLimited(seconds) => Some(*seconds),
-            ApiError::IdempotencyConflict => Some(RETRY_AFTER_SECONDS),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
             _ => None,
         };

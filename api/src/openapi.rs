@@ -112,7 +112,7 @@ impl Modify for Security {
                 // about their 503 document it themselves.
                 responses.entry("503".into()).or_insert_with(|| {
                     problem(
-                        "`backend_unavailable`: a Redis server did not answer",
+                        "`backend_unavailable`: a Redis server did not answer (a write: nothing was queued); `outcome_unknown` (writes): the queue did not answer in time, the write may have been queued",
                         Some("Retry-After"),
                     )
                     .into()

@@ -48,6 +48,22 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether Redis may have run the command although the caller got this
+    /// error: a timeout or a connection lost after the command was sent.
+    /// An error Redis answered, a refused connection or corrupt data means it
+    /// did not.
+    pub fn may_have_run(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Redis(e) => {
+                !e.is_connection_refusal() && !matches!(e.kind(), redis::ErrorKind::Server(_))
+            }
+            StoreError::Corrupt(_) | StoreError::Queue(_) => false,
+        }
+    }
+}
+
 /// `error: cause: cause's cause ...`, for logs.
 pub fn chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

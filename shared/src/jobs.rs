@@ -20,32 +20,33 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 /// What [`JobRecords::claim_idempotency`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
-    /// The key is new: this request goes ahead.
+    /// The key is new: this request's job id is now the key's.
     New,
-    /// The key's first request is still running.
-    Pending,
+    /// An earlier request with the key chose this job id, and has not
+    /// recorded an answer (it is still running, or it failed): this request
+    /// queues that same job id, which queues it at most once.
+    Claimed(String),
     /// The key's first request was answered with this (JSON).
     Answered(String),
     /// The key was first used for a request with another fingerprint.
     Reused,
 }
 
-/// Claims an `Idempotency-Key` scope for a request with fingerprint ARGV[1],
-/// kept ARGV[2] seconds; answers `new`, `reused`, `pending` or
-/// `answered` + the first answer.
+/// Claims an `Idempotency-Key` scope for a request with fingerprint ARGV[1]
+/// and job id ARGV[2], kept ARGV[3] seconds; answers `new`, `reused`,
+/// `claimed` + the first request's job id, or `answered` + its answer.
 static CLAIM_IDEMPOTENCY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local fp = redis.call('HGET', KEYS[1], 'fp')
-if not fp then
-  redis.call('HSET', KEYS[1], 'fp', ARGV[1])
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
+local cur = redis.call('HMGET', KEYS[1], 'fp', 'job', 'answer')
+if not cur[1] then
+  redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'job', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {'new'}
 end
-if fp ~= ARGV[1] then return {'reused'} end
-local answer = redis.call('HGET', KEYS[1], 'answer')
-if answer then return {'answered', answer} end
-return {'pending'}
+if cur[1] ~= ARGV[1] then return {'reused'} end
+if cur[3] then return {'answered', cur[3]} end
+return {'claimed', cur[2]}
 ",
     )
 });
@@ -455,7 +456,7 @@ impl JobRecords {
         }
     }
 
-    fn retention_secs(&self) -> i64 {
+    pub(crate) fn retention_secs(&self) -> i64 {
         i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX)
     }
 
@@ -669,23 +670,25 @@ impl JobRecords {
     }
 
     /// Claims an `Idempotency-Key` scope (see [`keys::idempotency_key`]) for
-    /// a request with `fingerprint`, or tells what the scope's first request
-    /// did.
+    /// a request with `fingerprint` that would queue job `job_id`, or tells
+    /// what the scope's first request did.
     pub async fn claim_idempotency(
         &self,
         scope: &str,
         fingerprint: &str,
+        job_id: &str,
     ) -> Result<Claim, StoreError> {
         let answer: Vec<String> = CLAIM_IDEMPOTENCY
             .key(keys::idempotency_key(&self.namespace, scope))
             .arg(fingerprint)
+            .arg(job_id)
             .arg(IDEMPOTENCY_TTL.as_secs())
             .invoke_async(&mut self.conn.clone())
             .await?;
         match answer.as_slice() {
             [kind] if kind == "new" => Ok(Claim::New),
-            [kind] if kind == "pending" => Ok(Claim::Pending),
             [kind] if kind == "reused" => Ok(Claim::Reused),
+            [kind, job] if kind == "claimed" => Ok(Claim::Claimed(job.clone())),
             [kind, first] if kind == "answered" => Ok(Claim::Answered(first.clone())),
             _ => Err(StoreError::Corrupt(format!(
                 "idempotency claim answer {answer:?}"
@@ -699,16 +702,6 @@ impl JobRecords {
             .key(keys::idempotency_key(&self.namespace, scope))
             .arg(answer)
             .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
-
-    /// Forgets a scope whose first request failed, so it can be tried again.
-    pub async fn release_idempotency(&self, scope: &str) -> Result<(), StoreError> {
-        let _: () = self
-            .conn
-            .clone()
-            .del(keys::idempotency_key(&self.namespace, scope))
             .await?;
         Ok(())
     }

@@ -80,12 +80,21 @@ pub fn job_key(ns: &str, job_id: &str) -> String {
 }
 
 /// One `Idempotency-Key` use, in the queue Redis, expiring 24 h after the
-/// first request: a hash with `fp` (the first request's fingerprint) and,
-/// once that request was answered, `answer` (its 202 body). `scope` is the
+/// first request: a hash with `fp` (the first request's fingerprint), `job`
+/// (the job id it chose) and, once a request with it was answered, `answer`
+/// (its 202 body). `scope` is the
 /// hex SHA-256 of the caller, the method, the route and the token, so one
 /// caller's token never meets another's: `{ns}:idk:<scope>`.
 pub fn idempotency_key(ns: &str, scope: &str) -> String {
     format!("{ns}:idk:{scope}")
+}
+
+/// A cancelled accept attempt: set by the API when an accept's answer did
+/// not arrive in time, so that the accept, should it reach Redis later,
+/// queues nothing. A string in the queue Redis kept 24 h:
+/// `{ns}:cancelled:<attempt id>`.
+pub fn cancelled_key(ns: &str, attempt: &str) -> String {
+    format!("{ns}:cancelled:{attempt}")
 }
 
 /// The dead letters: ids of jobs that ended `dead`, in a sorted set scored by

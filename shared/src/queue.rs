@@ -126,6 +126,80 @@ pub fn streams_config(config: &Config) -> StreamsConfig {
     streams
 }
 
+/// How long a cancelled accept attempt is remembered: far longer than any
+/// command can linger in a connection.
+const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// Queues a job unless its attempt was cancelled or a job with its id
+/// exists. KEYS: the job record, the stream, the attempt's cancel mark.
+/// ARGV: retention (s), id, op, key, seq, enqueued_at, request id, attempt,
+/// the job as JSON. Answers `queued`, `cancelled`, or `exists` + the
+/// existing job's op, key and seq.
+static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
+local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
+if found[1] then return {'exists', found[1], found[2], found[3]} end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5],
+  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'runs', '0', 'job', ARGV[9])
+return {'queued'}
+",
+    )
+});
+
+/// Marks an accept attempt cancelled unless its job exists. KEYS: the job
+/// record, the attempt's cancel mark. ARGV: how long to keep the mark (s).
+/// Answers `cancelled`, or `exists` + the job's op, key and seq.
+static CANCEL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
+if found[1] then return {'exists', found[1], found[2], found[3]} end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+return {'cancelled'}
+",
+    )
+});
+
+/// What [`JobQueue::accept`] or [`JobQueue::cancel`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// This attempt queued the job.
+    Queued,
+    /// A job with this id was queued already (by this attempt, if it is
+    /// [`JobQueue::cancel`] that says so, or by another); its op, key and
+    /// seq.
+    Exists {
+        /// The operation.
+        op: crate::jobs::Op,
+        /// The key.
+        key: String,
+        /// The seq it was queued with.
+        seq: u64,
+    },
+    /// This attempt was cancelled: it queued nothing and never will.
+    Cancelled,
+}
+
+impl Accepted {
+    fn parse(answer: &[String]) -> Result<Self, StoreError> {
+        let corrupt = || StoreError::Corrupt(format!("accept answer {answer:?}"));
+        match answer {
+            [kind] if kind == "queued" => Ok(Accepted::Queued),
+            [kind] if kind == "cancelled" => Ok(Accepted::Cancelled),
+            [kind, op, key, seq] if kind == "exists" => Ok(Accepted::Exists {
+                op: crate::jobs::Op::parse(op).ok_or_else(corrupt)?,
+                key: key.clone(),
+                seq: seq.parse().map_err(|_| corrupt())?,
+            }),
+            _ => Err(corrupt()),
+        }
+    }
+}
+
 /// The producer side of kvq's queue: records and pushes jobs.
 #[derive(Clone)]
 pub struct JobQueue {
@@ -146,14 +220,45 @@ impl JobQueue {
         }
     }
 
-    /// Records `job` as `queued` and pushes it, atomically, in one round trip;
-    /// once this returns `Ok`, both are in the queue Redis.
+    /// Records `job` as `queued` and pushes it, in one script, one round
+    /// trip, unless a job with its id is there already or this attempt was
+    /// cancelled ([`JobQueue::cancel`]). `attempt` names this try of the
+    /// job, so that cancelling one try never blocks another (a retry of the
+    /// same `Idempotency-Key`).
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn push(&self, job: &ApplyJob) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        self.records.add_create(&mut pipe, job);
-        self.xadd(pipe, job).await
+    pub async fn accept(&self, job: &ApplyJob, attempt: &str) -> Result<Accepted, StoreError> {
+        let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
+        let answer: Vec<String> = ACCEPT
+            .key(keys::job_key(&self.namespace, &job.id))
+            .key(&self.stream)
+            .key(keys::cancelled_key(&self.namespace, attempt))
+            .arg(self.records.retention_secs())
+            .arg(&job.id)
+            .arg(job.op.as_str())
+            .arg(&job.key)
+            .arg(job.seq)
+            .arg(job.enqueued_at)
+            .arg(&job.request_id)
+            .arg(attempt)
+            .arg(json)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Accepted::parse(&answer)
+    }
+
+    /// Settles an attempt whose [`JobQueue::accept`] got no answer: tells
+    /// whether the job is queued (by this attempt or another), or else
+    /// cancels the attempt for good, so that the accept, should it still
+    /// reach Redis, queues nothing. Safe to repeat.
+    #[tracing::instrument(skip(self))]
+    pub async fn cancel(&self, job_id: &str, attempt: &str) -> Result<Accepted, StoreError> {
+        let answer: Vec<String> = CANCEL
+            .key(keys::job_key(&self.namespace, job_id))
+            .key(keys::cancelled_key(&self.namespace, attempt))
+            .arg(CANCELLED_FOR.as_secs())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Accepted::parse(&answer)
     }
 
     /// Pushes a dead job again, under its own id, as [`JobQueue::push`] does,

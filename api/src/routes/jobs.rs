@@ -14,7 +14,7 @@ use crate::request_id::RequestId;
 use crate::routes::kv::MAX_LIST_LIMIT;
 use crate::state::AppState;
 use crate::writes::Accepted;
-use crate::writes::accept::{Queueing, queue_in_order};
+use crate::writes::accept::requeue;
 use crate::writes::outcome::{JobBody, accepted_response};
 
 /// Dead letters per page unless `limit` says otherwise.
@@ -176,7 +176,7 @@ pub async fn retry_job(
     }
     job.request_id = RequestId::of(&req);
     job.enqueued_at = now_ms();
-    let job = match queue_in_order(&state, job, Queueing::Again).await {
+    let job = match requeue(&state, job).await {
         Ok(job) => job,
         Err(e) => {
             restore(&state, &id, died_at).await;

@@ -285,13 +285,11 @@ pub(crate) fn checked_value(
             ("Preference-Applied" = String, description = "`wait=N`"),
         )),
         (status = 400, description = "`invalid_key`, `malformed_json`, `invalid_request` (`Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`already_exists` (`Prefer: wait`), `idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
+        (status = 409, description = "`already_exists` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -355,14 +353,11 @@ pub async fn create(
         )),
         (status = 400, description = "`invalid_key`, `malformed_json`, `invalid_request` (query, `If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
         (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -420,12 +415,9 @@ pub async fn update(
         )),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "`not_found` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json", headers(
-            ("Retry-After" = String, description = "Seconds"),
-        )),
         (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),

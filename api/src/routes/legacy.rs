@@ -169,7 +169,6 @@ async fn submit(
             (Object = "application/json"),
             (Problem = "application/problem+json"),
         )),
-        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn create(
@@ -202,7 +201,6 @@ pub async fn create(
             (Object = "application/json"),
             (Problem = "application/problem+json"),
         )),
-        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
     ),
 )]
 pub async fn update(
@@ -229,7 +227,6 @@ pub async fn update(
     responses(
         (status = 200, description = "Queued; the outcome is at `GET /v1/jobs/{task_id}`", body = TaskSubmitted),
         (status = 400, description = "`invalid_key`, `invalid_request` (`If-Match`, `Idempotency-Key`)", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "`idempotency_conflict`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
     ),
 )]

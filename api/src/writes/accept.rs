@@ -1,22 +1,48 @@
 //! Accepting a job into the queue: its place in its key's order, its
-//! record and its stream entry.
+//! record and its stream entry, and the truth about what happened when the
+//! queue Redis did not answer in time.
+//!
+//! A job is queued by one script that writes its record and its stream
+//! entry together, and only if no job with its id exists: a job id is
+//! queued at most once, however often a request for it is repeated. Each
+//! try has an attempt id. When the script's answer does not come back in
+//! time (the command may still run later), the API cancels that attempt:
+//! either the job is there (answer 202), or the attempt is marked cancelled
+//! so that it can never queue anything (answer 503 `backend_unavailable`:
+//! certainly nothing was queued). If even that gets no answer before its
+//! deadline, the answer is 503 `outcome_unknown`.
+
+use std::time::Duration;
 
 use actix_web::HttpRequest;
+use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, now_ms};
+use kvq_shared::queue::{Accepted as Found, JobQueue};
+use kvq_shared::store::KvStore;
 
 use crate::error::ApiError;
 use crate::request_id::RequestId;
 use crate::state::AppState;
 use crate::writes::{Accepted, Write};
 
-/// Gives the write its `seq` and queues it.
+/// A write in the queue.
+pub(crate) struct Queued {
+    /// The job, as queued.
+    pub accepted: Accepted,
+    /// `true` when an earlier request had queued the job already.
+    pub earlier: bool,
+}
+
+/// Gives the write its `seq` and queues it as job `job_id`, unless a job
+/// with that id is queued already.
 pub(crate) async fn queue_job(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
-) -> Result<Accepted, ApiError> {
-    let job = ApplyJob {
-        id: uuid::Uuid::now_v7().to_string(),
+    job_id: String,
+) -> Result<Queued, ApiError> {
+    let mut job = ApplyJob {
+        id: job_id,
         op: write.op,
         key: write.key,
         seq: 0,
@@ -26,42 +52,147 @@ pub(crate) async fn queue_job(
         request_id: RequestId::of(req),
         enqueued_at: now_ms(),
     };
-    let job = queue_in_order(state, job, Queueing::New).await?;
-    crate::metrics::write_accepted(job.op);
-    tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "job queued");
-    Ok(Accepted::of(&job))
-}
-
-/// How a job enters the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Queueing {
-    /// A new write.
-    New,
-    /// A dead job, queued again under its own id.
-    Again,
-}
-
-/// Gives `job` its key's next `seq`, then records and pushes it in one
-/// atomic step. On failure nothing was queued, and the `seq` is marked
-/// abandoned, so the key's later writes do not wait for it.
-pub(crate) async fn queue_in_order(
-    state: &AppState,
-    mut job: ApplyJob,
-    how: Queueing,
-) -> Result<ApplyJob, ApiError> {
     job.seq = state
         .kv
         .next_seq(&job.key)
         .await
         .map_err(ApiError::BackendUnavailable)?;
-    let pushed = match how {
-        Queueing::New => state.queue.push(&job).await,
-        Queueing::Again => state.queue.requeue(&job).await,
-    };
-    if let Err(e) = pushed {
-        if let Err(mark) = state.kv.abandon_seq(&job.key, job.seq).await {
-            tracing::warn!(seq = job.seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+    let attempt = uuid::Uuid::new_v4().to_string();
+    let found = match state.queue.accept(&job, &attempt).await {
+        Ok(found) => found,
+        Err(e) if e.may_have_run() => {
+            tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
+            settle(state, &job, &attempt).await?
         }
+        Err(e) => {
+            abandon(state, &job).await;
+            return Err(ApiError::BackendUnavailable(e));
+        }
+    };
+    match found {
+        Found::Queued => {}
+        Found::Exists { seq, .. } if seq == job.seq => {}
+        Found::Exists { op, key, seq } => {
+            abandon(state, &job).await;
+            tracing::info!(job_id = %job.id, seq, "the job was queued by an earlier request");
+            return Ok(Queued {
+                accepted: Accepted {
+                    job_id: job.id,
+                    status: "queued".into(),
+                    op,
+                    key,
+                    seq,
+                },
+                earlier: true,
+            });
+        }
+        Found::Cancelled => {
+            abandon(state, &job).await;
+            return Err(ApiError::BackendUnavailable(StoreError::Queue(
+                "the queue Redis did not answer in time; nothing was queued".into(),
+            )));
+        }
+    }
+    crate::metrics::write_accepted(job.op);
+    tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "job queued");
+    Ok(Queued {
+        accepted: Accepted::of(&job),
+        earlier: false,
+    })
+}
+
+/// How long the API keeps trying to learn what became of an accept that
+/// got no answer, as a multiple of the Redis timeout.
+const SETTLE_TIMEOUTS: u32 = 2;
+
+/// Learns what became of an accept attempt whose answer did not arrive:
+/// cancels it, retrying until the deadline. `Queued` or `Exists` means the
+/// job is there; `Cancelled` means this attempt never queues anything. Past
+/// the deadline the request gets `outcome_unknown`, and a task goes on
+/// trying in the background, so that once the queue Redis answers again an
+/// attempt that never landed releases its `seq`.
+async fn settle(state: &AppState, job: &ApplyJob, attempt: &str) -> Result<Found, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.redis_timeout * SETTLE_TIMEOUTS;
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match state.queue.cancel(&job.id, attempt).await {
+            Ok(found) => return Ok(found),
+            Err(e) if tokio::time::Instant::now() + delay >= deadline => {
+                tracing::error!(job_id = %job.id, error = %e, "could not learn whether the job was queued; still trying");
+                tokio::spawn(settle_later(
+                    state.queue.clone(),
+                    state.kv.clone(),
+                    job.clone(),
+                    attempt.to_owned(),
+                ));
+                return Err(ApiError::OutcomeUnknown(e));
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %e, "could not settle an accept yet")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
+}
+
+/// How long the background settling of an accept goes on: as long as a
+/// cancelled attempt is remembered.
+const SETTLE_LATER_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// [`settle`], in the background, after the request was answered
+/// `outcome_unknown`: cancels the attempt once the queue Redis answers, and
+/// releases its `seq` if it never landed.
+async fn settle_later(queue: JobQueue, kv: KvStore, job: ApplyJob, attempt: String) {
+    let give_up = tokio::time::Instant::now() + SETTLE_LATER_FOR;
+    let mut delay = Duration::from_millis(100);
+    while tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+        match queue.cancel(&job.id, &attempt).await {
+            Ok(Found::Exists { seq, .. }) if seq == job.seq => {
+                tracing::info!(job_id = %job.id, "an accept answered outcome_unknown had queued the job");
+                return;
+            }
+            Ok(_) => {
+                tracing::info!(job_id = %job.id, "an accept answered outcome_unknown never queued its seq; releasing it");
+                while tokio::time::Instant::now() < give_up {
+                    match kv.abandon_seq(&job.key, job.seq).await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::warn!(seq = job.seq, error = %e, "could not release a seq yet")
+                        }
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(job_id = %job.id, error = %e, "could not settle an accept yet")
+            }
+        }
+    }
+}
+
+/// Marks the job's `seq` as never to be queued, so the key's later writes
+/// do not wait for it.
+async fn abandon(state: &AppState, job: &ApplyJob) {
+    if let Err(mark) = state.kv.abandon_seq(&job.key, job.seq).await {
+        tracing::warn!(seq = job.seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
+    }
+}
+
+/// Gives a dead job a new `seq` and queues it again under its own id
+/// (`POST /v1/jobs/{id}/retry`). On failure nothing was queued, and the
+/// `seq` is marked abandoned.
+pub(crate) async fn requeue(state: &AppState, mut job: ApplyJob) -> Result<ApplyJob, ApiError> {
+    job.seq = state
+        .kv
+        .next_seq(&job.key)
+        .await
+        .map_err(ApiError::BackendUnavailable)?;
+    if let Err(e) = state.queue.requeue(&job).await {
+        abandon(state, &job).await;
         return Err(ApiError::BackendUnavailable(e));
     }
     Ok(job)

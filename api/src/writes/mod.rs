@@ -71,10 +71,11 @@ pub struct Write {
 }
 
 /// Queues a write, honouring `Idempotency-Key` and `Prefer: wait`: 202 once
-/// the job is in the queue Redis, 503 if it is not (then nothing was queued).
-/// A repeat of a token answers the token's first 202 again (with
-/// `Idempotent-Replayed: true`) and queues nothing; a repeat while the first
-/// is still running is a 409.
+/// the job is in the queue Redis; 503 `backend_unavailable` if certainly
+/// nothing was queued, `outcome_unknown` if kvq cannot tell. A repeat of an
+/// `Idempotency-Key` answers the first 202 again (with
+/// `Idempotent-Replayed: true`) and queues nothing; after a 5xx it queues
+/// the write, exactly once.
 pub(crate) async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
@@ -108,15 +109,20 @@ pub(crate) async fn submit(
     write: Write,
 ) -> Result<Submitted, ApiError> {
     let scope = idempotency::token(req.headers())?.map(|token| idempotency::scope(req, token));
+    let mut job_id = uuid::Uuid::now_v7().to_string();
     if let Some(scope) = &scope {
+        let fingerprint = idempotency::fingerprint(&write);
         match state
             .records
-            .claim_idempotency(scope, &idempotency::fingerprint(&write))
+            .claim_idempotency(scope, &fingerprint, &job_id)
             .await
             .map_err(ApiError::BackendUnavailable)?
         {
             Claim::New => {}
-            Claim::Pending => return Err(ApiError::IdempotencyConflict),
+            // An earlier request chose a job id and got no 202 recorded (it
+            // is running, or got a 5xx): queue that same id, which the queue
+            // takes at most once.
+            Claim::Claimed(first) => job_id = first,
             Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
             Claim::Answered(answer) => {
                 let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
@@ -129,21 +135,19 @@ pub(crate) async fn submit(
             }
         }
     }
-    let result = accept::queue_job(req, state, write).await;
+    let queued = accept::queue_job(req, state, write, job_id).await?;
     if let Some(scope) = &scope {
-        let stored = match &result {
-            Ok(accepted) => match serde_json::to_string(accepted) {
-                Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
-                Err(e) => Err(StoreError::Corrupt(e.to_string())),
-            },
-            Err(_) => state.records.release_idempotency(scope).await,
+        let stored = match serde_json::to_string(&queued.accepted) {
+            Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
+            Err(e) => Err(StoreError::Corrupt(e.to_string())),
         };
         if let Err(e) = stored {
-            tracing::warn!(error = %e, "could not record the Idempotency-Key outcome");
+            // A repeat then finds the job by its id instead.
+            tracing::warn!(error = %e, "could not record the Idempotency-Key answer");
         }
     }
     Ok(Submitted {
-        accepted: result?,
-        replayed: false,
+        accepted: queued.accepted,
+        replayed: queued.earlier,
     })
 }

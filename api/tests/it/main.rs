@@ -15,3 +15,4 @@ mod legacy;
 mod list;
 mod openapi;
 mod resilience;
+mod stalls;

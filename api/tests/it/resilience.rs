@@ -80,9 +80,17 @@ async fn a_write_refused_with_503_never_applies_and_does_not_stall_the_key() {
     stack.finished(stack.create("gap", json!("v1")).await).await;
 
     // The key's next seq is handed out by the KV Redis, then queueing fails.
+    // The API's connection was open, so the command may have been sent: the
+    // answer is `backend_unavailable` or `outcome_unknown`, and once the
+    // queue Redis is back the seq is settled either way.
     stack.queue.stop();
     let refused = stack.put("gap", json!({"value": "refused"})).await;
     assert_eq!(refused.status(), 503);
+    let refused: Value = refused.json().await.unwrap();
+    assert!(
+        ["backend_unavailable", "outcome_unknown"].contains(&refused["code"].as_str().unwrap()),
+        "{refused}"
+    );
     stack.queue.restart();
 
     let accepted = eventually(

@@ -1,0 +1,153 @@
+//! A queue Redis that stalls longer than the Redis timeout: a write's answer
+//! tells the truth. 202 means applied, 503 `backend_unavailable` means never
+//! applied, and where kvq cannot tell it says `outcome_unknown`; a retry with
+//! the same `Idempotency-Key` then completes the write exactly once.
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use kvq_shared::keys;
+use kvq_testkit::{Stack, eventually};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+/// The Redis timeout of these stacks: 1 s.
+const TIMEOUT_MS: &str = "1000";
+
+/// A stack whose API has connected to the queue Redis from every server
+/// thread, so that a stall catches commands already sent, as it does in
+/// production, not connections still being made.
+async fn stack() -> Stack {
+    let stack = Stack::builder()
+        .env("KVQ_REDIS_TIMEOUT_MS", TIMEOUT_MS)
+        .start()
+        .await;
+    let warm = join_all((0..8).map(|i| {
+        let stack = &stack;
+        async move { create(stack, &format!("warm/{i}"), None).await }
+    }))
+    .await;
+    assert!(
+        warm.iter().all(|a| matches!(a, Answer::Accepted(_))),
+        "{warm:?}"
+    );
+    stack
+}
+
+/// What a write was answered: `202`, or the 503's code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Accepted(String),
+    Unavailable,
+    Unknown,
+}
+
+async fn create(stack: &Stack, key: &str, idempotency_key: Option<&str>) -> Answer {
+    let mut request = stack
+        .request(Method::POST, "/v1/kv")
+        .timeout(Duration::from_secs(30))
+        .json(&json!({"key": key, "value": key}));
+    if let Some(token) = idempotency_key {
+        request = request.header("idempotency-key", token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    match (status, body["code"].as_str()) {
+        (202, _) => Answer::Accepted(body["job_id"].as_str().unwrap().to_owned()),
+        (503, Some("backend_unavailable")) => Answer::Unavailable,
+        (503, Some("outcome_unknown")) => Answer::Unknown,
+        other => panic!("unexpected answer {other:?}: {body}"),
+    }
+}
+
+/// Pauses every command of the queue Redis for `ms`.
+fn pause_queue(stack: &Stack, ms: u64) {
+    let _: () = stack
+        .queue
+        .cmd(&["CLIENT", "PAUSE", &ms.to_string(), "ALL"]);
+}
+
+/// Waits until the queue Redis answers again and every queued job is
+/// applied and gone from the stream.
+async fn drained(stack: &Stack) {
+    let stream = keys::queue_name("kvq");
+    eventually(Duration::from_secs(20), "the queue to drain", || async {
+        let length: Option<u64> = stack.queue.try_cmd(&["XLEN", &stream]).ok();
+        (length == Some(0)).then_some(())
+    })
+    .await;
+}
+
+async fn version_of(stack: &Stack, key: &str) -> Option<u64> {
+    let response = stack.get(key).await;
+    if response.status() == 404 {
+        return None;
+    }
+    let body: Value = response.json().await.unwrap();
+    body["version"].as_u64()
+}
+
+#[tokio::test]
+async fn a_stall_longer_than_the_redis_timeout_answers_the_truth() {
+    let stack = stack().await;
+    // Longer than the 1 s timeout, shorter than the time the API then
+    // spends finding out what happened (2 timeouts).
+    pause_queue(&stack, 1600);
+    let keys: Vec<String> = (0..6).map(|i| format!("stall/{i}")).collect();
+    let answers = join_all(keys.iter().map(|key| create(&stack, key, None))).await;
+    drained(&stack).await;
+
+    for (key, answer) in keys.iter().zip(&answers) {
+        let version = version_of(&stack, key).await;
+        match answer {
+            Answer::Accepted(id) => {
+                let job = stack.wait_job(id).await;
+                assert_eq!(job["status"], "succeeded", "{key}: {job}");
+                assert_eq!(version, Some(1), "{key} was answered 202");
+            }
+            Answer::Unavailable => assert_eq!(version, None, "{key} was answered 503 but applied"),
+            Answer::Unknown => {}
+        }
+    }
+    assert!(
+        answers.iter().all(|a| *a != Answer::Unknown),
+        "the API had time to find out: {answers:?}"
+    );
+}
+
+#[tokio::test]
+async fn after_any_5xx_the_same_idempotency_key_completes_the_write_exactly_once() {
+    let stack = stack().await;
+    // Longer than the timeout and the time spent finding out: the API
+    // cannot know, and must say so.
+    pause_queue(&stack, 4000);
+    let (with_key, without_key) = tokio::join!(
+        create(&stack, "unknown/with-key", Some("stall-1")),
+        create(&stack, "unknown/without-key", None),
+    );
+    for answer in [&with_key, &without_key] {
+        assert!(
+            matches!(answer, Answer::Unknown | Answer::Unavailable),
+            "{answer:?} although the queue never answered"
+        );
+    }
+    drained(&stack).await;
+    // The retry completes the write, whatever became of the first try...
+    let retried = create(&stack, "unknown/with-key", Some("stall-1")).await;
+    let Answer::Accepted(id) = retried else {
+        panic!("the retry got {retried:?}");
+    };
+    let job = stack.wait_job(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    // ... exactly once, and a further repeat changes nothing.
+    assert_eq!(
+        create(&stack, "unknown/with-key", Some("stall-1")).await,
+        Answer::Accepted(id.clone())
+    );
+    drained(&stack).await;
+    assert_eq!(version_of(&stack, "unknown/with-key").await, Some(1));
+    if without_key == Answer::Unavailable {
+        assert_eq!(version_of(&stack, "unknown/without-key").await, None);
+    }
+}
