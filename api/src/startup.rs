@@ -124,8 +124,13 @@ impl Application {
                 web::PathConfig::default()
                     .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
             )
-            .wrap(from_fn(crate::limits::middleware))
+            // The last `.wrap` runs first: metrics count every answer,
+            // the request id is on every answer, then the header cap (431)
+            // and body deadline apply before any token is verified (a huge
+            // forged token costs no signature check), then auth and the
+            // rate limit.
             .wrap(from_fn(crate::auth::middleware))
+            .wrap(from_fn(crate::limits::middleware))
             .wrap(from_fn(crate::request_id::middleware))
             .wrap(from_fn(crate::metrics::middleware))
             .configure(routes::health::configure)
