@@ -48,6 +48,7 @@ async fn a_bad_setting_stops_the_api_naming_the_variable() {
         ("KVQ_KV_REDIS_URL", "http://127.0.0.1:1"),
         ("KVQ_AUTH_DISABLED", "perhaps"),
         ("KVQ_BIND", "not-an-address"),
+        ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "forever"),
     ] {
         for bin in ["kvq-api", "kvq-worker"] {
             let mut process = KvqProcess::spawn(bin, &[(var.to_owned(), value.to_owned())]);
