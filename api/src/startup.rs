@@ -86,6 +86,9 @@ impl Application {
             web::Data::from(limit)
         });
         let body_timeout = web::Data::new(BodyTimeout(config.http_client_timeout));
+        // One per process, shared by every worker thread.
+        let queue_gauges = web::Data::new(crate::metrics::QueueGauges::default());
+        let readiness = web::Data::new(routes::health::Readiness::default());
         let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
@@ -110,7 +113,9 @@ impl Application {
             let mut app = App::new()
                 .app_data(web::Data::new(state))
                 .app_data(auth.clone())
-                .app_data(body_timeout.clone());
+                .app_data(body_timeout.clone())
+                .app_data(queue_gauges.clone())
+                .app_data(readiness.clone());
             if let Some(limit) = &rate_limit {
                 app = app.app_data(limit.clone());
             }
