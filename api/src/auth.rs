@@ -11,6 +11,20 @@
 //! The original service's routes (`/create`, `/read`, `/update`, `/delete`)
 //! need the same roles: `reader` to read, `writer` to write.
 //!
+//! A token is refused (401) when, besides a bad signature or algorithm:
+//! - `exp` is missing or past, or `nbf` is present and still ahead (both
+//!   with [`LEEWAY_SECONDS`] of leeway);
+//! - its JOSE header has `crit` (RFC 7515 §4.1.11: kvq understands no
+//!   extension, so any `crit`, even an empty list or `null`, is refused). The
+//!   header is read before the signature is checked, and may be at most
+//!   [`MAX_JOSE_HEADER_CHARS`] long;
+//! - `KVQ_AUTH_MAX_TOKEN_LIFETIME` is set and the token has no numeric `iat`,
+//!   an `iat` ahead of now (beyond the leeway, which would stretch its life),
+//!   or `exp - iat` longer than the maximum.
+//!
+//! Refusals are logged at debug level only: anyone can send bad tokens, and
+//! each must not cost a log line.
+//!
 //! No valid token → 401; a valid token without the role → 403. `/healthz`,
 //! `/readyz`, `/metrics` and `/openapi.json` need no token.
 
@@ -22,9 +36,10 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage, web};
+use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use kvq_shared::Config;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::caller::Caller;
 use crate::error::ApiError;
@@ -62,22 +77,50 @@ impl Role {
     }
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+/// Seconds of clock skew allowed on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECONDS: u64 = 5;
+
+/// The longest JOSE header segment (base64url) read to look for `crit`:
+/// ample for `alg`, `typ`, `kid` and an `x5c` chain.
+pub const MAX_JOSE_HEADER_CHARS: usize = 16 * 1024;
+
+#[derive(Debug, Deserialize)]
 struct RealmAccess {
     #[serde(default)]
     roles: Vec<String>,
 }
 
 /// The claims kvq reads.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct Claims {
     exp: u64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Issued at, in seconds (any JSON number; anything else counts as
+    /// absent, which matters only with a maximum lifetime).
+    #[serde(default, deserialize_with = "number_or_none")]
+    iat: Option<f64>,
+    #[serde(default)]
+    #[allow(dead_code)] // the subject: parsed, not yet used by a check
     sub: Option<String>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     roles: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     realm_access: Option<RealmAccess>,
+}
+
+/// The claims of a token `kvq-api token` mints.
+#[derive(Debug, Serialize)]
+struct MintedClaims {
+    exp: u64,
+    iat: u64,
+    sub: String,
+    roles: Vec<String>,
+}
+
+fn number_or_none<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<f64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Number(n) => n.as_f64(),
+        _ => None,
+    })
 }
 
 /// Verifies tokens; `None` inside when auth is disabled.
@@ -88,6 +131,8 @@ pub struct Auth(Option<Verifier>);
 struct Verifier {
     key: DecodingKey,
     validation: Validation,
+    /// `KVQ_AUTH_MAX_TOKEN_LIFETIME`.
+    max_lifetime: Option<Duration>,
 }
 
 /// Why the configuration cannot give an authenticator.
@@ -124,9 +169,14 @@ impl Auth {
             return Err(AuthConfigError::NoKey);
         };
         let mut validation = Validation::new(algorithm);
-        validation.leeway = 5;
+        validation.leeway = LEEWAY_SECONDS;
+        validation.validate_nbf = true;
         validation.validate_aud = false;
-        Ok(Auth(Some(Verifier { key, validation })))
+        Ok(Auth(Some(Verifier {
+            key,
+            validation,
+            max_lifetime: config.auth_max_token_lifetime,
+        })))
     }
 
     /// Whether requests are checked at all.
@@ -142,12 +192,19 @@ impl Auth {
         };
         let token = bearer(authorization)
             .ok_or_else(|| ApiError::Unauthorized("send Authorization: Bearer <token>".into()))?;
+        check_jose_header(token).map_err(refused)?;
         let claims = jsonwebtoken::decode::<Claims>(token, &verifier.key, &verifier.validation)
-            .map_err(|e| {
-                tracing::info!(reason = %e, "token refused");
-                ApiError::Unauthorized("the token is invalid or expired".into())
-            })?
+            .map_err(|e| refused(e.to_string()))?
             .claims;
+        if let Some(max) = verifier.max_lifetime {
+            check_lifetime(&claims, max, now_secs()).map_err(|why| {
+                tracing::debug!(reason = why, "token refused");
+                ApiError::Unauthorized(format!(
+                    "the token must carry iat and live (exp - iat) at most {} s",
+                    max.as_secs()
+                ))
+            })?;
+        }
         let names = claims
             .roles
             .iter()
@@ -158,6 +215,58 @@ impl Auth {
             .ok_or_else(|| ApiError::Forbidden("the token has no kvq role".into()))?;
         Ok((role, Some(Caller::of_token(token, claims.sub))))
     }
+}
+
+/// The 401 of a token refused for `reason`, logged at debug level.
+fn refused(reason: impl std::fmt::Display) -> ApiError {
+    tracing::debug!(reason = %reason, "token refused");
+    ApiError::Unauthorized("the token is invalid or expired".into())
+}
+
+/// Refuses a token whose JOSE header (read before any signature check, and
+/// bounded) has `crit`, or that is not three dot-separated segments.
+fn check_jose_header(token: &str) -> Result<(), &'static str> {
+    let mut segments = token.split('.');
+    let (Some(header), Some(_), Some(_), None) = (
+        segments.next(),
+        segments.next(),
+        segments.next(),
+        segments.next(),
+    ) else {
+        return Err("not three segments");
+    };
+    if header.len() > MAX_JOSE_HEADER_CHARS {
+        return Err("JOSE header too long");
+    }
+    let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .map_err(|_| "JOSE header is not base64url")?;
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|_| "JOSE header is not a JSON object")?;
+    if fields.contains_key("crit") {
+        return Err("JOSE header has crit");
+    }
+    Ok(())
+}
+
+/// Refuses a token without `iat`, issued ahead of `now` (beyond the
+/// leeway), or living longer than `max`.
+fn check_lifetime(claims: &Claims, max: Duration, now: u64) -> Result<(), &'static str> {
+    let iat = claims.iat.ok_or("no iat")?;
+    if iat > now.saturating_add(LEEWAY_SECONDS) as f64 {
+        return Err("iat in the future");
+    }
+    if claims.exp as f64 - iat > max.as_secs_f64() {
+        return Err("lives longer than KVQ_AUTH_MAX_TOKEN_LIFETIME");
+    }
+    Ok(())
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The token of an `Authorization: Bearer <token>` header.
@@ -251,21 +360,42 @@ pub async fn middleware(
     Ok(next.call(req).await?.map_into_left_body())
 }
 
-/// Mints a token for `role`, valid for `ttl`, signed with the configured
-/// HS256 secret (`kvq-api token`).
+/// The `--ttl` of `kvq-api token` when none is given: an hour, or
+/// `KVQ_AUTH_MAX_TOKEN_LIFETIME` when that is shorter.
+pub fn default_ttl(config: &Config) -> Duration {
+    let hour = Duration::from_secs(3_600);
+    config
+        .auth_max_token_lifetime
+        .map_or(hour, |max| max.min(hour))
+}
+
+/// Mints a token for `role`, valid for `ttl` from now (`iat` is now),
+/// signed with the configured HS256 secret (`kvq-api token`). A `ttl` longer
+/// than `KVQ_AUTH_MAX_TOKEN_LIFETIME` is refused: the API would refuse the
+/// token.
 pub fn mint(config: &Config, role: Role, ttl: Duration) -> Result<String, String> {
     let secret = config
         .auth_jwt_secret
         .as_ref()
         .ok_or("KVQ_AUTH_JWT_SECRET must be set to mint tokens")?;
+    if let Some(max) = config.auth_max_token_lifetime
+        && ttl > max
+    {
+        return Err(format!(
+            "--ttl is {} s, longer than KVQ_AUTH_MAX_TOKEN_LIFETIME ({} s): the API would refuse the token",
+            ttl.as_secs(),
+            max.as_secs()
+        ));
+    }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_err(|e| e.to_string())?;
-    let claims = Claims {
-        exp: (now + ttl).as_secs(),
-        sub: Some(format!("kvq-{}", role.as_str())),
+        .map_err(|e| e.to_string())?
+        .as_secs();
+    let claims = MintedClaims {
+        exp: now.saturating_add(ttl.as_secs()),
+        iat: now,
+        sub: format!("kvq-{}", role.as_str()),
         roles: vec![role.as_str().to_owned()],
-        realm_access: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -275,36 +405,48 @@ pub fn mint(config: &Config, role: Role, ttl: Duration) -> Result<String, String
     .map_err(|e| e.to_string())
 }
 
-/// Parses `90s`, `15m`, `1h`, `7d` (or plain seconds).
-pub fn parse_ttl(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let (number, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = number.parse().ok()?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3_600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
-    };
-    (secs > 0).then(|| Duration::from_secs(secs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn claims(exp: u64, iat: Option<f64>) -> Claims {
+        Claims {
+            exp,
+            iat,
+            sub: None,
+            roles: Vec::new(),
+            realm_access: None,
+        }
+    }
+
     #[test]
-    fn ttls_parse() {
-        assert_eq!(parse_ttl("90"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_ttl("15m"), Some(Duration::from_secs(900)));
-        assert_eq!(parse_ttl("1h"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_ttl("7d"), Some(Duration::from_secs(604_800)));
-        assert_eq!(parse_ttl("0"), None);
-        assert_eq!(parse_ttl("1w"), None);
+    fn lifetimes_are_bounded() {
+        let (now, hour) = (1_800_000_000, Duration::from_secs(3_600));
+        let ok = |exp, iat| check_lifetime(&claims(exp, iat), hour, now);
+        assert_eq!(ok(now + 3_600, Some(now as f64)), Ok(()));
+        assert_eq!(ok(now + 600, Some(now as f64 - 60.5)), Ok(()));
+        assert!(ok(now + 3_601, Some(now as f64)).is_err());
+        assert!(ok(now + 600, None).is_err());
+        assert!(ok(now + 86_400 + 600, Some((now + 86_400) as f64)).is_err());
+    }
+
+    #[test]
+    fn crit_in_the_jose_header_is_refused_whatever_its_value() {
+        let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let token = |header: &str| format!("{}.e30.c2ln", b64(header));
+        assert_eq!(check_jose_header(&token(r#"{"alg":"HS256"}"#)), Ok(()));
+        for header in [
+            r#"{"alg":"HS256","crit":["exp"]}"#,
+            r#"{"alg":"HS256","crit":[]}"#,
+            r#"{"alg":"HS256","crit":null}"#,
+            r#"{"alg":"HS256","crit":"x"}"#,
+        ] {
+            assert!(check_jose_header(&token(header)).is_err(), "{header}");
+        }
+        assert!(check_jose_header("a.b").is_err());
+        assert!(check_jose_header("a.b.c.d").is_err());
+        let long = format!(r#"{{"alg":"HS256","kid":"{}"}}"#, "k".repeat(20_000));
+        assert!(check_jose_header(&token(&long)).is_err());
     }
 
     #[test]

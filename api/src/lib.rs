@@ -22,6 +22,8 @@
 //! - [`request_id`]: the request id middleware.
 //! - [`openapi`]: the OpenAPI document, served at `/openapi.json`.
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
+//! - [`refresh`]: readings shared per process and taken at most once per
+//!   interval, which keep the open routes' Redis cost bounded.
 
 pub mod auth;
 pub mod caller;
@@ -30,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod rate_limit;
+pub mod refresh;
 pub mod request_id;
 pub mod routes;
 pub mod startup;

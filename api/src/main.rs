@@ -4,10 +4,12 @@ use std::process::ExitCode;
 
 use kvq_api::auth::{self, Auth, Role};
 use kvq_api::startup::Application;
+use kvq_shared::config::parse_duration;
 use kvq_shared::{Config, telemetry};
 
 /// `kvq-api token --role ROLE [--ttl DURATION]`: prints a token signed with
-/// `KVQ_AUTH_JWT_SECRET` (the last line of output).
+/// `KVQ_AUTH_JWT_SECRET` (the last line of output). `--ttl` defaults to an
+/// hour, or `KVQ_AUTH_MAX_TOKEN_LIFETIME` when that is shorter.
 fn token(config: &Config, args: &[String]) -> ExitCode {
     let value = |flag: &str| {
         args.iter()
@@ -19,9 +21,15 @@ fn token(config: &Config, args: &[String]) -> ExitCode {
         eprintln!("usage: kvq-api token --role reader|writer|admin [--ttl 1h]");
         return ExitCode::from(2);
     };
-    let Some(ttl) = auth::parse_ttl(value("--ttl").unwrap_or("1h")) else {
-        eprintln!("kvq-api token: --ttl takes a duration such as 90s, 15m, 1h or 7d");
-        return ExitCode::from(2);
+    let ttl = match value("--ttl") {
+        None => auth::default_ttl(config),
+        Some(text) => match parse_duration(text) {
+            Some(ttl) => ttl,
+            None => {
+                eprintln!("kvq-api token: --ttl takes a duration such as 90s, 15m, 1h or 7d");
+                return ExitCode::from(2);
+            }
+        },
     };
     match auth::mint(config, role, ttl) {
         Ok(token) => {

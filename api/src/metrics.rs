@@ -6,9 +6,14 @@
 //!   the raw path, so a client cannot blow up the number of series;
 //! - `kvq_api_writes_accepted_total{op}`;
 //! - `kvq_queue_jobs` (jobs waiting, in flight or waiting to be retried) and
-//!   `kvq_dead_jobs` (dead letters), read from the queue Redis at scrape time,
-//!   for alerts and for scaling workers on the backlog; left out of a scrape
-//!   when the queue Redis does not answer, never shown stale.
+//!   `kvq_dead_jobs` (dead letters), read from the queue Redis for alerts and
+//!   for scaling workers on the backlog. `/metrics` is open to anyone, so
+//!   they are read at most once per [`QUEUE_GAUGES_EVERY`] per process (one
+//!   pipeline of three commands; concurrent scrapes share one read, see
+//!   [`crate::refresh`]). They are left out of a scrape when the last read
+//!   failed, and never shown stale: a figure older than
+//!   [`QUEUE_GAUGES_EVERY`] plus the read timeout (counted from when the read
+//!   started) is left out too.
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -23,6 +28,7 @@ use actix_web::{HttpResponse, web};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::refresh::Refreshed;
 use crate::state::AppState;
 
 /// Request duration buckets, in seconds: loopback reads take well under a
@@ -30,6 +36,19 @@ use crate::state::AppState;
 const BUCKETS: [f64; 15] = [
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
+
+/// How often, at most, one API process reads the queue gauges.
+pub const QUEUE_GAUGES_EVERY: Duration = Duration::from_secs(1);
+
+/// The queue gauges of one process, `(queued, dead)`; `None` when the last
+/// read failed.
+pub struct QueueGauges(Refreshed<Option<(u64, u64)>>);
+
+impl Default for QueueGauges {
+    fn default() -> Self {
+        Self(Refreshed::new(QUEUE_GAUGES_EVERY))
+    }
+}
 
 /// How often histograms are compacted.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
@@ -182,41 +201,58 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
     metrics::counter!("kvq_api_writes_accepted_total", "op" => op.as_str()).increment(1);
 }
 
-/// `GET /metrics`: Prometheus text. The queue gauges are left out when the
-/// queue Redis does not answer; the rest is always there.
+/// `GET /metrics`: Prometheus text. The queue gauges come from a read at
+/// most [`QUEUE_GAUGES_EVERY`] old, and are left out when that read failed;
+/// the rest is always there.
 #[utoipa::path(
     get,
     path = "/metrics",
     tag = "meta",
+    description = "Prometheus text. Open to anyone; the queue gauges (`kvq_queue_jobs`, `kvq_dead_jobs`) are read from the queue Redis at most once a second per API process and shared by all scrapes, and are left out while the queue Redis does not answer.",
     responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
 )]
-pub async fn render(state: web::Data<AppState>) -> HttpResponse {
+pub async fn render(state: web::Data<AppState>, gauges: web::Data<QueueGauges>) -> HttpResponse {
     let mut text = handle().render();
-    // Gauges of the queue Redis are read now and written here, not kept in
-    // the recorder, so that a failed read leaves them out instead of
-    // repeating an old value.
-    match tokio::time::timeout(state.read_attempt_timeout(), state.queue.depths()).await {
-        Ok(Ok((queued, dead))) => {
-            for (name, help, value) in [
-                (
-                    "kvq_queue_jobs",
-                    "Jobs waiting, in flight or waiting to be retried.",
-                    queued,
-                ),
-                (
-                    "kvq_dead_jobs",
-                    "Dead letters: jobs whose retries ran out.",
-                    dead,
-                ),
-            ] {
-                let _ = write!(
-                    text,
-                    "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
-                );
+    // Gauges of the queue Redis are written here, not kept in the recorder,
+    // so that a failed read leaves them out instead of repeating an old value.
+    let timeout = state.read_attempt_timeout();
+    let reading = gauges
+        .0
+        .get(|| async {
+            match tokio::time::timeout(timeout, state.queue.depths()).await {
+                Ok(Ok(depths)) => Some(depths),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not read the queue depth for /metrics");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("the queue Redis did not answer in time for /metrics");
+                    None
+                }
             }
+        })
+        .await;
+    // Reused readings are younger than this by construction; the check keeps
+    // "never stale" true whatever the reuse rule becomes.
+    let fresh = reading.started.elapsed() <= QUEUE_GAUGES_EVERY + timeout;
+    if let Some((queued, dead)) = reading.value.filter(|_| fresh) {
+        for (name, help, value) in [
+            (
+                "kvq_queue_jobs",
+                "Jobs waiting, in flight or waiting to be retried.",
+                queued,
+            ),
+            (
+                "kvq_dead_jobs",
+                "Dead letters: jobs whose retries ran out.",
+                dead,
+            ),
+        ] {
+            let _ = write!(
+                text,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
+            );
         }
-        Ok(Err(e)) => tracing::warn!(error = %e, "could not read the queue depth for /metrics"),
-        Err(_) => tracing::warn!("the queue Redis did not answer in time for /metrics"),
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

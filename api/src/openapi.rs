@@ -89,7 +89,10 @@ impl Modify for Security {
                         .description(Some(
                             "HS256 or RS256 JWT with `exp` and roles in `roles` or \
                              `realm_access.roles`: `reader`, `writer` (also writes), \
-                             `admin` (also dead jobs)",
+                             `admin` (also dead jobs). `nbf`, when present, must have \
+                             passed; a `crit` header is refused; with \
+                             `KVQ_AUTH_MAX_TOKEN_LIFETIME` set, `iat` is required and \
+                             `exp - iat` may not exceed it",
                         ))
                         .build(),
                 ),
@@ -103,7 +106,7 @@ impl Modify for Security {
                 let responses = &mut operation.responses.responses;
                 responses.entry("401".into()).or_insert_with(|| {
                     problem(
-                        "`unauthorized`: no token, or an invalid or expired one",
+                        "`unauthorized`: no token, or an invalid, expired or not yet valid one",
                         Some("WWW-Authenticate"),
                     )
                     .into()

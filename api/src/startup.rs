@@ -43,6 +43,9 @@ impl Application {
             web::Data::from(limit)
         });
         let body_timeout = web::Data::new(BodyTimeout(config.http_client_timeout));
+        // One per process, shared by every worker thread.
+        let queue_gauges = web::Data::new(crate::metrics::QueueGauges::default());
+        let readiness = web::Data::new(routes::health::Readiness::default());
         let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
@@ -67,7 +70,9 @@ impl Application {
             let mut app = App::new()
                 .app_data(web::Data::new(state))
                 .app_data(auth.clone())
-                .app_data(body_timeout.clone());
+                .app_data(body_timeout.clone())
+                .app_data(queue_gauges.clone())
+                .app_data(readiness.clone());
             if let Some(limit) = &rate_limit {
                 app = app.app_data(limit.clone());
             }
@@ -81,8 +86,13 @@ impl Application {
                 web::PathConfig::default()
                     .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
             )
-            .wrap(from_fn(crate::limits::middleware))
+            // The last `.wrap` runs first: metrics count every answer,
+            // the request id is on every answer, then the header cap (431)
+            // and body deadline apply before any token is verified (a huge
+            // forged token costs no signature check), then auth and the
+            // rate limit.
             .wrap(from_fn(crate::auth::middleware))
+            .wrap(from_fn(crate::limits::middleware))
             .wrap(from_fn(crate::request_id::middleware))
             .wrap(from_fn(crate::metrics::middleware))
             .configure(routes::health::configure)

@@ -122,6 +122,9 @@ pub struct Config {
     pub auth_jwt_public_key_file: Option<PathBuf>,
     /// `KVQ_AUTH_DISABLED`: `true` serves every route without a token.
     pub auth_disabled: bool,
+    /// `KVQ_AUTH_MAX_TOKEN_LIFETIME`: when set, a token must carry `iat` and
+    /// live (`exp - iat`) at most this long; `None` sets no maximum.
+    pub auth_max_token_lifetime: Option<Duration>,
     /// `KVQ_LEGACY_ROUTES`: serve the original service's routes
     /// (`/create/{key}`, `/read/{key}`, `/update/{key}`, `/delete/{key}`).
     pub legacy_routes: bool,
@@ -200,6 +203,7 @@ impl Config {
                 .optional("KVQ_AUTH_JWT_PUBLIC_KEY_FILE")
                 .map(PathBuf::from),
             auth_disabled: env.bool("KVQ_AUTH_DISABLED", false)?,
+            auth_max_token_lifetime: env.duration("KVQ_AUTH_MAX_TOKEN_LIFETIME")?,
             legacy_routes: env.bool("KVQ_LEGACY_ROUTES", true)?,
             max_key_bytes: env.ranged("KVQ_MAX_KEY_BYTES", 512, 1, 65_536)?,
             max_value_bytes: env.ranged("KVQ_MAX_VALUE_BYTES", 1_048_576, 1, 512 * 1_048_576)?,
@@ -256,6 +260,25 @@ impl Config {
         env.tls_roots(&[&config.kv_redis_url, &config.queue_redis_url])?;
         Ok(config)
     }
+}
+
+/// Parses a duration written as `90s`, `15m`, `1h`, `7d` or plain seconds
+/// (`90`); zero and anything else is `None`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3_600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 /// Typed access to the variables, each error naming its variable.
@@ -317,6 +340,20 @@ impl Env<'_> {
                 message: format!("{other:?} is not a boolean (true or false)"),
             }),
         }
+    }
+
+    /// An optional duration such as `90s`, `15m`, `1h` or `7d`.
+    fn duration(&self, var: &'static str) -> Result<Option<Duration>, ConfigError> {
+        self.optional(var)
+            .map(|raw| {
+                parse_duration(&raw).ok_or_else(|| ConfigError {
+                    var,
+                    message: format!(
+                        "{raw:?} is not a duration such as 90s, 15m, 1h or 7d (more than 0)"
+                    ),
+                })
+            })
+            .transpose()
     }
 
     fn redis_url(&self, var: &'static str, default: &str) -> Result<RedisUrl, ConfigError> {
@@ -398,6 +435,30 @@ mod tests {
         assert!(c.legacy_routes);
         assert_eq!((c.max_key_bytes, c.max_value_bytes), (512, 1_048_576));
         assert_eq!(c.job_retention, Duration::from_secs(86_400));
+        assert_eq!(c.auth_max_token_lifetime, None, "no maximum unless set");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("86400s"), Some(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(604_800)));
+        for bad in [
+            "0",
+            "0h",
+            "1w",
+            "h",
+            "-1h",
+            "1.5h",
+            "",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        let c = config(&[("KVQ_AUTH_MAX_TOKEN_LIFETIME", "30m")]).expect("ok");
+        assert_eq!(c.auth_max_token_lifetime, Some(Duration::from_secs(1800)));
     }
 
     #[test]
@@ -412,6 +473,8 @@ mod tests {
             ("KVQ_MAX_VALUE_BYTES", "-1"),
             ("KVQ_NAMESPACE", "a{b}"),
             ("KVQ_LOG_FORMAT", "xml"),
+            ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "forever"),
+            ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "0s"),
         ] {
             let err = config(&[(var, value)]).expect_err(var);
             assert_eq!(err.var, var);

@@ -5,7 +5,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 /// A store operation that did not complete.
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     /// Redis refused, dropped or failed the command.
     #[error("redis command failed")]

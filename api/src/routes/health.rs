@@ -1,4 +1,11 @@
 //! `/healthz` (the process answers) and `/readyz` (both Redis answer).
+//!
+//! `/readyz` is open to anyone, so its answer comes from a probe (a `PING` to
+//! each Redis) taken at most once per [`READINESS_EVERY`] per process:
+//! concurrent requests share one probe, the first request after start
+//! probes, and a probe is reused for [`READINESS_EVERY`] after it finished
+//! (see [`crate::refresh`]). A Redis that stops answering turns `/readyz`
+//! 503 within that interval plus the ping timeout.
 
 use std::time::Duration;
 
@@ -9,10 +16,23 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::{ApiError, Problem};
+use crate::refresh::Refreshed;
 use crate::state::AppState;
 
 /// How long readiness waits for each Redis.
 const PING_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How often, at most, one API process probes both Redis servers.
+pub const READINESS_EVERY: Duration = Duration::from_millis(500);
+
+/// The last readiness probe of one process: the first failure, if any.
+pub struct Readiness(Refreshed<Result<(), StoreError>>);
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self(Refreshed::new(READINESS_EVERY))
+    }
+}
 
 /// The 200 body of `/healthz` and `/readyz`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -43,17 +63,15 @@ pub async fn healthz() -> HttpResponse {
 async fn ping(
     name: &'static str,
     fut: impl Future<Output = Result<(), StoreError>>,
-) -> Result<(), ApiError> {
-    match tokio::time::timeout(PING_TIMEOUT, fut).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::warn!(redis = name, error = %kvq_shared::error::chain(&e), "readiness ping failed");
-            Err(ApiError::BackendUnavailable(e))
-        }
-        Err(_) => Err(ApiError::BackendUnavailable(StoreError::Timeout(
-            PING_TIMEOUT,
-        ))),
+) -> Result<(), StoreError> {
+    let result = match tokio::time::timeout(PING_TIMEOUT, fut).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout(PING_TIMEOUT)),
+    };
+    if let Err(e) = &result {
+        tracing::warn!(redis = name, error = %kvq_shared::error::chain(e), "readiness ping failed");
     }
+    result
 }
 
 /// `GET /readyz`: readiness, both Redis servers answer. No token needed.
@@ -61,6 +79,7 @@ async fn ping(
     get,
     path = "/readyz",
     tag = "health",
+    description = "Readiness. Open to anyone; the answer comes from one PING to each Redis taken at most every 500 ms per API process and shared by all requests.",
     responses(
         (status = 200, description = "Ready", body = HealthBody),
         (status = 503, description = "`backend_unavailable`: a Redis server did not answer", body = Problem, content_type = "application/problem+json", headers(
@@ -68,11 +87,20 @@ async fn ping(
         )),
     ),
 )]
-pub async fn readyz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let (kv, queue) = tokio::join!(
-        ping("kv", state.kv.ping()),
-        ping("queue", state.queue.ping())
-    );
-    kv.and(queue)?;
+pub async fn readyz(
+    state: web::Data<AppState>,
+    readiness: web::Data<Readiness>,
+) -> Result<HttpResponse, ApiError> {
+    let probe = readiness
+        .0
+        .get(|| async {
+            let (kv, queue) = tokio::join!(
+                ping("kv", state.kv.ping()),
+                ping("queue", state.queue.ping())
+            );
+            kv.and(queue)
+        })
+        .await;
+    probe.value.map_err(ApiError::BackendUnavailable)?;
     Ok(HttpResponse::Ok().json(HealthBody { status: "ready" }))
 }

@@ -369,3 +369,146 @@ async fn requests_without_a_valid_token_share_their_address_limit() {
         404
     );
 }
+
+/// `header` and `claims` signed with [`SECRET`] (HS256), the token built by
+/// hand so that the header can carry anything, `crit` included.
+fn hand_signed(header: &Value, claims: &Value) -> String {
+    let message = format!(
+        "{}.{}",
+        encode_b64(&serde_json::to_vec(header).unwrap()),
+        encode_b64(&serde_json::to_vec(claims).unwrap())
+    );
+    let signature = jsonwebtoken::crypto::sign(
+        message.as_bytes(),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+        Algorithm::HS256,
+    )
+    .unwrap();
+    format!("{message}.{signature}")
+}
+
+/// The status of `GET /v1/kv/absent` with `token` (404: the token passed).
+async fn read_status(stack: &Stack, token: &str) -> u16 {
+    call(stack, Method::GET, "/v1/kv/absent", Some(token))
+        .await
+        .0
+}
+
+#[tokio::test]
+async fn nbf_is_checked_and_long_tokens_pass_without_a_maximum() {
+    let stack = secured().await;
+    let with = |claims: Value| sign(&claims, Algorithm::HS256, SECRET);
+    let not_yet = with(json!({"exp": exp_in(7_200), "nbf": exp_in(3_600), "roles": ["reader"]}));
+    assert_eq!(
+        call(&stack, Method::GET, "/v1/kv/absent", Some(&not_yet)).await,
+        (401, Some("unauthorized".to_owned())),
+        "nbf an hour ahead"
+    );
+    for (what, nbf) in [("past", -60), ("within the 5 s leeway", 2)] {
+        let token = with(json!({"exp": exp_in(600), "nbf": exp_in(nbf), "roles": ["reader"]}));
+        assert_eq!(read_status(&stack, &token).await, 404, "nbf {what}");
+    }
+    // Without KVQ_AUTH_MAX_TOKEN_LIFETIME, neither iat nor a long life matters.
+    for claims in [
+        json!({"exp": exp_in(7_200), "iat": exp_in(0), "roles": ["reader"]}),
+        json!({"exp": exp_in(7_200), "roles": ["reader"]}),
+    ] {
+        assert_eq!(
+            read_status(&stack, &with(claims.clone())).await,
+            404,
+            "{claims}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_crit_header_is_refused_even_with_a_valid_signature() {
+    let stack = secured().await;
+    let claims = json!({"exp": exp_in(600), "roles": ["admin"]});
+    // The hand-made token is valid as such...
+    let plain = hand_signed(&json!({"alg": "HS256", "typ": "JWT"}), &claims);
+    assert_eq!(read_status(&stack, &plain).await, 404);
+    // ... and refused with any crit, known names, unknown ones or none.
+    for crit in [
+        json!(["exp"]),
+        json!(["kvq-unknown"]),
+        json!([]),
+        Value::Null,
+    ] {
+        let header = json!({"alg": "HS256", "typ": "JWT", "crit": crit, "kvq-unknown": true});
+        let token = hand_signed(&header, &claims);
+        let response = stack
+            .request(Method::PUT, "/v1/kv/critical?upsert=true")
+            .bearer_auth(&token)
+            .json(&json!({"value": 1}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401, "crit {crit}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "unauthorized", "crit {crit}");
+    }
+    assert_eq!(stack.kv.keys(), Vec::<String>::new(), "nothing was stored");
+}
+
+#[tokio::test]
+async fn a_maximum_lifetime_refuses_long_lived_tokens_and_minting_follows_it() {
+    let stack = Stack::builder()
+        .secured()
+        .env("KVQ_AUTH_MAX_TOKEN_LIFETIME", "1h")
+        .start()
+        .await;
+    let now = exp_in(0);
+    let with = |claims: Value| sign(&claims, Algorithm::HS256, SECRET);
+    let half_hour = with(json!({"exp": now + 1_800, "iat": now, "roles": ["reader"]}));
+    assert_eq!(read_status(&stack, &half_hour).await, 404, "30 min");
+    let refused = [
+        (
+            "2 h",
+            json!({"exp": now + 7_200, "iat": now, "roles": ["reader"]}),
+        ),
+        ("no iat", json!({"exp": now + 600, "roles": ["reader"]})),
+        (
+            "iat not a number",
+            json!({"exp": now + 600, "iat": "now", "roles": ["reader"]}),
+        ),
+        (
+            "issued a day ahead, 30 min long",
+            json!({"exp": now + 86_400 + 1_800, "iat": now + 86_400, "roles": ["reader"]}),
+        ),
+    ];
+    for (what, claims) in refused {
+        assert_eq!(
+            call(&stack, Method::GET, "/v1/kv/absent", Some(&with(claims))).await,
+            (401, Some("unauthorized".to_owned())),
+            "{what}"
+        );
+    }
+
+    // `kvq-api token` mints what the API accepts, and refuses what it would not.
+    let env = vec![
+        ("KVQ_AUTH_JWT_SECRET".to_owned(), SECRET.to_owned()),
+        ("KVQ_AUTH_MAX_TOKEN_LIFETIME".to_owned(), "1h".to_owned()),
+    ];
+    let mut too_long = KvqProcess::spawn_with_args(
+        "kvq-api",
+        &["token", "--role", "reader", "--ttl", "2h"],
+        &env,
+    );
+    assert_eq!(
+        too_long.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(2)
+    );
+    let stderr = too_long.stderr().join("\n");
+    assert!(stderr.contains("KVQ_AUTH_MAX_TOKEN_LIFETIME"), "{stderr}");
+    assert!(too_long.logs().is_empty(), "no token printed");
+    for args in [
+        &["token", "--role", "reader", "--ttl", "30m"][..],
+        &["token", "--role", "reader"][..],
+    ] {
+        let mut minted = KvqProcess::spawn_with_args("kvq-api", args, &env);
+        assert!(minted.wait_exit(Duration::from_secs(10)).await.success());
+        let token = minted.logs().last().unwrap().trim().to_owned();
+        assert_eq!(read_status(&stack, &token).await, 404, "{args:?}");
+    }
+}

@@ -118,3 +118,89 @@ async fn oversized_headers_are_refused() {
         assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.200}");
     }
 }
+
+#[tokio::test]
+async fn an_oversized_forged_token_is_refused_before_any_verification() {
+    let mut stack = Stack::builder()
+        .workers(0)
+        .secured()
+        // Refused tokens are logged at debug level: show them.
+        .env("RUST_LOG", "info,kvq_api::auth=debug")
+        .start()
+        .await;
+    let b64 = |json: serde_json::Value| {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json.to_string())
+    };
+    let forged = format!(
+        "{}.{}.{}",
+        b64(serde_json::json!({"alg": "HS256", "typ": "JWT"})),
+        b64(
+            serde_json::json!({"exp": kvq_testkit::auth::exp_in(600), "roles": ["admin"], "pad": "x".repeat(73_000)})
+        ),
+        "A".repeat(43)
+    );
+    assert!(
+        (95_000..100_000).contains(&forged.len()),
+        "{}",
+        forged.len()
+    );
+    let response = stack
+        .request(reqwest::Method::GET, "/v1/kv/k")
+        .bearer_auth(&forged)
+        .header("x-request-id", "forged-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+    assert_eq!(response.headers()["x-request-id"], "forged-1");
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "headers_too_large");
+
+    // A small bad token, sent after it, is verified, refused and logged:
+    // had the forged one been verified, its line would be there first.
+    let small = kvq_testkit::auth::sign(
+        &serde_json::json!({"exp": kvq_testkit::auth::exp_in(600), "roles": ["admin"]}),
+        jsonwebtoken::Algorithm::HS256,
+        "another-secret",
+    );
+    let response = stack
+        .request(reqwest::Method::GET, "/v1/kv/k")
+        .bearer_auth(&small)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let refusals = |stack: &mut Stack| {
+        stack
+            .api()
+            .logs()
+            .iter()
+            .filter(|line| line.contains("token refused"))
+            .count()
+    };
+    kvq_testkit::eventually(Duration::from_secs(5), "the refusal's log line", || {
+        let seen = refusals(&mut stack);
+        async move { (seen > 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(refusals(&mut stack), 1, "only the small token was verified");
+
+    // The 431 is counted like any answer.
+    let metrics = stack
+        .request(reqwest::Method::GET, "/metrics")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("kvq_api_http_requests_total{")
+                && l.contains(r#"status="431""#)
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+}
