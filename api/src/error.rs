@@ -72,6 +72,10 @@ pub enum ApiError {
     /// A request with the same `Idempotency-Key` is still being handled.
     #[error("a request with this Idempotency-Key is still being handled; retry shortly")]
     IdempotencyConflict,
+    /// The process holds as many request bodies as
+    /// `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows; nothing was read or queued.
+    #[error("{0}")]
+    Overloaded(String),
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
@@ -97,6 +101,7 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
         }
     }
@@ -119,6 +124,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
+            ApiError::Overloaded(_) => "Overloaded",
             ApiError::BackendUnavailable(_) => "Backend unavailable",
         }
     }
@@ -167,7 +173,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
-            ApiError::BackendUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded(_) | ApiError::BackendUnavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 

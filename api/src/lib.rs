@@ -13,6 +13,9 @@
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
 //! - [`limits`]: header size and the deadline for request bodies.
+//! - [`body`]: write bodies, read within the body limit and the
+//!   process-wide budget of body bytes in flight.
+//! - [`value`]: a write's value checked and made compact without a tree.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`metrics`]: Prometheus metrics and `GET /metrics`.
 //! - [`request_id`]: the request id middleware.
@@ -20,6 +23,7 @@
 //! - [`wait`]: `Prefer: wait`, woken by workers' job notices.
 
 pub mod auth;
+pub mod body;
 pub mod error;
 pub mod limits;
 pub mod metrics;
@@ -28,4 +32,5 @@ pub mod rate_limit;
 pub mod request_id;
 pub mod routes;
 pub mod startup;
+pub mod value;
 pub mod wait;

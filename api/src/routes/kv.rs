@@ -18,6 +18,7 @@ use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
+use crate::body::{JsonBody, Reservation};
 use crate::error::{ApiError, Problem};
 use crate::request_id::RequestId;
 use crate::routes::jobs::JobBody;
@@ -29,10 +30,11 @@ pub const MAX_TTL_SECONDS: u64 = 31_536_000;
 /// The most keys one list page holds.
 pub const MAX_LIST_LIMIT: usize = 1_000;
 
-/// `POST /v1/kv` body.
+/// `POST /v1/kv` body. The value is borrowed from the body's bytes, as
+/// sent; [`checked_value`] makes the text to store of it.
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CreateBody {
+pub struct CreateBody<'a> {
     /// The key to create: 1 to 512 bytes of UTF-8, no control characters.
     #[schema(
         min_length = 1,
@@ -42,8 +44,9 @@ pub struct CreateBody {
     )]
     pub key: String,
     /// Any JSON, at most 1 MiB serialized.
-    #[schema(example = json!({"first": "Ada"}))]
-    pub value: serde_json::Value,
+    #[serde(borrow)]
+    #[schema(value_type = serde_json::Value, example = json!({"first": "Ada"}))]
+    pub value: &'a RawValue,
     /// Expiry in seconds; absent or `null`: no expiry.
     #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
@@ -51,13 +54,14 @@ pub struct CreateBody {
     pub ttl_seconds: Option<u64>,
 }
 
-/// `PUT /v1/kv/{key}` body.
+/// `PUT /v1/kv/{key}` body, the value borrowed as in [`CreateBody`].
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct UpdateBody {
+pub struct UpdateBody<'a> {
     /// Any JSON, at most 1 MiB serialized.
-    #[schema(example = json!("Ada L."))]
-    pub value: serde_json::Value,
+    #[serde(borrow)]
+    #[schema(value_type = serde_json::Value, example = json!("Ada L."))]
+    pub value: &'a RawValue,
     /// Expiry in seconds; absent or `null` clears any expiry.
     #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
@@ -332,26 +336,12 @@ fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
     validation(body).map_err(ApiError::InvalidBody)
 }
 
-/// Serializes the value compactly and checks it against the size limit.
-///
-/// Parsing the body into a `serde_json::Value` first is what rejects JSON a
-/// reader could not load back: numbers out of `f64` range and nesting deeper
-/// than 128 levels are 400s.
-pub(crate) fn checked_value(
-    value: &serde_json::Value,
-    state: &AppState,
-) -> Result<Box<RawValue>, ApiError> {
-    let text = serde_json::to_string(value)
-        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))?;
-    let limit = state.config.max_value_bytes;
-    if text.len() > limit {
-        return Err(ApiError::ValueTooLarge(format!(
-            "the value is {} bytes of JSON; the limit is {limit}",
-            text.len()
-        )));
-    }
-    RawValue::from_string(text)
-        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))
+/// The text to store for a value as sent: compact, checked against the
+/// size limit (413) and against what a reader could not load back (400:
+/// numbers beyond `f64`, nesting deeper than 128 levels); see
+/// [`crate::value`].
+pub(crate) fn checked_value(value: &RawValue, state: &AppState) -> Result<Box<RawValue>, ApiError> {
+    crate::value::stored(value, state.config.max_value_bytes)
 }
 
 /// Parses `If-Match: "<version>"`. `None` without the header.
@@ -404,7 +394,7 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -412,24 +402,19 @@ pub(crate) fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
 pub async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CreateBody>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    validate_key(&body.key, state.config.max_key_bytes)?;
-    validate_body(&body)?;
-    let value = checked_value(&body.value, &state)?;
-    enqueue(
-        &req,
-        &state,
-        Write {
-            op: Op::Create,
-            key: body.key,
-            value: Some(value),
-            ttl_seconds: body.ttl_seconds,
-            if_match: None,
-        },
-    )
-    .await
+    let parsed: CreateBody = body.parse()?;
+    validate_key(&parsed.key, state.config.max_key_bytes)?;
+    validate_body(&parsed)?;
+    let write = Write {
+        op: Op::Create,
+        value: Some(checked_value(parsed.value, &state)?),
+        key: parsed.key,
+        ttl_seconds: parsed.ttl_seconds,
+        if_match: None,
+    };
+    enqueue(&req, &state, write, Some(body.into_reservation())).await
 }
 
 /// `PUT /v1/kv/{key}`: queue an update (or upsert).
@@ -475,7 +460,7 @@ pub async fn create(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -484,26 +469,19 @@ pub async fn update(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<UpdateQuery>,
-    body: web::Json<UpdateBody>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
-    let body = body.into_inner();
-    validate_body(&body)?;
-    let value = checked_value(&body.value, &state)?;
-    let expected = if_match(req.headers())?;
-    let op = if query.upsert { Op::Upsert } else { Op::Update };
-    enqueue(
-        &req,
-        &state,
-        Write {
-            op,
-            key,
-            value: Some(value),
-            ttl_seconds: body.ttl_seconds,
-            if_match: expected,
-        },
-    )
-    .await
+    let parsed: UpdateBody = body.parse()?;
+    validate_body(&parsed)?;
+    let write = Write {
+        op: if query.upsert { Op::Upsert } else { Op::Update },
+        key,
+        value: Some(checked_value(parsed.value, &state)?),
+        ttl_seconds: parsed.ttl_seconds,
+        if_match: if_match(req.headers())?,
+    };
+    enqueue(&req, &state, write, Some(body.into_reservation())).await
 }
 
 /// `DELETE /v1/kv/{key}`: queue a delete.
@@ -558,6 +536,7 @@ pub async fn delete(
             ttl_seconds: None,
             if_match: expected,
         },
+        None,
     )
     .await
 }
@@ -567,12 +546,18 @@ pub async fn delete(
 /// A repeat of a token answers the token's first 202 again (with
 /// `Idempotent-Replayed: true`) and queues nothing; a repeat while the first
 /// is still running is a 409.
+///
+/// `body`, the request body's reservation in the process's budget, is
+/// held until the job is queued (or refused), not while waiting for it.
 async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
+    body: Option<Reservation>,
 ) -> Result<HttpResponse, ApiError> {
-    let submitted = submit(req, state, write).await?;
+    let submitted = submit(req, state, write).await;
+    drop(body);
+    let submitted = submitted?;
     if submitted.replayed {
         return Ok(accepted_response(&submitted.accepted, true));
     }

@@ -11,5 +11,6 @@ mod health;
 mod jobs;
 mod kv;
 mod legacy;
+mod memory;
 mod openapi;
 mod resilience;
