@@ -1,0 +1,103 @@
+//! The API's memory under the worst write bodies: for each shape of
+//! `kvq_testkit::flood::worst_shapes`, a fresh `kvq-api` gets 50 of them at
+//! once; its peak resident set (`VmHWM`) and its resident set once the load
+//! is over and it has settled are reported.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use kvq_testkit::flood;
+use kvq_testkit::{KvqProcess, TestRedis};
+
+use crate::load;
+
+/// Bodies of each shape sent at once.
+pub const CONCURRENT: usize = 50;
+
+/// The value limit the API runs with (its default).
+const VALUE_LIMIT: usize = 1_048_576;
+
+/// The peak the API must stay under, MiB (half the base manifests' 256 Mi).
+pub const PEAK_TARGET_MIB: f64 = 128.0;
+
+/// One shape's figures.
+pub struct Figures {
+    /// The shape.
+    pub shape: &'static str,
+    /// Answers by status; transport errors under 0.
+    pub answers: BTreeMap<u16, usize>,
+    /// RSS before the load, MiB.
+    pub before: f64,
+    /// Peak RSS (VmHWM), MiB.
+    pub peak: f64,
+    /// RSS once settled after the load, MiB.
+    pub settled: f64,
+}
+
+fn mib(pid: u32, field: &str) -> f64 {
+    flood::vm_kib(pid, field).map_or(f64::NAN, |kib| kib as f64 / 1024.0)
+}
+
+/// Runs every shape against a fresh API with `env` (the Redis URLs, auth
+/// off) on top of its defaults.
+pub async fn worst_bodies(
+    kv: &TestRedis,
+    queue: &TestRedis,
+    env: &[(String, String)],
+) -> anyhow::Result<Vec<Figures>> {
+    let mut figures = Vec::new();
+    for shape in flood::worst_shapes() {
+        let port = kvq_testkit::free_port();
+        let mut env = env.to_vec();
+        env.retain(|(k, _)| k != "KVQ_BIND");
+        env.push(("KVQ_BIND".to_owned(), format!("127.0.0.1:{port}")));
+        let api = KvqProcess::spawn("kvq-api", &env);
+        let base = format!("http://127.0.0.1:{port}");
+        let probe = load::client();
+        kvq_testkit::eventually(Duration::from_secs(20), "kvq-api to be ready", || async {
+            let r = probe.get(format!("{base}/readyz")).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        let pid = api.pid();
+        let before = mib(pid, "VmRSS");
+        let addr = format!("127.0.0.1:{port}");
+        let mut answers = BTreeMap::new();
+        for answer in flood::flood(&addr, &shape, CONCURRENT, VALUE_LIMIT).await {
+            *answers.entry(answer.map_or(0, |a| a.status)).or_insert(0) += 1;
+        }
+        let peak = mib(pid, "VmHWM");
+        let settled = settle(pid).await;
+        println!(
+            "   {}: {answers:?}; RSS before {before:.0} MiB, peak {peak:.0} MiB, settled {settled:.0} MiB",
+            shape.name
+        );
+        figures.push(Figures {
+            shape: shape.name,
+            answers,
+            before,
+            peak,
+            settled,
+        });
+        drop(api);
+        let _: () = kv.cmd(&["FLUSHALL"]);
+        let _: () = queue.cmd(&["FLUSHALL"]);
+    }
+    Ok(figures)
+}
+
+/// RSS once it stops falling (two readings 500 ms apart within 1 MiB), at
+/// most 10 s after the load, MiB.
+async fn settle(pid: u32) -> f64 {
+    let started = Instant::now();
+    let mut last = mib(pid, "VmRSS");
+    while started.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = mib(pid, "VmRSS");
+        if (last - now).abs() < 1.0 {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
