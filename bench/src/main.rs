@@ -46,6 +46,9 @@ struct Plan {
     visibility: Duration,
     /// Jobs run for the queue-memory measurement.
     memory_jobs: u64,
+    /// How long the API's memory may take to settle after a flood of
+    /// large bodies.
+    settle: Duration,
 }
 
 const RETENTION_SECONDS: u64 = 5;
@@ -67,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
             burst: Duration::from_secs(1),
             visibility: Duration::from_secs(3),
             memory_jobs: 2_000,
+            settle: Duration::from_secs(3),
         }
     } else {
         Plan {
@@ -75,12 +79,13 @@ async fn main() -> anyhow::Result<()> {
             burst: Duration::from_secs(3),
             visibility: Duration::from_secs(10),
             memory_jobs: 20_000,
+            settle: Duration::from_secs(15),
         }
     };
     let started = Instant::now();
     let rows = if args.iter().any(|a| a == "--memory") {
         let (kv, queue) = (TestRedis::start(), TestRedis::start());
-        memory_rows(&worst_bodies(&kv, &queue).await?)
+        memory_rows(&worst_bodies(&kv, &queue, plan.settle).await?)
     } else {
         run(&plan, out.as_ref()).await?
     };
@@ -248,7 +253,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         .fold(0.0_f64, f64::max);
 
     drop(api);
-    let figures = worst_bodies(&kv, &queue).await?;
+    let figures = worst_bodies(&kv, &queue, plan.settle).await?;
     let mut rows = rows(
         &redis_get,
         &redis_set,
@@ -303,7 +308,11 @@ async fn start_worker(env: &[(String, String)]) -> KvqProcess {
 
 /// The API's memory under the worst write bodies, each shape against a
 /// fresh API with default limits.
-async fn worst_bodies(kv: &TestRedis, queue: &TestRedis) -> anyhow::Result<Vec<memory::Figures>> {
+async fn worst_bodies(
+    kv: &TestRedis,
+    queue: &TestRedis,
+    settle: Duration,
+) -> anyhow::Result<Vec<memory::Figures>> {
     step(&format!(
         "kvq-api RSS under {} concurrent worst-shape write bodies (a fresh API per shape)",
         memory::CONCURRENT
@@ -317,7 +326,7 @@ async fn worst_bodies(kv: &TestRedis, queue: &TestRedis) -> anyhow::Result<Vec<m
     // The budget may be set for the run, to see what it buys.
     let budget = std::env::var("KVQ_MAX_BODY_BYTES_IN_FLIGHT").ok();
     env.extend(budget.map(|b| ("KVQ_MAX_BODY_BYTES_IN_FLIGHT".to_owned(), b)));
-    memory::worst_bodies(kv, queue, &env).await
+    memory::worst_bodies(kv, queue, &env, settle).await
 }
 
 fn memory_rows(figures: &[memory::Figures]) -> Vec<Row> {

@@ -30,7 +30,8 @@ pub struct Figures {
     pub before: f64,
     /// Peak RSS (VmHWM), MiB.
     pub peak: f64,
-    /// RSS once settled after the load, MiB.
+    /// RSS once settled after the load (back near `before`, or after the
+    /// time given to settle), MiB.
     pub settled: f64,
 }
 
@@ -44,6 +45,7 @@ pub async fn worst_bodies(
     kv: &TestRedis,
     queue: &TestRedis,
     env: &[(String, String)],
+    settle_within: Duration,
 ) -> anyhow::Result<Vec<Figures>> {
     let mut figures = Vec::new();
     for shape in flood::worst_shapes() {
@@ -67,7 +69,7 @@ pub async fn worst_bodies(
             *answers.entry(answer.map_or(0, |a| a.status)).or_insert(0) += 1;
         }
         let peak = mib(pid, "VmHWM");
-        let settled = settle(pid).await;
+        let settled = settle(pid, before, settle_within).await;
         println!(
             "   {}: {answers:?}; RSS before {before:.0} MiB, peak {peak:.0} MiB, settled {settled:.0} MiB",
             shape.name
@@ -86,18 +88,15 @@ pub async fn worst_bodies(
     Ok(figures)
 }
 
-/// RSS once it stops falling (two readings 500 ms apart within 1 MiB), at
-/// most 10 s after the load, MiB.
-async fn settle(pid: u32) -> f64 {
+/// RSS once it is back within 2 MiB of `before`, or after `within`, MiB
+/// (an allocator may give memory back only some seconds after it was freed).
+async fn settle(pid: u32, before: f64, within: Duration) -> f64 {
     let started = Instant::now();
-    let mut last = mib(pid, "VmRSS");
-    while started.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    loop {
         let now = mib(pid, "VmRSS");
-        if (last - now).abs() < 1.0 {
+        if now <= before + 2.0 || started.elapsed() >= within {
             return now;
         }
-        last = now;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    last
 }
