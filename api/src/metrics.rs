@@ -8,7 +8,10 @@
 //! - `kvq_queue_jobs` (jobs waiting, in flight or waiting to be retried) and
 //!   `kvq_dead_jobs` (dead letters), read from the queue Redis at scrape time,
 //!   for alerts and for scaling workers on the backlog; left out of a scrape
-//!   when the queue Redis does not answer, never shown stale.
+//!   when the queue Redis does not answer, never shown stale;
+//! - `kvq_api_body_bytes_in_flight` and `kvq_api_body_bytes_budget`: bytes
+//!   of write bodies held now, and `KVQ_MAX_BODY_BYTES_IN_FLIGHT` (see
+//!   [`crate::body`]).
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -23,6 +26,7 @@ use actix_web::{HttpResponse, web};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::body::BodyBudget;
 use crate::startup::AppState;
 
 /// Request duration buckets, in seconds: loopback reads take well under a
@@ -190,8 +194,25 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
     tag = "meta",
     responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
 )]
-pub async fn render(state: web::Data<AppState>) -> HttpResponse {
+pub async fn render(state: web::Data<AppState>, budget: web::Data<BodyBudget>) -> HttpResponse {
     let mut text = handle().render();
+    for (name, help, value) in [
+        (
+            "kvq_api_body_bytes_in_flight",
+            "Bytes of write bodies held now, from before they are read until their jobs are queued.",
+            budget.in_use(),
+        ),
+        (
+            "kvq_api_body_bytes_budget",
+            "The most bytes of write bodies held at once (KVQ_MAX_BODY_BYTES_IN_FLIGHT).",
+            budget.capacity(),
+        ),
+    ] {
+        let _ = write!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
+        );
+    }
     // Gauges of the queue Redis are read now and written here, not kept in
     // the recorder, so that a failed read leaves them out instead of
     // repeating an old value.
