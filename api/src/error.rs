@@ -81,6 +81,10 @@ pub enum ApiError {
         "the queue did not answer in time: the write may or may not have been queued; retry with the same Idempotency-Key to complete it exactly once"
     )]
     OutcomeUnknown(#[source] StoreError),
+    /// The process holds as many request bodies as
+    /// `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows; nothing was read or queued.
+    #[error("{0}")]
+    Overloaded(String),
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
@@ -106,6 +110,7 @@ impl ApiError {
             ApiError::RequestTimeout => "request_timeout",
             ApiError::HeadersTooLarge(_) => "headers_too_large",
             ApiError::RateLimited(_) => "rate_limited",
+            ApiError::Overloaded(_) => "overloaded",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
             ApiError::OutcomeUnknown(_) => "outcome_unknown",
         }
@@ -129,6 +134,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
             ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
+            ApiError::Overloaded(_) => "Overloaded",
             ApiError::BackendUnavailable(_) => "Backend unavailable",
             ApiError::OutcomeUnknown(_) => "Outcome unknown",
         }
@@ -180,9 +186,9 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::JobFailed { status, .. } => *status,
-            ApiError::BackendUnavailable(_) | ApiError::OutcomeUnknown(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Overloaded(_)
+            | ApiError::BackendUnavailable(_)
+            | ApiError::OutcomeUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 

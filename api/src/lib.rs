@@ -17,6 +17,9 @@
 //!   [`rate_limit`].
 //! - [`caller`]: who sent a request (token subject or peer address).
 //! - [`limits`]: header size and the deadline for request bodies.
+//! - [`body`]: write bodies, read within the body limit and the
+//!   process-wide budget of body bytes in flight.
+//! - [`value`]: a write's value checked and made compact without a tree.
 //! - [`error`]: [`error::ApiError`] and its problem JSON.
 //! - [`metrics`]: Prometheus metrics and `GET /metrics`.
 //! - [`request_id`]: the request id middleware.
@@ -26,6 +29,7 @@
 //!   interval, which keep the open routes' Redis cost bounded.
 
 pub mod auth;
+pub mod body;
 pub mod caller;
 pub mod error;
 pub mod limits;
@@ -37,5 +41,6 @@ pub mod request_id;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod value;
 pub mod wait;
 pub mod writes;

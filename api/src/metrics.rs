@@ -13,7 +13,10 @@
 //!   [`crate::refresh`]). They are left out of a scrape when the last read
 //!   failed, and never shown stale: a figure older than
 //!   [`QUEUE_GAUGES_EVERY`] plus the read timeout (counted from when the read
-//!   started) is left out too.
+//!   started) is left out too;
+//! - `kvq_api_body_bytes_in_flight` and `kvq_api_body_bytes_budget`: bytes
+//!   of write bodies held now, and `KVQ_MAX_BODY_BYTES_IN_FLIGHT` (see
+//!   [`crate::body`]).
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -28,6 +31,7 @@ use actix_web::{HttpResponse, web};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use crate::body::BodyBudget;
 use crate::refresh::Refreshed;
 use crate::state::AppState;
 
@@ -211,8 +215,29 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
     description = "Prometheus text. Open to anyone; the queue gauges (`kvq_queue_jobs`, `kvq_dead_jobs`) are read from the queue Redis at most once a second per API process and shared by all scrapes, and are left out while the queue Redis does not answer.",
     responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
 )]
-pub async fn render(state: web::Data<AppState>, gauges: web::Data<QueueGauges>) -> HttpResponse {
+pub async fn render(
+    state: web::Data<AppState>,
+    gauges: web::Data<QueueGauges>,
+    budget: web::Data<BodyBudget>,
+) -> HttpResponse {
     let mut text = handle().render();
+    for (name, help, value) in [
+        (
+            "kvq_api_body_bytes_in_flight",
+            "Bytes of write bodies held now, from before they are read until their jobs are queued.",
+            budget.in_use(),
+        ),
+        (
+            "kvq_api_body_bytes_budget",
+            "The most bytes of write bodies held at once (KVQ_MAX_BODY_BYTES_IN_FLIGHT).",
+            budget.capacity(),
+        ),
+    ] {
+        let _ = write!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
+        );
+    }
     // Gauges of the queue Redis are written here, not kept in the recorder,
     // so that a failed read leaves them out instead of repeating an old value.
     let timeout = state.read_attempt_timeout();

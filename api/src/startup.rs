@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::error::{JsonPayloadError, QueryPayloadError};
+use actix_web::error::QueryPayloadError;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
 use kvq_shared::store;
 use kvq_shared::{Config, keys};
 
 use crate::auth::Auth;
+use crate::body::BodyBudget;
 use crate::limits::BodyTimeout;
 use crate::rate_limit::RateLimit;
 use crate::state::AppState;
@@ -26,9 +27,6 @@ pub struct Application {
     port: u16,
     server: Server,
 }
-
-/// Space for the rest of a write's body beyond the value itself.
-const BODY_OVERHEAD_BYTES: usize = 64 * 1024;
 
 impl Application {
     /// Connects to both Redis servers (lazily: the API starts, and reports
@@ -46,6 +44,10 @@ impl Application {
         // One per process, shared by every worker thread.
         let queue_gauges = web::Data::new(crate::metrics::QueueGauges::default());
         let readiness = web::Data::new(routes::health::Readiness::default());
+        let body_budget = web::Data::from(BodyBudget::new(
+            config.max_body_bytes_in_flight,
+            config.max_body_bytes(),
+        ));
         let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
@@ -60,7 +62,6 @@ impl Application {
                 .clone()
                 .follow(queue_client.clone(), keys::done_channel(&config.namespace)),
         );
-        let body_limit = config.max_value_bytes + BODY_OVERHEAD_BYTES;
         let server = HttpServer::new(move || {
             // One set of connections per worker thread: each thread's requests
             // then never wait on another thread's connection task.
@@ -72,40 +73,36 @@ impl Application {
                 .app_data(auth.clone())
                 .app_data(body_timeout.clone())
                 .app_data(queue_gauges.clone())
-                .app_data(readiness.clone());
+                .app_data(readiness.clone())
+                .app_data(body_budget.clone());
             if let Some(limit) = &rate_limit {
                 app = app.app_data(limit.clone());
             }
-            app.app_data(
-                web::JsonConfig::default()
-                    .limit(body_limit)
-                    .error_handler(json_error),
-            )
-            .app_data(web::QueryConfig::default().error_handler(query_error))
-            .app_data(
-                web::PathConfig::default()
-                    .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
-            )
-            // The last `.wrap` runs first: metrics count every answer,
-            // the request id is on every answer, then the header cap (431)
-            // and body deadline apply before any token is verified (a huge
-            // forged token costs no signature check), then auth and the
-            // rate limit.
-            .wrap(from_fn(crate::auth::middleware))
-            .wrap(from_fn(crate::limits::middleware))
-            .wrap(from_fn(crate::request_id::middleware))
-            .wrap(from_fn(crate::metrics::middleware))
-            .configure(routes::health::configure)
-            .configure(crate::metrics::configure)
-            .configure(routes::kv::configure)
-            .configure(routes::jobs::configure)
-            .configure(crate::openapi::configure)
-            .configure(|cfg| {
-                if legacy_routes {
-                    routes::legacy::configure(cfg);
-                }
-            })
-            .default_service(web::to(routes::not_found))
+            app.app_data(web::QueryConfig::default().error_handler(query_error))
+                .app_data(
+                    web::PathConfig::default()
+                        .error_handler(|e, _| ApiError::InvalidRequest(e.to_string()).into()),
+                )
+                // The last `.wrap` runs first: metrics count every answer,
+                // the request id is on every answer, then the header cap
+                // (431) and body deadline apply before any token is
+                // verified (a huge forged token costs no signature check),
+                // then auth and the rate limit.
+                .wrap(from_fn(crate::auth::middleware))
+                .wrap(from_fn(crate::limits::middleware))
+                .wrap(from_fn(crate::request_id::middleware))
+                .wrap(from_fn(crate::metrics::middleware))
+                .configure(routes::health::configure)
+                .configure(crate::metrics::configure)
+                .configure(routes::kv::configure)
+                .configure(routes::jobs::configure)
+                .configure(crate::openapi::configure)
+                .configure(|cfg| {
+                    if legacy_routes {
+                        routes::legacy::configure(cfg);
+                    }
+                })
+                .default_service(web::to(routes::not_found))
         })
         // Slow clients cannot hold connections: the head must arrive within
         // the client timeout (the body too, see `limits`), idle
@@ -129,23 +126,6 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
-}
-
-fn json_error(err: JsonPayloadError, _req: &HttpRequest) -> actix_web::Error {
-    let api = match &err {
-        JsonPayloadError::OverflowKnownLength { length, limit } => {
-            ApiError::ValueTooLarge(format!("the body is {length} bytes; the limit is {limit}"))
-        }
-        JsonPayloadError::Overflow { limit } => {
-            ApiError::ValueTooLarge(format!("the body is larger than {limit} bytes"))
-        }
-        JsonPayloadError::ContentType => ApiError::UnsupportedMediaType,
-        JsonPayloadError::Payload(e) if crate::limits::is_timeout(e) => ApiError::RequestTimeout,
-        JsonPayloadError::Deserialize(e) if e.is_data() => ApiError::InvalidBody(e.to_string()),
-        JsonPayloadError::Deserialize(e) => ApiError::MalformedJson(e.to_string()),
-        _ => ApiError::MalformedJson("the body could not be read".into()),
-    };
-    api.into()
 }
 
 fn query_error(err: QueryPayloadError, _req: &HttpRequest) -> actix_web::Error {

@@ -10,16 +10,20 @@
 //! ```
 //!
 //! `--quick` runs every measurement small (under a minute) as a smoke test.
+//! `--memory` runs only the API's memory under the worst write bodies
+//! (`KVQ_BIN_DIR` points it at other binaries, to compare builds).
 //!
 //! # Layout
 //! - `tools`: `wrk` and `redis-benchmark` runs and their output.
 //! - `load`: bursts timed until applied, steady-rate visibility, and the
 //!   data Redis' CPU per list page.
+//! - `memory`: the API's peak and settled RSS under the worst write bodies.
 //! - `report`: the table and the chart.
 
 #![allow(clippy::print_stdout)]
 
 mod load;
+mod memory;
 mod report;
 mod tools;
 
@@ -45,6 +49,9 @@ struct Plan {
     memory_jobs: u64,
     /// Keys seeded for the list-cost measurement.
     list_keys: usize,
+    /// How long the API's memory may take to settle after a flood of
+    /// large bodies.
+    settle: Duration,
 }
 
 /// List pages of a non-matching prefix whose data-Redis CPU is averaged.
@@ -70,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
             visibility: Duration::from_secs(3),
             memory_jobs: 2_000,
             list_keys: 5_000,
+            settle: Duration::from_secs(3),
         }
     } else {
         Plan {
@@ -79,10 +87,16 @@ async fn main() -> anyhow::Result<()> {
             visibility: Duration::from_secs(10),
             memory_jobs: 20_000,
             list_keys: 100_000,
+            settle: Duration::from_secs(15),
         }
     };
     let started = Instant::now();
-    let rows = run(&plan, out.as_ref()).await?;
+    let rows = if args.iter().any(|a| a == "--memory") {
+        let (kv, queue) = (TestRedis::start(), TestRedis::start());
+        memory_rows(&worst_bodies(&kv, &queue, plan.settle).await?)
+    } else {
+        run(&plan, out.as_ref()).await?
+    };
     println!("\n{}", report::table(&rows));
     println!(
         "{} run on {} cores, {:.0} s",
@@ -252,7 +266,9 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         .filter_map(|w| tools::peak_rss_mib(w.pid()))
         .fold(0.0_f64, f64::max);
 
-    let rows = rows(
+    drop(api);
+    let figures = worst_bodies(&kv, &queue, plan.settle).await?;
+    let mut rows = rows(
         &redis_get,
         &redis_set,
         &kvq_get,
@@ -264,6 +280,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         &listing,
         (api_rss, worker_rss),
     );
+    rows.extend(memory_rows(&figures));
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("results.md"), report::table(&rows))?;
@@ -302,6 +319,46 @@ async fn start_worker(env: &[(String, String)]) -> KvqProcess {
     })
     .await;
     worker
+}
+
+/// The API's memory under the worst write bodies, each shape against a
+/// fresh API with default limits.
+async fn worst_bodies(
+    kv: &TestRedis,
+    queue: &TestRedis,
+    settle: Duration,
+) -> anyhow::Result<Vec<memory::Figures>> {
+    step(&format!(
+        "kvq-api RSS under {} concurrent worst-shape write bodies (a fresh API per shape)",
+        memory::CONCURRENT
+    ));
+    let mut env = vec![
+        ("KVQ_KV_REDIS_URL".to_owned(), kv.url()),
+        ("KVQ_QUEUE_REDIS_URL".to_owned(), queue.url()),
+        ("KVQ_AUTH_DISABLED".to_owned(), "true".to_owned()),
+        ("RUST_LOG".to_owned(), "warn".to_owned()),
+    ];
+    // The budget may be set for the run, to see what it buys.
+    let budget = std::env::var("KVQ_MAX_BODY_BYTES_IN_FLIGHT").ok();
+    env.extend(budget.map(|b| ("KVQ_MAX_BODY_BYTES_IN_FLIGHT".to_owned(), b)));
+    memory::worst_bodies(kv, queue, &env, settle).await
+}
+
+fn memory_rows(figures: &[memory::Figures]) -> Vec<Row> {
+    figures
+        .iter()
+        .map(|f| Row {
+            what: format!("kvq-api RSS, {} concurrent {}", memory::CONCURRENT, f.shape),
+            value: format!(
+                "{:.0} MiB before, peak {:.0} MiB, settled {:.0} MiB; answers {:?}",
+                f.before, f.peak, f.settled, f.answers
+            ),
+            target: Some((
+                format!("peak < {:.0} MiB", memory::PEAK_TARGET_MIB),
+                f.peak < memory::PEAK_TARGET_MIB && !f.answers.contains_key(&0),
+            )),
+        })
+        .collect()
 }
 
 fn used_memory(redis: &TestRedis) -> u64 {

@@ -92,6 +92,17 @@ impl fmt::Display for RedisUrl {
     }
 }
 
+/// Room in a write's body beyond the value itself (key, `ttl_seconds`,
+/// punctuation): a body may be `KVQ_MAX_VALUE_BYTES` + this.
+pub const BODY_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// `KVQ_MAX_BODY_BYTES_IN_FLIGHT` when unset (or one body limit, if that is
+/// larger). A 1 MiB write costs the API about 4 MiB while it is read,
+/// checked and queued (the body, the value's compact copy, the job's JSON
+/// and the Redis command built from it), so 16 MiB of bodies keep its peak
+/// near 80 MiB, far under the 256 Mi pod limit.
+pub const DEFAULT_BODY_BYTES_IN_FLIGHT: usize = 16 * 1_048_576;
+
 /// kvq's configuration, shared by `kvq-api` and `kvq-worker`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -132,6 +143,10 @@ pub struct Config {
     pub max_key_bytes: usize,
     /// `KVQ_MAX_VALUE_BYTES`: the largest value, as serialized JSON.
     pub max_value_bytes: usize,
+    /// `KVQ_MAX_BODY_BYTES_IN_FLIGHT`: bytes of write bodies one API process
+    /// holds at once, from before a body is read until its job is queued;
+    /// at least one body limit ([`Config::max_body_bytes`]).
+    pub max_body_bytes_in_flight: usize,
     /// `KVQ_JOB_RETENTION_SECONDS`: how long finished job records are kept.
     pub job_retention: Duration,
     /// `KVQ_REDIS_TIMEOUT_MS`: how long one Redis command may take.
@@ -178,6 +193,23 @@ impl Config {
                 ),
             });
         }
+        let max_value_bytes = env.ranged("KVQ_MAX_VALUE_BYTES", 1_048_576, 1, 512 * 1_048_576)?;
+        let body_limit = max_value_bytes + BODY_OVERHEAD_BYTES;
+        let max_body_bytes_in_flight = env.ranged(
+            "KVQ_MAX_BODY_BYTES_IN_FLIGHT",
+            DEFAULT_BODY_BYTES_IN_FLIGHT.max(body_limit),
+            1,
+            1 << 40,
+        )?;
+        if max_body_bytes_in_flight < body_limit {
+            return Err(ConfigError {
+                var: "KVQ_MAX_BODY_BYTES_IN_FLIGHT",
+                message: format!(
+                    "{max_body_bytes_in_flight} is less than one body ({body_limit} bytes: \
+                     KVQ_MAX_VALUE_BYTES + {BODY_OVERHEAD_BYTES}), so no write could pass"
+                ),
+            });
+        }
         let config = Self {
             bind: env.parse("KVQ_BIND", "127.0.0.1:8080")?,
             kv_redis_url: env.redis_url("KVQ_KV_REDIS_URL", "redis://127.0.0.1:6379")?,
@@ -206,7 +238,8 @@ impl Config {
             auth_max_token_lifetime: env.duration("KVQ_AUTH_MAX_TOKEN_LIFETIME")?,
             legacy_routes: env.bool("KVQ_LEGACY_ROUTES", true)?,
             max_key_bytes: env.ranged("KVQ_MAX_KEY_BYTES", 512, 1, 65_536)?,
-            max_value_bytes: env.ranged("KVQ_MAX_VALUE_BYTES", 1_048_576, 1, 512 * 1_048_576)?,
+            max_value_bytes,
+            max_body_bytes_in_flight,
             job_retention: Duration::from_secs(env.ranged(
                 "KVQ_JOB_RETENTION_SECONDS",
                 86_400,
@@ -279,6 +312,13 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+impl Config {
+    /// The largest write body: the value limit + [`BODY_OVERHEAD_BYTES`].
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_value_bytes + BODY_OVERHEAD_BYTES
+    }
 }
 
 /// Typed access to the variables, each error naming its variable.
@@ -435,6 +475,8 @@ mod tests {
         assert!(c.legacy_routes);
         assert_eq!((c.max_key_bytes, c.max_value_bytes), (512, 1_048_576));
         assert_eq!(c.job_retention, Duration::from_secs(86_400));
+        assert_eq!(c.max_body_bytes(), 1_048_576 + 65_536);
+        assert_eq!(c.max_body_bytes_in_flight, 16 * 1_048_576);
         assert_eq!(c.auth_max_token_lifetime, None, "no maximum unless set");
     }
 
@@ -462,6 +504,23 @@ mod tests {
     }
 
     #[test]
+    fn the_body_budget_holds_at_least_one_body() {
+        let c = config(&[("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "1114112")]).expect("one body");
+        assert_eq!(c.max_body_bytes_in_flight, c.max_body_bytes());
+        let err = config(&[("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "1114111")]).expect_err("too small");
+        assert_eq!(err.var, "KVQ_MAX_BODY_BYTES_IN_FLIGHT");
+        // Unset, it grows with the value limit.
+        let c = config(&[("KVQ_MAX_VALUE_BYTES", "67108864")]).expect("big values");
+        assert_eq!(c.max_body_bytes_in_flight, 67_108_864 + 65_536);
+        let err = config(&[
+            ("KVQ_MAX_VALUE_BYTES", "67108864"),
+            ("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "16777216"),
+        ])
+        .expect_err("smaller than one body");
+        assert_eq!(err.var, "KVQ_MAX_BODY_BYTES_IN_FLIGHT");
+    }
+
+    #[test]
     fn bad_values_name_their_variable() {
         for (var, value) in [
             ("KVQ_BIND", "nowhere"),
@@ -471,6 +530,8 @@ mod tests {
             ("KVQ_AUTH_DISABLED", "maybe"),
             ("KVQ_LEGACY_ROUTES", "sometimes"),
             ("KVQ_MAX_VALUE_BYTES", "-1"),
+            ("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "lots"),
+            ("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "0"),
             ("KVQ_NAMESPACE", "a{b}"),
             ("KVQ_LOG_FORMAT", "xml"),
             ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "forever"),

@@ -10,11 +10,14 @@
 //!   captured, with SIGTERM / SIGKILL / SIGSTOP helpers.
 //! - [`Stack`]: two Redis servers, one API and N workers, with typed request
 //!   helpers.
+//! - [`flood`]: the worst write bodies, sent many at once over raw HTTP/1.1,
+//!   and a process's memory from `/proc`.
 //! - [`eventually`]: polling with a deadline, instead of sleeps.
 
 #![allow(clippy::unwrap_used)] // a test harness panics loudly by design
 
 pub mod auth;
+pub mod flood;
 mod process;
 mod redis_server;
 mod stack;

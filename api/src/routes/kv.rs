@@ -16,6 +16,7 @@ use serde_json::value::RawValue;
 use utoipa::{IntoParams, ToSchema};
 use validator::Validate;
 
+use crate::body::JsonBody;
 use crate::error::{ApiError, Problem};
 use crate::state::AppState;
 use crate::writes::headers::{IdempotencyKeyHeader, IfMatchHeader, PreferHeader, if_match};
@@ -28,10 +29,11 @@ pub const MAX_TTL_SECONDS: u64 = 31_536_000;
 /// The most keys one list page holds.
 pub const MAX_LIST_LIMIT: usize = 1_000;
 
-/// `POST /v1/kv` body.
+/// `POST /v1/kv` body. The value is borrowed from the body's bytes, as
+/// sent; [`checked_value`] makes the text to store of it.
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct CreateBody {
+pub struct CreateBody<'a> {
     /// The key to create: 1 to 512 bytes of UTF-8, no control characters.
     #[schema(
         min_length = 1,
@@ -41,8 +43,9 @@ pub struct CreateBody {
     )]
     pub key: String,
     /// Any JSON, at most 1 MiB serialized.
-    #[schema(example = json!({"first": "Ada"}))]
-    pub value: serde_json::Value,
+    #[serde(borrow)]
+    #[schema(value_type = serde_json::Value, example = json!({"first": "Ada"}))]
+    pub value: &'a RawValue,
     /// Expiry in seconds; absent or `null`: no expiry.
     #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
@@ -50,13 +53,14 @@ pub struct CreateBody {
     pub ttl_seconds: Option<u64>,
 }
 
-/// `PUT /v1/kv/{key}` body.
+/// `PUT /v1/kv/{key}` body, the value borrowed as in [`CreateBody`].
 #[derive(Debug, Deserialize, Validate, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct UpdateBody {
+pub struct UpdateBody<'a> {
     /// Any JSON, at most 1 MiB serialized.
-    #[schema(example = json!("Ada L."))]
-    pub value: serde_json::Value,
+    #[serde(borrow)]
+    #[schema(value_type = serde_json::Value, example = json!("Ada L."))]
+    pub value: &'a RawValue,
     /// Expiry in seconds; absent or `null` clears any expiry.
     #[serde(default, deserialize_with = "whole_seconds")]
     #[validate(range(min = 1, max = 31_536_000))]
@@ -238,26 +242,12 @@ fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
     validation(body).map_err(ApiError::InvalidBody)
 }
 
-/// Serializes the value compactly and checks it against the size limit.
-///
-/// Parsing the body into a `serde_json::Value` first is what rejects JSON a
-/// reader could not load back: numbers out of `f64` range and nesting deeper
-/// than 128 levels are 400s.
-pub(crate) fn checked_value(
-    value: &serde_json::Value,
-    state: &AppState,
-) -> Result<Box<RawValue>, ApiError> {
-    let text = serde_json::to_string(value)
-        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))?;
-    let limit = state.config.max_value_bytes;
-    if text.len() > limit {
-        return Err(ApiError::ValueTooLarge(format!(
-            "the value is {} bytes of JSON; the limit is {limit}",
-            text.len()
-        )));
-    }
-    RawValue::from_string(text)
-        .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))
+/// The text to store for a value as sent: compact, checked against the
+/// size limit (413) and against what a reader could not load back (400:
+/// numbers beyond `f64`, nesting deeper than 128 levels); see
+/// [`crate::value`].
+pub(crate) fn checked_value(value: &RawValue, state: &AppState) -> Result<Box<RawValue>, ApiError> {
+    crate::value::stored(value, state.config.max_value_bytes)
 }
 
 /// `POST /v1/kv`: queue a create.
@@ -289,7 +279,7 @@ pub(crate) fn checked_value(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -297,24 +287,19 @@ pub(crate) fn checked_value(
 pub async fn create(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CreateBody>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body.into_inner();
-    validate_key(&body.key, state.config.max_key_bytes)?;
-    validate_body(&body)?;
-    let value = checked_value(&body.value, &state)?;
-    enqueue(
-        &req,
-        &state,
-        Write {
-            op: Op::Create,
-            key: body.key,
-            value: Some(value),
-            ttl_seconds: body.ttl_seconds,
-            if_match: None,
-        },
-    )
-    .await
+    let parsed: CreateBody = body.parse()?;
+    validate_key(&parsed.key, state.config.max_key_bytes)?;
+    validate_body(&parsed)?;
+    let write = Write {
+        op: Op::Create,
+        value: Some(checked_value(parsed.value, &state)?),
+        key: parsed.key,
+        ttl_seconds: parsed.ttl_seconds,
+        if_match: None,
+    };
+    enqueue(&req, &state, write, Some(body.into_reservation())).await
 }
 
 /// `PUT /v1/kv/{key}`: queue an update (or upsert).
@@ -357,7 +342,7 @@ pub async fn create(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -366,26 +351,19 @@ pub async fn update(
     req: HttpRequest,
     state: web::Data<AppState>,
     query: web::Query<UpdateQuery>,
-    body: web::Json<UpdateBody>,
+    body: JsonBody,
 ) -> Result<HttpResponse, ApiError> {
     let key = path_key(&req, &state)?;
-    let body = body.into_inner();
-    validate_body(&body)?;
-    let value = checked_value(&body.value, &state)?;
-    let expected = if_match(req.headers())?;
-    let op = if query.upsert { Op::Upsert } else { Op::Update };
-    enqueue(
-        &req,
-        &state,
-        Write {
-            op,
-            key,
-            value: Some(value),
-            ttl_seconds: body.ttl_seconds,
-            if_match: expected,
-        },
-    )
-    .await
+    let parsed: UpdateBody = body.parse()?;
+    validate_body(&parsed)?;
+    let write = Write {
+        op: if query.upsert { Op::Upsert } else { Op::Update },
+        key,
+        value: Some(checked_value(parsed.value, &state)?),
+        ttl_seconds: parsed.ttl_seconds,
+        if_match: if_match(req.headers())?,
+    };
+    enqueue(&req, &state, write, Some(body.into_reservation())).await
 }
 
 /// `DELETE /v1/kv/{key}`: queue a delete.
@@ -438,6 +416,7 @@ pub async fn delete(
             ttl_seconds: None,
             if_match: expected,
         },
+        None,
     )
     .await
 }

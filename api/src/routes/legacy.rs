@@ -123,7 +123,11 @@ async fn submit(
 ) -> Result<HttpResponse, ApiError> {
     let key = kv::key_after(req, prefix, state)?;
     let value = value
-        .map(|v| kv::checked_value(&serde_json::Value::String(v), state))
+        .map(|v| {
+            let raw = serde_json::value::to_raw_value(&v)
+                .map_err(|e| ApiError::InvalidBody(format!("the value cannot be stored: {e}")))?;
+            kv::checked_value(&raw, state)
+        })
         .transpose()?;
     let if_match = match op {
         Op::Create => None,

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
+use crate::body::Reservation;
 use crate::error::ApiError;
 use crate::state::AppState;
 
@@ -76,12 +77,19 @@ pub struct Write {
 /// `Idempotency-Key` answers the first 202 again (with
 /// `Idempotent-Replayed: true`) and queues nothing; after a 5xx it queues
 /// the write, exactly once.
+///
+/// `body`, the request body's reservation in the process's budget (see
+/// [`crate::body`]), is held until the job is queued (or refused), not
+/// while waiting for it.
 pub(crate) async fn enqueue(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
+    body: Option<Reservation>,
 ) -> Result<HttpResponse, ApiError> {
-    let submitted = submit(req, state, write).await?;
+    let submitted = submit(req, state, write).await;
+    drop(body);
+    let submitted = submitted?;
     if submitted.replayed {
         return Ok(outcome::accepted_response(&submitted.accepted, true));
     }

@@ -13,6 +13,7 @@ mod jobs;
 mod kv;
 mod legacy;
 mod list;
+mod memory;
 mod openapi;
 mod resilience;
 mod stalls;
