@@ -460,25 +460,6 @@ impl JobRecords {
         i64::try_from(self.retention.as_secs()).unwrap_or(i64::MAX)
     }
 
-    /// Adds the commands that record `job` as `queued` to `pipe`.
-    pub fn add_create(&self, pipe: &mut redis::Pipeline, job: &ApplyJob) {
-        let key = keys::job_key(&self.namespace, &job.id);
-        let fields: [(&str, String); 8] = [
-            ("id", job.id.clone()),
-            ("op", job.op.as_str().to_owned()),
-            ("key", job.key.clone()),
-            ("seq", job.seq.to_string()),
-            ("status", JobStatus::Queued.as_str().to_owned()),
-            ("attempts", "0".to_owned()),
-            ("enqueued_at", job.enqueued_at.to_string()),
-            ("request_id", job.request_id.clone()),
-        ];
-        pipe.hset_multiple(&key, &fields)
-            .ignore()
-            .expire(&key, self.retention_secs())
-            .ignore();
-    }
-
     /// The fields every worker write sets, so that a record whose retention
     /// ran out while its job was queued comes back whole.
     fn base_fields(job: &ApplyJob, attempt: u32, started_at: i64) -> Vec<(&'static str, String)> {
@@ -530,9 +511,6 @@ impl JobRecords {
         Ok(())
     }
 
-    /// Fields a re-queued record must not keep from its earlier life.
-    const STALE_ON_REQUEUE: [&str; 5] = ["result", "error", "started_at", "finished_at", PAYLOAD];
-
     /// Marks a job `running` for its `attempt`-th start (1-based).
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
     pub async fn start(&self, job: &ApplyJob, attempt: u32, now: i64) -> Result<(), StoreError> {
@@ -575,17 +553,6 @@ impl JobRecords {
             fields.push((PAYLOAD, payload));
         }
         self.write(&job.id, &fields, &[], true, dead_at).await
-    }
-
-    /// Adds the commands that record a dead job queued again to `pipe`:
-    /// [`JobRecords::add_create`], minus what its earlier run left.
-    pub fn add_requeue(&self, pipe: &mut redis::Pipeline, job: &ApplyJob) {
-        pipe.hdel(
-            keys::job_key(&self.namespace, &job.id),
-            &Self::STALE_ON_REQUEUE,
-        )
-        .ignore();
-        self.add_create(pipe, job);
     }
 
     /// Takes job `id` out of the dead letters and returns what it queued and

@@ -130,19 +130,25 @@ pub fn streams_config(config: &Config) -> StreamsConfig {
 /// command can linger in a connection.
 const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Queues a job unless its attempt was cancelled or a job with its id
-/// exists. KEYS: the job record, the stream, the attempt's cancel mark.
-/// ARGV: retention (s), id, op, key, seq, enqueued_at, request id, attempt,
-/// the job as JSON. Answers `queued`, `cancelled`, or `exists` + the
-/// existing job's op, key and seq.
+/// Queues a job unless its attempt was cancelled or (a new job) a job with
+/// its id exists. KEYS: the job record, the stream, the attempt's cancel
+/// mark. ARGV: retention (s), id, op, key, seq, enqueued_at, request id,
+/// attempt, the job as JSON, `new` or `again` (a dead job queued again: its
+/// record exists, and what its last run left is cleared). Answers `queued`,
+/// `cancelled`, or `exists` + the existing job's op, key and seq.
 static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
-local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
-if found[1] then return {'exists', found[1], found[2], found[3]} end
+if ARGV[10] == 'new' then
+  local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
+  if found[1] then return {'exists', found[1], found[2], found[3]} end
+else
+  redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload')
+end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5],
-  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7])
+  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7],
+  'attempt', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'runs', '0', 'job', ARGV[9])
 return {'queued'}
@@ -150,19 +156,41 @@ return {'queued'}
     )
 });
 
-/// Marks an accept attempt cancelled unless its job exists. KEYS: the job
-/// record, the attempt's cancel mark. ARGV: how long to keep the mark (s).
+/// Marks an accept attempt cancelled unless it landed. KEYS: the job
+/// record, the attempt's cancel mark. ARGV: the attempt, how long to keep
+/// the mark (s), `new` or `again`. A new job counts as landed when any
+/// attempt queued it; a dead job queued again only when this attempt did.
 /// Answers `cancelled`, or `exists` + the job's op, key and seq.
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
-if found[1] then return {'exists', found[1], found[2], found[3]} end
-redis.call('SET', KEYS[2], '1', 'EX', ARGV[1])
+local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq', 'attempt')
+if found[1] and (ARGV[3] == 'new' or found[4] == ARGV[1]) then
+  return {'exists', found[1], found[2], found[3]}
+end
+redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
 return {'cancelled'}
 ",
     )
 });
+
+/// How a job enters the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queueing {
+    /// A new write: queued only if no job with its id exists.
+    New,
+    /// A dead job, queued again under its own id (its record exists).
+    Again,
+}
+
+impl Queueing {
+    fn as_str(self) -> &'static str {
+        match self {
+            Queueing::New => "new",
+            Queueing::Again => "again",
+        }
+    }
+}
 
 /// What [`JobQueue::accept`] or [`JobQueue::cancel`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -221,12 +249,17 @@ impl JobQueue {
     }
 
     /// Records `job` as `queued` and pushes it, in one script, one round
-    /// trip, unless a job with its id is there already or this attempt was
-    /// cancelled ([`JobQueue::cancel`]). `attempt` names this try of the
-    /// job, so that cancelling one try never blocks another (a retry of the
-    /// same `Idempotency-Key`).
+    /// trip, unless this attempt was cancelled ([`JobQueue::cancel`]) or, for
+    /// a new job, a job with its id is there already. `attempt` names this
+    /// try of the job, so that cancelling one try never blocks another (a
+    /// retry of the same `Idempotency-Key`).
     #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn accept(&self, job: &ApplyJob, attempt: &str) -> Result<Accepted, StoreError> {
+    pub async fn accept(
+        &self,
+        job: &ApplyJob,
+        attempt: &str,
+        how: Queueing,
+    ) -> Result<Accepted, StoreError> {
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         let answer: Vec<String> = ACCEPT
             .key(keys::job_key(&self.namespace, &job.id))
@@ -241,45 +274,32 @@ impl JobQueue {
             .arg(&job.request_id)
             .arg(attempt)
             .arg(json)
+            .arg(how.as_str())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Accepted::parse(&answer)
     }
 
     /// Settles an attempt whose [`JobQueue::accept`] got no answer: tells
-    /// whether the job is queued (by this attempt or another), or else
-    /// cancels the attempt for good, so that the accept, should it still
-    /// reach Redis, queues nothing. Safe to repeat.
+    /// whether the job is queued (for a new job, by this attempt or
+    /// another), or else cancels the attempt for good, so that the accept,
+    /// should it still reach Redis, queues nothing. Safe to repeat.
     #[tracing::instrument(skip(self))]
-    pub async fn cancel(&self, job_id: &str, attempt: &str) -> Result<Accepted, StoreError> {
+    pub async fn cancel(
+        &self,
+        job_id: &str,
+        attempt: &str,
+        how: Queueing,
+    ) -> Result<Accepted, StoreError> {
         let answer: Vec<String> = CANCEL
             .key(keys::job_key(&self.namespace, job_id))
             .key(keys::cancelled_key(&self.namespace, attempt))
+            .arg(attempt)
             .arg(CANCELLED_FOR.as_secs())
+            .arg(how.as_str())
             .invoke_async(&mut self.conn.clone())
             .await?;
         Accepted::parse(&answer)
-    }
-
-    /// Pushes a dead job again, under its own id, as [`JobQueue::push`] does,
-    /// and clears what its earlier run left in its record.
-    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn requeue(&self, job: &ApplyJob) -> Result<(), StoreError> {
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        self.records.add_requeue(&mut pipe, job);
-        self.xadd(pipe, job).await
-    }
-
-    async fn xadd(&self, mut pipe: redis::Pipeline, job: &ApplyJob) -> Result<(), StoreError> {
-        let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
-        pipe.cmd("XADD")
-            .arg(&self.stream)
-            .arg("*")
-            .arg(&[("id", job.id.as_str()), ("runs", "0"), ("job", &json)])
-            .ignore();
-        pipe.exec_async(&mut self.conn.clone()).await?;
-        Ok(())
     }
 
     /// How many jobs are queued (in the stream, waiting or in flight, plus

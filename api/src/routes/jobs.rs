@@ -178,6 +178,9 @@ pub async fn retry_job(
     job.enqueued_at = now_ms();
     let job = match requeue(&state, job).await {
         Ok(job) => job,
+        // It may be queued: it must not be retried twice. If it was not,
+        // the API puts it back once the queue Redis answers again.
+        Err(e @ ApiError::OutcomeUnknown(_)) => return Err(e),
         Err(e) => {
             restore(&state, &id, died_at).await;
             return Err(e);

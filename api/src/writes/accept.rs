@@ -16,8 +16,8 @@ use std::time::Duration;
 
 use actix_web::HttpRequest;
 use kvq_shared::StoreError;
-use kvq_shared::jobs::{ApplyJob, now_ms};
-use kvq_shared::queue::{Accepted as Found, JobQueue};
+use kvq_shared::jobs::{ApplyJob, JobRecords, now_ms};
+use kvq_shared::queue::{Accepted as Found, JobQueue, Queueing};
 use kvq_shared::store::KvStore;
 
 use crate::error::ApiError;
@@ -41,7 +41,7 @@ pub(crate) async fn queue_job(
     write: Write,
     job_id: String,
 ) -> Result<Queued, ApiError> {
-    let mut job = ApplyJob {
+    let job = ApplyJob {
         id: job_id,
         op: write.op,
         key: write.key,
@@ -52,17 +52,27 @@ pub(crate) async fn queue_job(
         request_id: RequestId::of(req),
         enqueued_at: now_ms(),
     };
+    let queued = queue(state, job, Queueing::New).await?;
+    if !queued.earlier {
+        crate::metrics::write_accepted(queued.accepted.op);
+    }
+    Ok(queued)
+}
+
+/// Gives `job` its key's next `seq` and queues it, telling the truth when
+/// the queue Redis does not answer (see the module's doc).
+async fn queue(state: &AppState, mut job: ApplyJob, how: Queueing) -> Result<Queued, ApiError> {
     job.seq = state
         .kv
         .next_seq(&job.key)
         .await
         .map_err(ApiError::BackendUnavailable)?;
     let attempt = uuid::Uuid::new_v4().to_string();
-    let found = match state.queue.accept(&job, &attempt).await {
+    let found = match state.queue.accept(&job, &attempt, how).await {
         Ok(found) => found,
         Err(e) if e.may_have_run() => {
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
-            settle(state, &job, &attempt).await?
+            settle(state, &job, &attempt, how).await?
         }
         Err(e) => {
             abandon(state, &job).await;
@@ -93,7 +103,6 @@ pub(crate) async fn queue_job(
             )));
         }
     }
-    crate::metrics::write_accepted(job.op);
     tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "job queued");
     Ok(Queued {
         accepted: Accepted::of(&job),
@@ -111,19 +120,26 @@ const SETTLE_TIMEOUTS: u32 = 2;
 /// the deadline the request gets `outcome_unknown`, and a task goes on
 /// trying in the background, so that once the queue Redis answers again an
 /// attempt that never landed releases its `seq`.
-async fn settle(state: &AppState, job: &ApplyJob, attempt: &str) -> Result<Found, ApiError> {
+async fn settle(
+    state: &AppState,
+    job: &ApplyJob,
+    attempt: &str,
+    how: Queueing,
+) -> Result<Found, ApiError> {
     let deadline = tokio::time::Instant::now() + state.config.redis_timeout * SETTLE_TIMEOUTS;
     let mut delay = Duration::from_millis(50);
     loop {
-        match state.queue.cancel(&job.id, attempt).await {
+        match state.queue.cancel(&job.id, attempt, how).await {
             Ok(found) => return Ok(found),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => {
                 tracing::error!(job_id = %job.id, error = %e, "could not learn whether the job was queued; still trying");
                 tokio::spawn(settle_later(
                     state.queue.clone(),
                     state.kv.clone(),
+                    state.records.clone(),
                     job.clone(),
                     attempt.to_owned(),
+                    how,
                 ));
                 return Err(ApiError::OutcomeUnknown(e));
             }
@@ -142,20 +158,33 @@ const SETTLE_LATER_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// [`settle`], in the background, after the request was answered
 /// `outcome_unknown`: cancels the attempt once the queue Redis answers, and
-/// releases its `seq` if it never landed.
-async fn settle_later(queue: JobQueue, kv: KvStore, job: ApplyJob, attempt: String) {
+/// if it never landed releases its `seq` (and puts a dead job being retried
+/// back among the dead letters).
+async fn settle_later(
+    queue: JobQueue,
+    kv: KvStore,
+    records: JobRecords,
+    job: ApplyJob,
+    attempt: String,
+    how: Queueing,
+) {
     let give_up = tokio::time::Instant::now() + SETTLE_LATER_FOR;
     let mut delay = Duration::from_millis(100);
     while tokio::time::Instant::now() < give_up {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        match queue.cancel(&job.id, &attempt).await {
+        match queue.cancel(&job.id, &attempt, how).await {
             Ok(Found::Exists { seq, .. }) if seq == job.seq => {
                 tracing::info!(job_id = %job.id, "an accept answered outcome_unknown had queued the job");
                 return;
             }
             Ok(_) => {
                 tracing::info!(job_id = %job.id, "an accept answered outcome_unknown never queued its seq; releasing it");
+                if how == Queueing::Again
+                    && let Err(e) = records.restore_dead(&job.id, now_ms()).await
+                {
+                    tracing::error!(job_id = %job.id, error = %e, "could not put a dead job back among the dead letters");
+                }
                 while tokio::time::Instant::now() < give_up {
                     match kv.abandon_seq(&job.key, job.seq).await {
                         Ok(()) => return,
@@ -183,17 +212,13 @@ async fn abandon(state: &AppState, job: &ApplyJob) {
 }
 
 /// Gives a dead job a new `seq` and queues it again under its own id
-/// (`POST /v1/jobs/{id}/retry`). On failure nothing was queued, and the
-/// `seq` is marked abandoned.
-pub(crate) async fn requeue(state: &AppState, mut job: ApplyJob) -> Result<ApplyJob, ApiError> {
-    job.seq = state
-        .kv
-        .next_seq(&job.key)
-        .await
-        .map_err(ApiError::BackendUnavailable)?;
-    if let Err(e) = state.queue.requeue(&job).await {
-        abandon(state, &job).await;
-        return Err(ApiError::BackendUnavailable(e));
-    }
-    Ok(job)
+/// (`POST /v1/jobs/{id}/retry`), with the same truthful answers as a new
+/// write: `backend_unavailable` means it was not queued (it may go back
+/// among the dead letters), `outcome_unknown` that kvq cannot tell.
+pub(crate) async fn requeue(state: &AppState, job: ApplyJob) -> Result<ApplyJob, ApiError> {
+    let queued = queue(state, job.clone(), Queueing::Again).await?;
+    Ok(ApplyJob {
+        seq: queued.accepted.seq,
+        ..job
+    })
 }

@@ -151,3 +151,80 @@ async fn after_any_5xx_the_same_idempotency_key_completes_the_write_exactly_once
         assert_eq!(version_of(&stack, "unknown/without-key").await, None);
     }
 }
+
+#[tokio::test]
+async fn a_dead_job_retried_during_a_stall_applies_once_or_stays_a_dead_letter() {
+    let mut stack = Stack::builder().workers(0).quick_to_give_up().start().await;
+    let id = Stack::job_id(stack.create("lazarus", json!("back")).await).await;
+    stack.kv.stop();
+    stack.start_worker().await;
+    assert_eq!(stack.wait_job(&id).await["status"], "dead");
+    stack.kv.restart();
+    // Every server thread has used both Redis servers before the stall.
+    eventually(
+        Duration::from_secs(10),
+        "the API to reach the KV Redis",
+        || async {
+            let reads = join_all((0..8).map(|_| stack.get("lazarus"))).await;
+            reads.iter().all(|r| r.status() == 404).then_some(())
+        },
+    )
+    .await;
+    join_all((0..8).map(|_| stack.job(&id))).await;
+
+    // Longer than the 0.5 s Redis timeout and the 1 s spent finding out.
+    pause_queue(&stack, 3000);
+    let retry = |stack: &Stack| {
+        stack
+            .request(Method::POST, &format!("/v1/jobs/{id}/retry"))
+            .timeout(Duration::from_secs(30))
+            .send()
+    };
+    let first = retry(&stack).await.unwrap();
+    let status = first.status().as_u16();
+    let body: Value = first.json().await.unwrap();
+    assert!(
+        status == 202
+            || (status == 503
+                && ["backend_unavailable", "outcome_unknown"]
+                    .contains(&body["code"].as_str().unwrap())),
+        "{status} {body}"
+    );
+    drained(&stack).await;
+    // Either it was queued (and applies), or it is a dead letter again,
+    // never both: then one more retry applies it.
+    let job = eventually(Duration::from_secs(20), "the retry to settle", || async {
+        let job = stack.job(&id).await;
+        match (job["status"].as_str(), dead_letters(&stack).await) {
+            (Some("succeeded"), 0) => Some(job),
+            (Some("dead"), 1) => Some(job),
+            _ => None,
+        }
+    })
+    .await;
+    if status == 202 {
+        assert_eq!(job["status"], "succeeded", "answered 202: {job}");
+    }
+    if body["code"] == "backend_unavailable" {
+        assert_eq!(job["status"], "dead", "answered backend_unavailable: {job}");
+    }
+    if job["status"] == "dead" {
+        assert_eq!(retry(&stack).await.unwrap().status(), 202);
+        assert_eq!(stack.wait_job(&id).await["status"], "succeeded");
+    }
+    drained(&stack).await;
+    assert_eq!(version_of(&stack, "lazarus").await, Some(1), "applied once");
+}
+
+/// How many dead letters there are.
+async fn dead_letters(stack: &Stack) -> usize {
+    let page: Value = stack
+        .request(Method::GET, "/v1/jobs?status=dead")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    page["jobs"].as_array().unwrap().len()
+}
