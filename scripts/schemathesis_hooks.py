@@ -1,6 +1,7 @@
 """schemathesis hooks for scripts/fuzz.sh (loaded through SCHEMATHESIS_HOOKS)."""
 
 import re
+import uuid
 
 import schemathesis
 
@@ -24,3 +25,22 @@ def filter_case(context, case):
         return True
     value = (case.headers or {}).get("If-Match")
     return value is None or ENTITY_TAG.fullmatch(value) is not None
+
+
+@schemathesis.hook
+def before_call(context, case, kwargs):
+    """Give every valid write its own `Idempotency-Key`.
+
+    A key is bound to the first request sent with it: the same caller's
+    repeat with another body is refused with 422 `idempotency_key_reused`,
+    the documented answer. The fuzzer draws short header values and so
+    reuses them across different bodies, which the positive-data check
+    would count as valid data rejected. Invalid cases keep their values.
+    """
+    meta = case.meta
+    if meta is not None and not meta.generation.mode.is_positive:
+        return
+    fresh = uuid.uuid4().hex
+    for headers in (case.headers, kwargs.get("headers")):
+        if headers and "Idempotency-Key" in headers:
+            headers["Idempotency-Key"] = fresh

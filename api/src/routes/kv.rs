@@ -8,6 +8,7 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use kvq_shared::jobs::{Op, rfc3339};
 use kvq_shared::retry;
 use kvq_shared::store::Entry;
@@ -127,8 +128,12 @@ pub struct ListQuery {
     #[param(minimum = 1, maximum = 1_000)]
     pub limit: Option<usize>,
     /// The previous page's `next_cursor`, as given (opaque: base64url of
-    /// the page's last key); absent or empty for the first page.
-    #[param(max_length = 683, pattern = "^[A-Za-z0-9_-]*$")]
+    /// the page's last key; any base64url text is a position in the
+    /// listing); absent or empty for the first page.
+    #[param(
+        max_length = 683,
+        pattern = "^([A-Za-z0-9_-]{4})*([A-Za-z0-9_-]{2,3})?$"
+    )]
     pub cursor: Option<String>,
 }
 
@@ -511,13 +516,13 @@ pub async fn list(
 ) -> Result<HttpResponse, ApiError> {
     let query = query.into_inner();
     validation(&query).map_err(ApiError::InvalidRequest)?;
-    let after =
-        match query.cursor.as_deref() {
-            None | Some("") => None,
-            Some(cursor) => Some(cursor_key(cursor, state.config.max_key_bytes).ok_or_else(
-                || ApiError::InvalidRequest("cursor is not one this API gave".into()),
-            )?),
-        };
+    let after = match query.cursor.as_deref() {
+        None | Some("") => None,
+        Some(cursor) => Some(
+            cursor_position(cursor, state.config.max_key_bytes)
+                .ok_or_else(|| ApiError::InvalidRequest("cursor is not base64url text".into()))?,
+        ),
+    };
     let limit = query.limit.unwrap_or(100);
     let (keys, next) = retry::with_backoff(
         state.config.read_retry_max,
@@ -532,11 +537,29 @@ pub async fn list(
     }))
 }
 
-/// The key a list cursor stands for: base64url (no padding) of a valid key.
-fn cursor_key(cursor: &str, max_key_bytes: usize) -> Option<String> {
-    let key = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).ok()?).ok()?;
-    validate_key(&key, max_key_bytes).ok()?;
-    Some(key)
+/// Decodes cursors as the API writes them (base64url, no padding), and
+/// any other base64url text too: unused trailing bits are allowed.
+const CURSOR: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
+
+/// The position a list cursor stands for: the page starts after it. The
+/// API's cursors are base64url of the last key listed; any other base64url
+/// text is a position too (its bytes read as UTF-8, lossily), so that no
+/// cursor the document allows is refused.
+///
+/// A cursor is at most as long as base64url of the longest key
+/// (`KVQ_MAX_KEY_BYTES`; 683 characters for 512 bytes, the `max_length`
+/// of [`ListQuery::cursor`] in the document).
+fn cursor_position(cursor: &str, max_key_bytes: usize) -> Option<String> {
+    if cursor.len() > (4 * max_key_bytes).div_ceil(3) {
+        return None;
+    }
+    let bytes = CURSOR.decode(cursor).ok()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[cfg(test)]
@@ -555,14 +578,26 @@ mod tests {
     }
 
     #[test]
-    fn cursors_are_base64url_of_a_valid_key() {
+    fn cursors_are_base64url_positions() {
         let cursor = URL_SAFE_NO_PAD.encode("a/é?");
-        assert_eq!(cursor_key(&cursor, 512).as_deref(), Some("a/é?"));
-        assert_eq!(cursor_key("zzz", 512), None, "not base64url of UTF-8");
-        assert_eq!(cursor_key("YQ==", 512), None, "padding is not ours");
-        assert_eq!(cursor_key(&URL_SAFE_NO_PAD.encode("a\nb"), 512), None);
-        assert_eq!(cursor_key(&URL_SAFE_NO_PAD.encode("abc"), 2), None);
-        assert_eq!(cursor_key("", 512), None);
+        assert_eq!(cursor_position(&cursor, 512).as_deref(), Some("a/é?"));
+        assert!(
+            cursor_position("zzz", 512).is_some(),
+            "any base64url is a position"
+        );
+        assert!(cursor_position(&"0".repeat(683), 512).is_some());
+        assert_eq!(
+            cursor_position(&"0".repeat(684), 512),
+            None,
+            "longer than any key's"
+        );
+        assert_eq!(cursor_position("YQ==", 512), None, "padding is not ours");
+        assert_eq!(
+            cursor_position("a", 512),
+            None,
+            "no base64 is one character long"
+        );
+        assert_eq!(cursor_position("a%2Fb", 512), None);
     }
 
     #[test]

@@ -310,7 +310,7 @@ async fn unknown_routes_methods_and_keys_are_problems() {
     rejected(
         &stack,
         Method::GET,
-        "/v1/kv?cursor=zzz",
+        "/v1/kv?cursor=zzzzz",
         None,
         None,
         400,
