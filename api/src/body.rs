@@ -6,7 +6,7 @@
 //! against the body limit (413), and reserves the body's bytes in the
 //! process-wide [`BodyBudget`] (`KVQ_MAX_BODY_BYTES_IN_FLIGHT`): when the
 //! budget cannot cover it, the answer is 503 `overloaded` with
-//! `Retry-After`, rather than more memory. A chunked (or compressed) body
+//! `Retry-After`, rather than more memory. A chunked body
 //! is counted and reserved as it arrives, and refused once over the limit.
 //!
 //! The reservation is held until the handler lets it go: the write
@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actix_web::dev::{Decompress, Payload};
+use actix_web::dev::Payload;
 use actix_web::error::PayloadError;
 use actix_web::http::header;
 use actix_web::web::Bytes;
@@ -36,7 +36,7 @@ use crate::error::ApiError;
 /// times the body limit before the answer goes out.
 pub const DRAIN_FACTOR: usize = 4;
 
-/// What a chunked or compressed body reserves first; it grows by doubling.
+/// What a chunked body reserves first; it grows by doubling.
 const FIRST_RESERVATION: usize = 64 * 1024;
 
 /// The bytes of request bodies the process holds at once, and the largest
@@ -172,6 +172,18 @@ async fn read(req: &HttpRequest, mut payload: Payload) -> Result<JsonBody, ApiEr
         drain(&mut payload, drain_cap).await;
         return Err(ApiError::UnsupportedMediaType);
     }
+    // A compressed body's length says nothing of what it inflates to, and
+    // an inflater hands over whole inflated chunks (a 128 KiB gzip chunk
+    // can be 100+ MiB) before any limit sees them: write bodies are taken
+    // as sent, uncompressed, only.
+    if req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        drain(&mut payload, drain_cap).await;
+        return Err(ApiError::UnsupportedEncoding);
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -187,21 +199,16 @@ async fn read(req: &HttpRequest, mut payload: Payload) -> Result<JsonBody, ApiEr
             "the body is {length} bytes; the limit is {limit}"
         )));
     }
-    // A compressed body's length says nothing of what it inflates to.
-    let encoded = req
-        .headers()
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
     let first = match declared {
-        Some(length) if !encoded => length,
-        _ => FIRST_RESERVATION.min(limit),
+        Some(length) => length,
+        None => FIRST_RESERVATION.min(limit),
     };
     let Some(mut reservation) = budget.reserve(first) else {
         drain(&mut payload, drain_cap).await;
         return Err(overloaded());
     };
     let mut bytes: Vec<u8> = Vec::with_capacity(first);
-    let mut body = Decompress::from_headers(payload, req.headers());
+    let mut body = payload;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(payload_error)?;
         let needed = bytes.len() + chunk.len();

@@ -29,6 +29,9 @@ pub enum ApiError {
     /// The body is not declared as JSON.
     #[error("send the body as JSON with Content-Type: application/json")]
     UnsupportedMediaType,
+    /// The body is compressed (`Content-Encoding` other than `identity`).
+    #[error("send the body uncompressed: no Content-Encoding (or identity)")]
+    UnsupportedEncoding,
     /// The value (or the whole body) is larger than allowed.
     #[error("{0}")]
     ValueTooLarge(String),
@@ -101,7 +104,9 @@ impl ApiError {
             ApiError::MalformedJson(_) => "malformed_json",
             ApiError::InvalidBody(_) => "invalid_body",
             ApiError::InvalidRequest(_) => "invalid_request",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding => {
+                "unsupported_media_type"
+            }
             ApiError::ValueTooLarge(_) => "value_too_large",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -122,7 +127,9 @@ impl ApiError {
             ApiError::MalformedJson(_) => "Malformed JSON",
             ApiError::InvalidBody(_) => "Invalid request body",
             ApiError::InvalidRequest(_) => "Invalid request",
-            ApiError::UnsupportedMediaType => "Unsupported media type",
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding => {
+                "Unsupported media type"
+            }
             ApiError::ValueTooLarge(_) => "Value too large",
             ApiError::NotFound(_) => "Not found",
             ApiError::MethodNotAllowed { .. } => "Method not allowed",
@@ -175,7 +182,9 @@ impl ResponseError for ApiError {
             ApiError::InvalidBody(_) | ApiError::IdempotencyKeyReused => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
-            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::UnsupportedMediaType | ApiError::UnsupportedEncoding => {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            }
             ApiError::ValueTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -217,6 +226,10 @@ impl ResponseError for ApiError {
             && let Ok(value) = HeaderValue::from_str(allow)
         {
             response.insert_header((header::ALLOW, value));
+        }
+        if matches!(self, ApiError::UnsupportedEncoding) {
+            // RFC 7694: the encodings the server takes.
+            response.insert_header((header::ACCEPT_ENCODING, "identity"));
         }
         if status == StatusCode::UNAUTHORIZED {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));

@@ -133,11 +133,24 @@ async fn settle(
             Ok(found) => return Ok(found),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => {
                 tracing::error!(job_id = %job.id, error = %e, "could not learn whether the job was queued; still trying");
+                // Only what settling needs: not the value, which could
+                // otherwise be held for as long as the queue Redis stalls.
+                let settling = ApplyJob {
+                    id: job.id.clone(),
+                    op: job.op,
+                    key: job.key.clone(),
+                    seq: job.seq,
+                    value: None,
+                    ttl_seconds: job.ttl_seconds,
+                    if_match: job.if_match,
+                    request_id: job.request_id.clone(),
+                    enqueued_at: job.enqueued_at,
+                };
                 tokio::spawn(settle_later(
                     state.queue.clone(),
                     state.kv.clone(),
                     state.records.clone(),
-                    job.clone(),
+                    settling,
                     attempt.to_owned(),
                     how,
                 ));
