@@ -93,13 +93,15 @@ struct RealmAccess {
 /// The claims kvq reads.
 #[derive(Debug, Deserialize)]
 struct Claims {
-    exp: u64,
+    /// Expires at, in seconds: a NumericDate, which may have a fraction
+    /// (RFC 7519); jsonwebtoken has checked it already.
+    exp: f64,
     /// Issued at, in seconds (any JSON number; anything else counts as
     /// absent, which matters only with a maximum lifetime).
     #[serde(default, deserialize_with = "number_or_none")]
     iat: Option<f64>,
+    /// The subject: who the caller is (`Idempotency-Key` scopes).
     #[serde(default)]
-    #[allow(dead_code)] // the subject: parsed, not yet used by a check
     sub: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
@@ -256,7 +258,7 @@ fn check_lifetime(claims: &Claims, max: Duration, now: u64) -> Result<(), &'stat
     if iat > now.saturating_add(LEEWAY_SECONDS) as f64 {
         return Err("iat in the future");
     }
-    if claims.exp as f64 - iat > max.as_secs_f64() {
+    if claims.exp - iat > max.as_secs_f64() {
         return Err("lives longer than KVQ_AUTH_MAX_TOKEN_LIFETIME");
     }
     Ok(())
@@ -411,7 +413,7 @@ mod tests {
 
     fn claims(exp: u64, iat: Option<f64>) -> Claims {
         Claims {
-            exp,
+            exp: exp as f64,
             iat,
             sub: None,
             roles: Vec::new(),

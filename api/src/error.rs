@@ -32,6 +32,17 @@ pub enum ApiError {
     /// The body is compressed (`Content-Encoding` other than `identity`).
     #[error("send the body uncompressed: no Content-Encoding (or identity)")]
     UnsupportedEncoding,
+    /// A job waited for with `Prefer: wait` ended `dead`: the write was
+    /// queued, its retries ran out, and it is a dead letter.
+    #[error(
+        "{message}; the job {job_id} is a dead letter: POST /v1/jobs/{job_id}/retry queues it again"
+    )]
+    JobDead {
+        /// The job.
+        job_id: String,
+        /// The job's error message.
+        message: String,
+    },
     /// The value (or the whole body) is larger than allowed.
     #[error("{0}")]
     ValueTooLarge(String),
@@ -118,6 +129,7 @@ impl ApiError {
             ApiError::Overloaded(_) => "overloaded",
             ApiError::BackendUnavailable(_) => "backend_unavailable",
             ApiError::OutcomeUnknown(_) => "outcome_unknown",
+            ApiError::JobDead { .. } => "job_dead",
         }
     }
 
@@ -144,6 +156,7 @@ impl ApiError {
             ApiError::Overloaded(_) => "Overloaded",
             ApiError::BackendUnavailable(_) => "Backend unavailable",
             ApiError::OutcomeUnknown(_) => "Outcome unknown",
+            ApiError::JobDead { .. } => "Job dead",
         }
     }
 }
@@ -197,7 +210,8 @@ impl ResponseError for ApiError {
             ApiError::JobFailed { status, .. } => *status,
             ApiError::Overloaded(_)
             | ApiError::BackendUnavailable(_)
-            | ApiError::OutcomeUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::OutcomeUnknown(_)
+            | ApiError::JobDead { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -236,6 +250,8 @@ impl ResponseError for ApiError {
         }
         let retry_after = match self {
             ApiError::RateLimited(seconds) => Some(*seconds),
+            // Repeating the request would not help: the job is a dead letter.
+            ApiError::JobDead { .. } => None,
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(RETRY_AFTER_SECONDS),
             _ => None,
         };

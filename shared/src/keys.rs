@@ -97,6 +97,14 @@ pub fn cancelled_key(ns: &str, attempt: &str) -> String {
     format!("{ns}:cancelled:{attempt}")
 }
 
+/// That a job with an `Idempotency-Key` was queued: a hash with its `op`,
+/// `key` and `seq`, in the queue Redis, kept as long as the key (24 h)
+/// even when job records are kept for less, so that a repeat of the key
+/// never queues the job twice: `{ns}:queued:<job id>`.
+pub fn queued_key(ns: &str, job_id: &str) -> String {
+    format!("{ns}:queued:{job_id}")
+}
+
 /// The dead letters: ids of jobs that ended `dead`, in a sorted set scored by
 /// the time they died (Unix ms), in the queue Redis: `{ns}:dead`.
 pub fn dead_set(ns: &str) -> String {

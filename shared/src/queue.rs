@@ -132,16 +132,20 @@ const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Queues a job unless its attempt was cancelled or (a new job) a job with
 /// its id exists. KEYS: the job record, the stream, the attempt's cancel
-/// mark. ARGV: retention (s), id, op, key, seq, enqueued_at, request id,
-/// attempt, the job as JSON, `new` or `again` (a dead job queued again: its
-/// record exists, and what its last run left is cleared). Answers `queued`,
-/// `cancelled`, or `exists` + the existing job's op, key and seq.
+/// mark, the job's queued mark. ARGV: retention (s), id, op, key, seq,
+/// enqueued_at, request id, attempt, the job as JSON, `new` or `again` (a
+/// dead job queued again: its record exists, and what its last run left is
+/// cleared), and how long to keep the queued mark (s; 0 for none: only
+/// jobs with an `Idempotency-Key` need one, as their key may outlive the
+/// record). Answers `queued`, `cancelled`, or `exists` + the existing job's
+/// op, key and seq.
 static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
 if ARGV[10] == 'new' then
   local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
+  if not found[1] then found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq') end
   if found[1] then return {'exists', found[1], found[2], found[3]} end
 else
   redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload')
@@ -150,6 +154,10 @@ redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq',
   'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7],
   'attempt', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
+if tonumber(ARGV[11]) > 0 then
+  redis.call('HSET', KEYS[4], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5], 'attempt', ARGV[8])
+  redis.call('EXPIRE', KEYS[4], ARGV[11])
+end
 redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'runs', '0', 'job', ARGV[9])
 return {'queued'}
 ",
@@ -157,14 +165,18 @@ return {'queued'}
 });
 
 /// Marks an accept attempt cancelled unless it landed. KEYS: the job
-/// record, the attempt's cancel mark. ARGV: the attempt, how long to keep
-/// the mark (s), `new` or `again`. A new job counts as landed when any
-/// attempt queued it; a dead job queued again only when this attempt did.
-/// Answers `cancelled`, or `exists` + the job's op, key and seq.
+/// record, the attempt's cancel mark, the job's queued mark. ARGV: the
+/// attempt, how long to keep the mark (s), `new` or `again`. A new job
+/// counts as landed when any attempt queued it; a dead job queued again
+/// only when this attempt did. Answers `cancelled`, or `exists` + the
+/// job's op, key and seq.
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq', 'attempt')
+if not found[1] and ARGV[3] == 'new' then
+  found = redis.call('HMGET', KEYS[3], 'op', 'key', 'seq', 'attempt')
+end
 if found[1] and (ARGV[3] == 'new' or found[4] == ARGV[1]) then
   return {'exists', found[1], found[2], found[3]}
 end
@@ -259,12 +271,14 @@ impl JobQueue {
         job: &ApplyJob,
         attempt: &str,
         how: Queueing,
+        idempotent: bool,
     ) -> Result<Accepted, StoreError> {
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         let answer: Vec<String> = ACCEPT
             .key(keys::job_key(&self.namespace, &job.id))
             .key(&self.stream)
             .key(keys::cancelled_key(&self.namespace, attempt))
+            .key(keys::queued_key(&self.namespace, &job.id))
             .arg(self.records.retention_secs())
             .arg(&job.id)
             .arg(job.op.as_str())
@@ -275,6 +289,11 @@ impl JobQueue {
             .arg(attempt)
             .arg(json)
             .arg(how.as_str())
+            .arg(if idempotent {
+                crate::jobs::IDEMPOTENCY_TTL.as_secs()
+            } else {
+                0
+            })
             .invoke_async(&mut self.conn.clone())
             .await?;
         Accepted::parse(&answer)
@@ -294,6 +313,7 @@ impl JobQueue {
         let answer: Vec<String> = CANCEL
             .key(keys::job_key(&self.namespace, job_id))
             .key(keys::cancelled_key(&self.namespace, attempt))
+            .key(keys::queued_key(&self.namespace, job_id))
             .arg(attempt)
             .arg(CANCELLED_FOR.as_secs())
             .arg(how.as_str())

@@ -284,7 +284,7 @@ pub(crate) fn checked_value(value: &RawValue, state: &AppState) -> Result<Box<Ra
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued; `job_dead` (`Prefer: wait`): the job was queued and died, it is a dead letter; `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -347,7 +347,7 @@ pub async fn create(
         (status = 413, description = "`value_too_large`", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "`unsupported_media_type`", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`invalid_body`, `idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued; `job_dead` (`Prefer: wait`): the job was queued and died, it is a dead letter; `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`); `overloaded`: the API holds as many request bodies as `KVQ_MAX_BODY_BYTES_IN_FLIGHT` allows, nothing was queued", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -400,7 +400,7 @@ pub async fn update(
         (status = 404, description = "`not_found` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "`version_mismatch` (`Prefer: wait`)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "`idempotency_key_reused` (the key was used for a different request)", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "`backend_unavailable`: nothing was queued (or, with `Prefer: wait`, the job ended `dead`); `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
+        (status = 503, description = "`backend_unavailable`: nothing was queued; `job_dead` (`Prefer: wait`): the job was queued and died, it is a dead letter; `outcome_unknown`: the queue did not answer in time, the write may have been queued (retry with the same `Idempotency-Key`)", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
     ),
@@ -524,6 +524,13 @@ pub async fn list(
         ),
     };
     let limit = query.limit.unwrap_or(100);
+    if query.prefix.len() > state.config.max_key_bytes {
+        // No key is that long: nothing to list, and nothing to ask Redis.
+        return Ok(HttpResponse::Ok().json(ListBody {
+            keys: Vec::new(),
+            next_cursor: None,
+        }));
+    }
     let (keys, next) = retry::with_backoff(
         state.config.read_retry_max,
         state.read_attempt_timeout(),

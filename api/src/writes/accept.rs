@@ -34,12 +34,15 @@ pub(crate) struct Queued {
 }
 
 /// Gives the write its `seq` and queues it as job `job_id`, unless a job
-/// with that id is queued already.
+/// with that id is queued already. An `idempotent` job (one with an
+/// `Idempotency-Key`) is remembered as queued for as long as its key lives,
+/// even when its record expires sooner.
 pub(crate) async fn queue_job(
     req: &HttpRequest,
     state: &AppState,
     write: Write,
     job_id: String,
+    idempotent: bool,
 ) -> Result<Queued, ApiError> {
     let job = ApplyJob {
         id: job_id,
@@ -52,7 +55,7 @@ pub(crate) async fn queue_job(
         request_id: RequestId::of(req),
         enqueued_at: now_ms(),
     };
-    let queued = queue(state, job, Queueing::New).await?;
+    let queued = queue(state, job, Queueing::New, idempotent).await?;
     if !queued.earlier {
         crate::metrics::write_accepted(queued.accepted.op);
     }
@@ -61,14 +64,19 @@ pub(crate) async fn queue_job(
 
 /// Gives `job` its key's next `seq` and queues it, telling the truth when
 /// the queue Redis does not answer (see the module's doc).
-async fn queue(state: &AppState, mut job: ApplyJob, how: Queueing) -> Result<Queued, ApiError> {
+async fn queue(
+    state: &AppState,
+    mut job: ApplyJob,
+    how: Queueing,
+    idempotent: bool,
+) -> Result<Queued, ApiError> {
     job.seq = state
         .kv
         .next_seq(&job.key)
         .await
         .map_err(ApiError::BackendUnavailable)?;
     let attempt = uuid::Uuid::new_v4().to_string();
-    let found = match state.queue.accept(&job, &attempt, how).await {
+    let found = match state.queue.accept(&job, &attempt, how, idempotent).await {
         Ok(found) => found,
         Err(e) if e.may_have_run() => {
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
@@ -229,7 +237,7 @@ async fn abandon(state: &AppState, job: &ApplyJob) {
 /// write: `backend_unavailable` means it was not queued (it may go back
 /// among the dead letters), `outcome_unknown` that kvq cannot tell.
 pub(crate) async fn requeue(state: &AppState, job: ApplyJob) -> Result<ApplyJob, ApiError> {
-    let queued = queue(state, job.clone(), Queueing::Again).await?;
+    let queued = queue(state, job.clone(), Queueing::Again, false).await?;
     Ok(ApplyJob {
         seq: queued.accepted.seq,
         ..job

@@ -143,7 +143,7 @@ pub(crate) async fn submit(
             }
         }
     }
-    let queued = accept::queue_job(req, state, write, job_id).await?;
+    let queued = accept::queue_job(req, state, write, job_id, scope.is_some()).await?;
     if let Some(scope) = &scope {
         let stored = match serde_json::to_string(&queued.accepted) {
             Ok(answer) => state.records.settle_idempotency(scope, &answer).await,

@@ -116,12 +116,21 @@ pub(crate) async fn wait_for_final(
                 StatusCode::SERVICE_UNAVAILABLE
             }
         };
-        let mut response = ApiError::JobFailed {
-            status,
-            code: error.code,
-            message: error.message.clone(),
-        }
-        .error_response();
+        let failure = if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Not `backend_unavailable`, which means nothing was queued:
+            // this write was, and died.
+            ApiError::JobDead {
+                job_id: record.id.clone(),
+                message: error.message.clone(),
+            }
+        } else {
+            ApiError::JobFailed {
+                status,
+                code: error.code,
+                message: error.message.clone(),
+            }
+        };
+        let mut response = failure.error_response();
         if let Ok(value) = header::HeaderValue::from_str(&applied) {
             response
                 .headers_mut()
