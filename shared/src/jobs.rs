@@ -69,12 +69,29 @@ const PAYLOAD: &str = "payload";
 /// the time it died, or nil.
 static TAKE_DEAD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
-        r"local died = redis.call('ZSCORE', KEYS[1], ARGV[1])
+        r"if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+          local died = redis.call('ZSCORE', KEYS[1], ARGV[1])
           if not died then return false end
           redis.call('ZREM', KEYS[1], ARGV[1])
           local job = redis.call('HMGET', KEYS[2], 'status', ARGV[2])
           if job[1] ~= 'dead' or not job[2] then return false end
+          redis.call('HSET', KEYS[2], 'died_at', died)
           return {job[2], died}",
+    )
+});
+
+/// Settles a take of a dead letter whose answer did not arrive: marks the
+/// attempt cancelled (KEYS[3], for ARGV[2] s), so that the take, should it
+/// still reach Redis, takes nothing; and if the take did run (the job is
+/// still `dead` but no longer a dead letter), puts it back in its place.
+static UNTAKE_DEAD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+          local job = redis.call('HMGET', KEYS[2], 'status', 'died_at')
+          if job[1] == 'dead' and job[2] and not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+            redis.call('ZADD', KEYS[1], job[2], ARGV[1])
+          end
+          return 1",
     )
 });
 
@@ -561,10 +578,15 @@ impl JobRecords {
     /// after it was recorded dead (redelivered after a crash) is no dead
     /// letter, whatever the set says.
     #[tracing::instrument(skip(self))]
-    pub async fn take_dead(&self, id: &str) -> Result<Option<(ApplyJob, i64)>, StoreError> {
+    pub async fn take_dead(
+        &self,
+        id: &str,
+        attempt: &str,
+    ) -> Result<Option<(ApplyJob, i64)>, StoreError> {
         let taken: Option<(String, i64)> = TAKE_DEAD
             .key(keys::dead_set(&self.namespace))
             .key(keys::job_key(&self.namespace, id))
+            .key(keys::cancelled_key(&self.namespace, attempt))
             .arg(id)
             .arg(PAYLOAD)
             .invoke_async(&mut self.conn.clone())
@@ -576,6 +598,22 @@ impl JobRecords {
                     .map_err(|e| StoreError::Corrupt(e.to_string()))
             })
             .transpose()
+    }
+
+    /// Settles a [`JobRecords::take_dead`] attempt that got no answer: after
+    /// this, job `id` is a dead letter as before, whether the take ran or
+    /// not, and the take can no longer run. Safe to repeat.
+    #[tracing::instrument(skip(self))]
+    pub async fn untake_dead(&self, id: &str, attempt: &str) -> Result<(), StoreError> {
+        let _: i64 = UNTAKE_DEAD
+            .key(keys::dead_set(&self.namespace))
+            .key(keys::job_key(&self.namespace, id))
+            .key(keys::cancelled_key(&self.namespace, attempt))
+            .arg(id)
+            .arg(IDEMPOTENCY_TTL.as_secs())
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 
     /// Puts job `id`, taken by [`JobRecords::take_dead`], back among the dead

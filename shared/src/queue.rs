@@ -148,7 +148,7 @@ if ARGV[10] == 'new' then
   if not found[1] then found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq') end
   if found[1] then return {'exists', found[1], found[2], found[3]} end
 else
-  redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload')
+  redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload', 'died_at')
 end
 redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5],
   'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7],

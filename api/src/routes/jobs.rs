@@ -139,11 +139,18 @@ pub async fn retry_job(
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(ApiError::NotFound(format!("no job {id:?}")));
     }
-    let taken = state
-        .records
-        .take_dead(&id)
-        .await
-        .map_err(ApiError::BackendUnavailable)?;
+    let attempt = uuid::Uuid::new_v4().to_string();
+    let taken = match state.records.take_dead(&id, &attempt).await {
+        Ok(taken) => taken,
+        Err(e) => {
+            if e.may_have_run() {
+                // The take may still run: settle it, so the job stays a
+                // dead letter whatever happened (nothing was queued).
+                untake(&state, &id, &attempt).await;
+            }
+            return Err(ApiError::BackendUnavailable(e));
+        }
+    };
     let Some((mut job, died_at)) = taken else {
         let record = state
             .records
@@ -189,6 +196,41 @@ pub async fn retry_job(
     crate::metrics::dead_job_retried();
     tracing::info!(job_id = %job.id, op = %job.op, seq = job.seq, "dead job queued again");
     Ok(accepted_response(&Accepted::of(&job), false))
+}
+
+/// Settles a take of dead letter `id` that got no answer, so that it stays a
+/// dead letter: tries for up to two Redis timeouts, then goes on in the
+/// background until the queue Redis answers.
+async fn untake(state: &AppState, id: &str, attempt: &str) {
+    let deadline = tokio::time::Instant::now() + state.config.redis_timeout * 2;
+    let mut delay = std::time::Duration::from_millis(50);
+    loop {
+        match state.records.untake_dead(id, attempt).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + delay >= deadline => {
+                tracing::warn!(job_id = id, error = %e, "could not settle a dead-letter take yet; still trying");
+                let (records, id, attempt) =
+                    (state.records.clone(), id.to_owned(), attempt.to_owned());
+                tokio::spawn(async move {
+                    // As long as a cancel mark is kept.
+                    let give_up =
+                        tokio::time::Instant::now() + std::time::Duration::from_secs(24 * 60 * 60);
+                    let mut delay = std::time::Duration::from_millis(100);
+                    while tokio::time::Instant::now() < give_up {
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                        if records.untake_dead(&id, &attempt).await.is_ok() {
+                            return;
+                        }
+                    }
+                });
+                return;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(std::time::Duration::from_secs(1));
+    }
 }
 
 /// Records the outcome a dead job turned out to have had.

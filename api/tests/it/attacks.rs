@@ -331,7 +331,6 @@ async fn a_waited_write_whose_job_died_says_so_and_its_retry_applies_it_once() {
 /// nothing happened. (The accept/cancel scheme of issue 11 was not applied
 /// to this route; its `requeue` has the same gap.)
 #[tokio::test]
-#[ignore = "known hole, open in issue 11: take_dead needs the accept/cancel attempt scheme"]
 async fn a_dead_letter_retry_refused_with_503_leaves_the_dead_letter_retryable() {
     let mut stack = Stack::builder().workers(0).quick_to_give_up().start().await;
     let id = Stack::job_id(stack.create("lazarus", json!("v")).await).await;
