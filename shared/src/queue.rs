@@ -7,8 +7,10 @@
 //! the worker down, it retries 25 times whatever it is told, and it keeps
 //! finished jobs forever. See the README's design section for measurements.
 //!
-//! - Push ([`JobQueue::push`]): the job record (`HSET`) and the stream entry
-//!   (`XADD {ns}:apply * id <job id> runs 0 job <json>`) in one `MULTI`.
+//! - Accept ([`JobQueue::accept`]): the job record (`HSET`) and the stream
+//!   entry (`XADD {ns}:apply * id <job id> runs 0 job <json>`) in one
+//!   script, unless the attempt was cancelled ([`JobQueue::cancel`]) or a
+//!   job with the id exists: a job id is queued at most once.
 //! - Fetch: a background task per worker reads with `XREADGROUP ... BLOCK`
 //!   (so an idle worker picks a job up as soon as it is pushed) and `COUNT`
 //!   up to the free room in a small local buffer (so a worker never holds
