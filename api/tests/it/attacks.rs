@@ -190,7 +190,7 @@ fn new_idempotency_record(stack: &Stack, known: &[String]) -> Option<String> {
 }
 
 /// HOLE (medium). "A job id is queued at most once" rests on the job
-/// record (`ACCEPT` in `shared/src/queue.rs` checks `{ns}:job:<id>`), which
+/// record (`ACCEPT` in `shared/src/queue/accept.rs` checks `{ns}:job:<id>`), which
 /// expires after `KVQ_JOB_RETENTION_SECONDS`, while an `Idempotency-Key`
 /// lives 24 h and, after an `outcome_unknown` whose accept did land (or an
 /// API killed between accept and `settle_idempotency`), stays `claimed`
