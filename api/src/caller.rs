@@ -1,5 +1,7 @@
 //! [`Caller`]: who sent a request.
 
+use sha2::Digest;
+
 /// Who sent a request, for scoping what it leaves behind (an
 /// `Idempotency-Key`). Set by [`crate::auth::middleware`] once a token
 /// verifies.
@@ -26,15 +28,24 @@ impl std::fmt::Display for Caller {
 impl Caller {
     /// The holder of `token`: its `sub`, or the token itself without one.
     pub fn of_token(token: &str, sub: Option<String>) -> Self {
-        use sha2::{Digest, Sha256};
         match sub {
             Some(sub) => Caller::Subject(sub),
-            None => Caller::Token(
-                Sha256::digest(token.as_bytes())
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect(),
-            ),
+            None => Caller::Token(sha256_hex(token.as_bytes())),
         }
     }
+}
+
+/// The hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(&sha2::Sha256::digest(bytes))
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }

@@ -16,7 +16,7 @@ use actix_web::http::header::HeaderMap;
 use actix_web::{HttpMessage, HttpRequest};
 use sha2::{Digest, Sha256};
 
-use crate::caller::Caller;
+use crate::caller::{Caller, hex};
 use crate::error::ApiError;
 use crate::writes::Write;
 
@@ -83,10 +83,6 @@ pub fn fingerprint(write: &Write) -> String {
 fn field(hash: &mut Sha256, bytes: &[u8]) {
     hash.update((bytes.len() as u64).to_be_bytes());
     hash.update(bytes);
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
