@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use kvq_shared::keys;
-use kvq_testkit::TestRedis;
+use kvq_testkit::{KvqProcess, TestRedis};
 use reqwest::Client;
 use serde_json::json;
 use tokio::sync::Mutex;
@@ -19,6 +19,23 @@ pub fn client() -> Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap_or_default()
+}
+
+/// Starts `kvq-api` with `env`, listening on `port`, and waits until its
+/// `/readyz` answers 200; returns the process and its base URL.
+pub async fn start_api(env: &[(String, String)], port: u16) -> (KvqProcess, String) {
+    let mut env = env.to_vec();
+    env.retain(|(k, _)| k != "KVQ_BIND");
+    env.push(("KVQ_BIND".to_owned(), format!("127.0.0.1:{port}")));
+    let api = KvqProcess::spawn("kvq-api", &env);
+    let base = format!("http://127.0.0.1:{port}");
+    let probe = client();
+    kvq_testkit::eventually(Duration::from_secs(20), "kvq-api to be ready", || async {
+        let r = probe.get(format!("{base}/readyz")).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    (api, base)
 }
 
 /// Number of keys the KV Redis' bucket indexes hold: one per live key (no

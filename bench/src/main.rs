@@ -133,14 +133,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         ),
         ("RUST_LOG".to_owned(), "warn".to_owned()),
     ];
-    let api = KvqProcess::spawn("kvq-api", &env);
-    let base = format!("http://127.0.0.1:{port}");
-    let probe = load::client();
-    kvq_testkit::eventually(Duration::from_secs(20), "kvq-api to be ready", || async {
-        let r = probe.get(format!("{base}/readyz")).send().await.ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
+    let (api, base) = load::start_api(&env, port).await;
     let mut workers = vec![start_worker(&env).await];
 
     step("kvq GET of a 100-byte value (wrk, 50 connections)");

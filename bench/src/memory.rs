@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use kvq_testkit::flood;
-use kvq_testkit::{KvqProcess, TestRedis};
+use kvq_testkit::TestRedis;
 
 use crate::load;
 
@@ -50,17 +50,7 @@ pub async fn worst_bodies(
     let mut figures = Vec::new();
     for shape in flood::worst_shapes() {
         let port = kvq_testkit::free_port();
-        let mut env = env.to_vec();
-        env.retain(|(k, _)| k != "KVQ_BIND");
-        env.push(("KVQ_BIND".to_owned(), format!("127.0.0.1:{port}")));
-        let api = KvqProcess::spawn("kvq-api", &env);
-        let base = format!("http://127.0.0.1:{port}");
-        let probe = load::client();
-        kvq_testkit::eventually(Duration::from_secs(20), "kvq-api to be ready", || async {
-            let r = probe.get(format!("{base}/readyz")).send().await.ok()?;
-            (r.status() == 200).then_some(())
-        })
-        .await;
+        let (api, _) = load::start_api(env, port).await;
         let pid = api.pid();
         let before = mib(pid, "VmRSS");
         let addr = format!("127.0.0.1:{port}");

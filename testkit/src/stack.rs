@@ -238,6 +238,26 @@ impl Stack {
         response.json().await.unwrap()
     }
 
+    /// A job that died: `key` created with no worker running, then run by
+    /// a new worker while the KV Redis is down, until its retries ran out
+    /// (use with [`StackBuilder::quick_to_give_up`] and no workers). The KV
+    /// Redis is back when this returns; returns the job's id.
+    pub async fn dead_job(&mut self, key: &str, value: Value) -> String {
+        let id = Self::job_id(self.create(key, value).await).await;
+        self.kv.stop();
+        self.start_worker().await;
+        assert_eq!(self.wait_job(&id).await["status"], "dead");
+        self.kv.restart();
+        id
+    }
+
+    /// `GET /metrics`' text.
+    pub async fn metrics(&self) -> String {
+        let response = self.request(Method::GET, "/metrics").send().await.unwrap();
+        assert_eq!(response.status(), 200, "GET /metrics");
+        response.text().await.unwrap()
+    }
+
     /// The job id of a 202 response.
     pub async fn job_id(accepted: Response) -> String {
         assert_eq!(accepted.status(), 202, "the write was not accepted");

@@ -333,11 +333,7 @@ async fn a_waited_write_whose_job_died_says_so_and_its_retry_applies_it_once() {
 #[tokio::test]
 async fn a_dead_letter_retry_refused_with_503_leaves_the_dead_letter_retryable() {
     let mut stack = Stack::builder().workers(0).quick_to_give_up().start().await;
-    let id = Stack::job_id(stack.create("lazarus", json!("v")).await).await;
-    stack.kv.stop();
-    stack.start_worker().await;
-    assert_eq!(stack.wait_job(&id).await["status"], "dead");
-    stack.kv.restart();
+    let id = stack.dead_job("lazarus", json!("v")).await;
     let retry = || {
         stack
             .request(Method::POST, &format!("/v1/jobs/{id}/retry"))
@@ -409,19 +405,7 @@ async fn a_write_refused_while_the_data_redis_stalls_does_not_stall_its_key() {
     .await;
 
     let next = Stack::job_id(stack.put("gap", json!({"value": 3})).await).await;
-    let job = eventually(
-        Duration::from_secs(10),
-        "the next write to apply",
-        || async {
-            let job = stack.job(&next).await;
-            matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "dead")
-            )
-            .then_some(job)
-        },
-    )
-    .await;
+    let job = stack.wait_job_within(&next, Duration::from_secs(10)).await;
     assert_eq!(job["status"], "succeeded", "{job}");
 }
 
@@ -453,19 +437,7 @@ async fn concurrent_duplicates_get_one_job_and_leave_the_key_unstalled() {
     }
     assert_eq!(ids.len(), 1, "duplicates got different jobs: {ids:?}");
     let next = Stack::job_id(stack.put("dup", json!({"value": "next"})).await).await;
-    let job = eventually(
-        Duration::from_secs(10),
-        "the next write to apply",
-        || async {
-            let job = stack.job(&next).await;
-            matches!(
-                job["status"].as_str(),
-                Some("succeeded" | "failed" | "dead")
-            )
-            .then_some(job)
-        },
-    )
-    .await;
+    let job = stack.wait_job_within(&next, Duration::from_secs(10)).await;
     assert_eq!(
         job["result"],
         json!({"outcome": "updated", "version": 2}),

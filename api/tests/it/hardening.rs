@@ -187,14 +187,7 @@ async fn an_oversized_forged_token_is_refused_before_any_verification() {
     assert_eq!(refusals(&mut stack), 1, "only the small token was verified");
 
     // The 431 is counted like any answer.
-    let metrics = stack
-        .request(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = stack.metrics().await;
     assert!(
         metrics
             .lines()

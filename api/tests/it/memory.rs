@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use kvq_shared::keys;
 use kvq_testkit::flood::{self, Framing};
 use kvq_testkit::{Stack, eventually};
 use serde_json::{Value, json};
@@ -71,16 +72,16 @@ async fn the_worst_bodies_at_once_are_answered_within_bounded_memory() {
     );
 }
 
+/// How many job records the queue Redis holds: one per queued write.
+fn job_records(stack: &Stack) -> usize {
+    let records = keys::job_key("kvq", "");
+    let all = stack.queue.keys();
+    all.iter().filter(|k| k.starts_with(&records)).count()
+}
+
 /// `kvq_api_body_bytes_in_flight` from `/metrics`.
 async fn in_flight(stack: &Stack) -> u64 {
-    let text = stack
-        .request(reqwest::Method::GET, "/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = stack.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix("kvq_api_body_bytes_in_flight "))
         .and_then(|v| v.trim().parse().ok())
@@ -170,13 +171,7 @@ async fn bodies_beyond_the_budget_get_503_and_queue_nothing() {
     )
     .await;
     assert_eq!(stack.get("refused").await.status(), 404);
-    let jobs = stack
-        .queue
-        .keys()
-        .iter()
-        .filter(|k| k.starts_with("kvq:job:"))
-        .count();
-    assert_eq!(jobs, 3, "{:?}", stack.queue.keys());
+    assert_eq!(job_records(&stack), 3, "{:?}", stack.queue.keys());
 }
 
 /// The raw text of the value a read of `key` answers.
@@ -270,11 +265,5 @@ async fn values_are_stored_as_sent_without_whitespace_and_checked() {
         }
     }
     assert_eq!(stack.get("r").await.status(), 404);
-    let jobs = stack
-        .queue
-        .keys()
-        .iter()
-        .filter(|k| k.starts_with("kvq:job:"))
-        .count();
-    assert_eq!(jobs, kept.len());
+    assert_eq!(job_records(&stack), kept.len());
 }
