@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use kvq_testkit::flood;
 use kvq_testkit::TestRedis;
+use kvq_testkit::flood;
 
 use crate::load;
 
