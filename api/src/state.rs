@@ -36,7 +36,7 @@ impl AppState {
         let queue_conn = store::manager(queue, config.redis_timeout)?;
         Ok(Self {
             kv: KvStore::new(kv_conn, &config.namespace),
-            records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
+            records: JobRecords::new(queue_conn.clone(), config),
             queue: JobQueue::new(queue_conn, config),
             config: config.clone(),
             waiters: waiters.clone(),

@@ -124,9 +124,10 @@ pub struct Config {
     /// `KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS`: how long a stopping worker waits
     /// for in-flight jobs.
     pub worker_shutdown_timeout: Duration,
-    /// `KVQ_ORDER_GAP_TIMEOUT_SECONDS`: how long a job waits for a predecessor
-    /// (lower `seq` of the same key) that never arrives before it skips the gap.
-    pub order_gap_timeout: Duration,
+    /// `KVQ_QUEUE_PARTITIONS`: how many partitions (streams) the queue has,
+    /// a divisor of 64; a key always maps to the same one. Fixed for a
+    /// deployment: changing it strands queued jobs.
+    pub queue_partitions: u16,
     /// `KVQ_AUTH_JWT_SECRET`: HS256 secret for bearer tokens.
     pub auth_jwt_secret: Option<Secret>,
     /// `KVQ_AUTH_JWT_PUBLIC_KEY_FILE`: RS256 public key (PEM) for bearer tokens.
@@ -210,6 +211,16 @@ impl Config {
                 ),
             });
         }
+        let partitions: u16 = env.ranged("KVQ_QUEUE_PARTITIONS", 16, 1, 64)?;
+        if crate::keys::BUCKETS % partitions != 0 {
+            return Err(ConfigError {
+                var: "KVQ_QUEUE_PARTITIONS",
+                message: format!(
+                    "{partitions} must divide {} (1, 2, 4, 8, 16, 32 or 64)",
+                    crate::keys::BUCKETS
+                ),
+            });
+        }
         let config = Self {
             bind: env.parse("KVQ_BIND", "127.0.0.1:8080")?,
             kv_redis_url: env.redis_url("KVQ_KV_REDIS_URL", "redis://127.0.0.1:6379")?,
@@ -224,12 +235,7 @@ impl Config {
                 1,
                 3_600,
             )?),
-            order_gap_timeout: Duration::from_secs(env.ranged(
-                "KVQ_ORDER_GAP_TIMEOUT_SECONDS",
-                30,
-                1,
-                86_400,
-            )?),
+            queue_partitions: partitions,
             auth_jwt_secret: env.optional("KVQ_AUTH_JWT_SECRET").map(Secret::new),
             auth_jwt_public_key_file: env
                 .optional("KVQ_AUTH_JWT_PUBLIC_KEY_FILE")

@@ -95,9 +95,6 @@ static UNTAKE_DEAD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::ne
     )
 });
 
-/// The queue's name below the namespace; see [`keys::queue_name`].
-pub const QUEUE: &str = "apply";
-
 /// A write operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -150,9 +147,15 @@ pub struct ApplyJob {
     pub op: Op,
     /// The user key.
     pub key: String,
-    /// The key's sequence number, given at enqueue; writes to one key apply in
-    /// `seq` order.
+    /// The key's sequence number: the job's position in its partition's
+    /// stream, given by the accept script (0 in the queued JSON; the queue
+    /// backend fills it in from the stream entry).
     pub seq: u64,
+    /// The owner generation of the partition when a worker fetched the job,
+    /// filled in by the queue backend; the apply script's fence refuses a
+    /// job of an older owner. Not queued.
+    #[serde(skip)]
+    pub generation: u64,
     /// The new value as JSON text (create, update, upsert).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Box<RawValue>>,
@@ -314,8 +317,6 @@ pub enum ErrorCode {
     /// `dead`: a Redis server stayed unavailable through every retry; a dead
     /// letter, which `POST /v1/jobs/{id}/retry` can queue again.
     BackendUnavailable,
-    /// `dead`: later writes to the key were applied without this one.
-    SequenceSkipped,
 }
 
 impl ErrorCode {
@@ -326,7 +327,6 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::VersionMismatch => "version_mismatch",
             ErrorCode::BackendUnavailable => "backend_unavailable",
-            ErrorCode::SequenceSkipped => "sequence_skipped",
         }
     }
 }
@@ -461,16 +461,29 @@ pub struct JobRecords {
     conn: ConnectionManager,
     namespace: String,
     retention: Duration,
+    partitions: u16,
 }
 
 impl JobRecords {
-    /// Job records under `namespace`, kept for `retention` once written.
-    pub fn new(conn: ConnectionManager, namespace: &str, retention: Duration) -> Self {
+    /// Job records under `KVQ_NAMESPACE`, kept for `KVQ_JOB_RETENTION_SECONDS`
+    /// once written, over `KVQ_QUEUE_PARTITIONS` partitions.
+    pub fn new(conn: ConnectionManager, config: &crate::Config) -> Self {
         Self {
             conn,
-            namespace: namespace.to_owned(),
-            retention,
+            namespace: config.namespace.clone(),
+            retention: config.job_retention,
+            partitions: config.queue_partitions,
         }
+    }
+
+    /// The record key of job `id`, or an error for an id that is no job of
+    /// kvq's.
+    fn key_of(&self, id: &str) -> Result<(u16, String), StoreError> {
+        let p = keys::job_partition(id)
+            .ok_or_else(|| StoreError::Corrupt(format!("{id:?} is no job id of kvq's")))?;
+        let key = keys::job_key(&self.namespace, id)
+            .ok_or_else(|| StoreError::Corrupt(format!("{id:?} is no job id of kvq's")))?;
+        Ok((p, key))
     }
 
     pub(crate) fn retention_secs(&self) -> i64 {
@@ -500,7 +513,7 @@ impl JobRecords {
         announce: bool,
         dead_at: Option<i64>,
     ) -> Result<(), StoreError> {
-        let key = keys::job_key(&self.namespace, job_id);
+        let (p, key) = self.key_of(job_id)?;
         // No MULTI: each command is idempotent, and a retry repeats them all.
         let mut pipe = redis::pipe();
         pipe.hset_multiple(&key, fields)
@@ -513,7 +526,7 @@ impl JobRecords {
         if let Some(now) = dead_at {
             // Dead letters live as long as their records; older ones are
             // dropped from the set whenever a job dies.
-            let dead = keys::dead_set(&self.namespace);
+            let dead = keys::dead_set(&self.namespace, p);
             let cutoff = now.saturating_sub(self.retention_secs().saturating_mul(1000));
             pipe.zadd(&dead, job_id, now)
                 .ignore()
@@ -583,10 +596,11 @@ impl JobRecords {
         id: &str,
         attempt: &str,
     ) -> Result<Option<(ApplyJob, i64)>, StoreError> {
+        let (p, key) = self.key_of(id)?;
         let taken: Option<(String, i64)> = TAKE_DEAD
-            .key(keys::dead_set(&self.namespace))
-            .key(keys::job_key(&self.namespace, id))
-            .key(keys::cancelled_key(&self.namespace, attempt))
+            .key(keys::dead_set(&self.namespace, p))
+            .key(key)
+            .key(keys::cancelled_key(&self.namespace, p, attempt))
             .arg(id)
             .arg(PAYLOAD)
             .invoke_async(&mut self.conn.clone())
@@ -605,10 +619,11 @@ impl JobRecords {
     /// not, and the take can no longer run. Safe to repeat.
     #[tracing::instrument(skip(self))]
     pub async fn untake_dead(&self, id: &str, attempt: &str) -> Result<(), StoreError> {
+        let (p, key) = self.key_of(id)?;
         let _: i64 = UNTAKE_DEAD
-            .key(keys::dead_set(&self.namespace))
-            .key(keys::job_key(&self.namespace, id))
-            .key(keys::cancelled_key(&self.namespace, attempt))
+            .key(keys::dead_set(&self.namespace, p))
+            .key(key)
+            .key(keys::cancelled_key(&self.namespace, p, attempt))
             .arg(id)
             .arg(IDEMPOTENCY_TTL.as_secs())
             .invoke_async(&mut self.conn.clone())
@@ -620,43 +635,64 @@ impl JobRecords {
     /// letters in its place, when queueing it again failed.
     #[tracing::instrument(skip(self))]
     pub async fn restore_dead(&self, id: &str, died_at: i64) -> Result<(), StoreError> {
+        let (p, _) = self.key_of(id)?;
         let _: () = self
             .conn
             .clone()
-            .zadd(keys::dead_set(&self.namespace), id, died_at)
+            .zadd(keys::dead_set(&self.namespace, p), id, died_at)
             .await?;
         Ok(())
     }
 
     /// One page of dead letters, oldest first: up to `limit` records from
     /// position `offset`, and the offset of the next page if there is one.
-    /// Ids whose records have expired, or that are no longer dead, are
-    /// dropped from the set on the way.
+    /// The partitions' dead-letter sets are merged by the time each job
+    /// died (one pipeline). Ids whose records have expired, or that are no
+    /// longer dead, are dropped from their sets on the way.
     #[tracing::instrument(skip(self))]
     pub async fn dead(
         &self,
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<JobRecord>, Option<usize>), StoreError> {
-        let dead = keys::dead_set(&self.namespace);
         let mut conn = self.conn.clone();
-        let stop = isize::try_from(offset.saturating_add(limit)).unwrap_or(isize::MAX);
-        let start = isize::try_from(offset).unwrap_or(isize::MAX);
         // One more than asked, to know whether a next page exists.
-        let ids: Vec<String> = conn.zrange(&dead, start, stop).await?;
-        let more = ids.len() > limit;
-        let ids = &ids[..ids.len().min(limit)];
-        if ids.is_empty() {
+        let stop = isize::try_from(offset.saturating_add(limit)).unwrap_or(isize::MAX);
+        let mut pipe = redis::pipe();
+        for p in 0..self.partitions {
+            pipe.zrange_withscores(keys::dead_set(&self.namespace, p), 0, stop);
+        }
+        let sets: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await?;
+        let mut all: Vec<(i64, String, u16)> = sets
+            .into_iter()
+            .zip(0..self.partitions)
+            .flat_map(|(set, p)| set.into_iter().map(move |(id, died)| (died, id, p)))
+            .collect();
+        all.sort_unstable();
+        let page: Vec<(i64, String, u16)> = all
+            .into_iter()
+            .skip(offset)
+            .take(limit.saturating_add(1))
+            .collect();
+        let more = page.len() > limit;
+        let page = &page[..page.len().min(limit)];
+        if page.is_empty() {
             return Ok((Vec::new(), None));
         }
         let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.hgetall(keys::job_key(&self.namespace, id));
+        for (_, id, _) in page {
+            match keys::job_key(&self.namespace, id) {
+                Some(key) => pipe.hgetall(key),
+                None => pipe.cmd("PING"),
+            };
         }
-        let hashes: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
-        let mut records = Vec::with_capacity(ids.len());
-        let mut expired = Vec::new();
-        for (id, hash) in ids.iter().zip(hashes) {
+        let hashes: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut records = Vec::with_capacity(page.len());
+        let mut gone = redis::pipe();
+        let mut expired = 0;
+        for ((_, id, p), hash) in page.iter().zip(hashes) {
+            let hash: HashMap<String, String> =
+                redis::FromRedisValue::from_redis_value(hash).unwrap_or_default();
             let record = if hash.is_empty() {
                 None
             } else {
@@ -664,13 +700,16 @@ impl JobRecords {
             };
             match record {
                 Some(record) if record.status == JobStatus::Dead => records.push(record),
-                _ => expired.push(id.as_str()),
+                _ => {
+                    gone.zrem(keys::dead_set(&self.namespace, *p), id).ignore();
+                    expired += 1;
+                }
             }
         }
-        if !expired.is_empty() {
-            let _: () = conn.zrem(&dead, &expired).await?;
+        if expired > 0 {
+            gone.query_async::<()>(&mut conn).await?;
         }
-        let next = more.then(|| offset + limit - expired.len());
+        let next = more.then(|| offset + limit - expired);
         Ok((records, next))
     }
 
@@ -714,11 +753,10 @@ impl JobRecords {
     /// Reads a job's record; `None` if unknown or expired.
     #[tracing::instrument(skip(self))]
     pub async fn get(&self, job_id: &str) -> Result<Option<JobRecord>, StoreError> {
-        let hash: HashMap<String, String> = self
-            .conn
-            .clone()
-            .hgetall(keys::job_key(&self.namespace, job_id))
-            .await?;
+        let Some(key) = keys::job_key(&self.namespace, job_id) else {
+            return Ok(None);
+        };
+        let hash: HashMap<String, String> = self.conn.clone().hgetall(key).await?;
         if hash.is_empty() {
             return Ok(None);
         }

@@ -51,9 +51,10 @@ pub fn value_key_prefix(ns: &str, bucket: u16) -> String {
 }
 
 /// A user key's metadata, kept after delete and expiry so versions never
-/// repeat: a hash with `ver` (last version), `next` (last `seq` handed out),
-/// `seq` (last `seq` applied), `r:<seq>` (outcomes of recent applies) and
-/// `x:<seq>` (handed out but never queued):
+/// repeat: a hash with `ver` (last version), `seq` (last `seq` applied),
+/// `t` (last applied at, Unix ms), `n` (applies so far), `r:<job id>` (the
+/// outcomes of the last 64 jobs applied) and `o:<n mod 64>` (which job id
+/// each of those slots holds):
 /// `{ns}:m:{<bucket>}:<key>`.
 pub fn meta_key(ns: &str, key: &str) -> String {
     format!("{ns}:m:{{{}}}:{key}", bucket(key))
@@ -73,10 +74,73 @@ pub fn expiry_key(ns: &str, bucket: u16) -> String {
     format!("{ns}:ex:{{{bucket}}}")
 }
 
+/// The queue partition of a user key, with `partitions` partitions (a
+/// divisor of [`BUCKETS`]): its bucket modulo `partitions`, so every key of a
+/// data bucket is in one partition.
+pub fn partition(key: &str, partitions: u16) -> u16 {
+    bucket(key) % partitions.max(1)
+}
+
+/// A new job id for partition `partition`: a UUID v7 whose last byte is the
+/// partition, so that the id alone finds the job's record
+/// ([`job_partition`]). 54 random bits and the millisecond stay.
+pub fn new_job_id(partition: u16) -> String {
+    let mut bytes = *uuid::Uuid::now_v7().as_bytes();
+    bytes[15] = u8::try_from(partition).unwrap_or(u8::MAX);
+    uuid::Uuid::from_bytes(bytes).to_string()
+}
+
+/// The partition a job id names (see [`new_job_id`]), or `None` if `id` is
+/// no job id of kvq's.
+pub fn job_partition(id: &str) -> Option<u16> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    let partition = u16::from(uuid.as_bytes()[15]);
+    (partition < BUCKETS).then_some(partition)
+}
+
+/// What every key of queue partition `p` starts with; `{<p>}` is its Redis
+/// Cluster hash tag, so each partition's scripts touch one slot:
+/// `{ns}:p:{<p>}:`.
+fn partition_prefix(ns: &str, p: u16) -> String {
+    format!("{ns}:p:{{{p}}}:")
+}
+
+/// A partition's stream: its jobs in accept order, each entry
+/// `<seq>-0 id <job id> job <json>`, trimmed below the committed position:
+/// `{ns}:p:{<p>}:stream`.
+pub fn stream_key(ns: &str, p: u16) -> String {
+    format!("{}stream", partition_prefix(ns, p))
+}
+
+/// A partition's last handed-out `seq` (a string): `{ns}:p:{<p>}:last`.
+pub fn last_seq_key(ns: &str, p: u16) -> String {
+    format!("{}last", partition_prefix(ns, p))
+}
+
+/// A partition's owner lease, `<worker>:<generation>`, expiring unless
+/// renewed: `{ns}:p:{<p>}:lease`.
+pub fn lease_key(ns: &str, p: u16) -> String {
+    format!("{}lease", partition_prefix(ns, p))
+}
+
+/// A partition's owner generation counter, raised by every acquisition:
+/// `{ns}:p:{<p>}:gen`.
+pub fn generation_key(ns: &str, p: u16) -> String {
+    format!("{}gen", partition_prefix(ns, p))
+}
+
+/// A partition's committed position: the stream id up to which every job is
+/// final: `{ns}:p:{<p>}:done`.
+pub fn done_key(ns: &str, p: u16) -> String {
+    format!("{}done", partition_prefix(ns, p))
+}
+
 /// One job's record (status, attempts, timestamps, outcome), a hash in the
-/// queue Redis: `{ns}:job:<job id>`.
-pub fn job_key(ns: &str, job_id: &str) -> String {
-    format!("{ns}:job:{job_id}")
+/// queue Redis, in its partition's slot: `{ns}:p:{<p>}:job:<job id>`, `p`
+/// being the partition the id names. `None` for an id that is not kvq's.
+pub fn job_key(ns: &str, job_id: &str) -> Option<String> {
+    let p = job_partition(job_id)?;
+    Some(format!("{}job:{job_id}", partition_prefix(ns, p)))
 }
 
 /// One `Idempotency-Key` use, in the queue Redis, expiring 24 h after the
@@ -89,39 +153,46 @@ pub fn idempotency_key(ns: &str, scope: &str) -> String {
     format!("{ns}:idk:{scope}")
 }
 
-/// A cancelled accept attempt: set by the API when an accept's answer did
-/// not arrive in time, so that the accept, should it reach Redis later,
-/// queues nothing. A string in the queue Redis kept 24 h:
-/// `{ns}:cancelled:<attempt id>`.
-pub fn cancelled_key(ns: &str, attempt: &str) -> String {
-    format!("{ns}:cancelled:{attempt}")
+/// A cancelled accept attempt of a job of partition `p`: set by the API
+/// when an accept's answer did not arrive in time, so that the accept,
+/// should it reach Redis later, queues nothing. A string kept 24 h:
+/// `{ns}:p:{<p>}:cancelled:<attempt id>`.
+pub fn cancelled_key(ns: &str, p: u16, attempt: &str) -> String {
+    format!("{}cancelled:{attempt}", partition_prefix(ns, p))
 }
 
 /// That a job with an `Idempotency-Key` was queued: a hash with its `op`,
-/// `key` and `seq`, in the queue Redis, kept as long as the key (24 h)
-/// even when job records are kept for less, so that a repeat of the key
-/// never queues the job twice: `{ns}:queued:<job id>`.
-pub fn queued_key(ns: &str, job_id: &str) -> String {
-    format!("{ns}:queued:{job_id}")
+/// `key` and `seq`, kept as long as the key (24 h) even when job records
+/// are kept for less, so that a repeat of the key never queues the job
+/// twice: `{ns}:p:{<p>}:queued:<job id>`.
+pub fn queued_key(ns: &str, p: u16, job_id: &str) -> String {
+    format!("{}queued:{job_id}", partition_prefix(ns, p))
 }
 
-/// The dead letters: ids of jobs that ended `dead`, in a sorted set scored by
-/// the time they died (Unix ms), in the queue Redis: `{ns}:dead`.
-pub fn dead_set(ns: &str) -> String {
-    format!("{ns}:dead")
+/// A partition's dead letters: ids of its jobs that ended `dead`, in a
+/// sorted set scored by the time they died (Unix ms): `{ns}:p:{<p>}:dead`.
+pub fn dead_set(ns: &str, p: u16) -> String {
+    format!("{}dead", partition_prefix(ns, p))
+}
+
+/// The live workers: a sorted set of worker names scored by their last
+/// heartbeat (Unix ms), in the queue Redis: `{ns}:workers`.
+pub fn workers_key(ns: &str) -> String {
+    format!("{ns}:workers")
+}
+
+/// A data bucket's fence, in the data Redis, in the bucket's slot: the
+/// highest owner generation of the bucket's partition that applied a job
+/// there; the apply script refuses jobs of older generations:
+/// `{ns}:fence:{<bucket>}`.
+pub fn fence_key(ns: &str, bucket: u16) -> String {
+    format!("{ns}:fence:{{{bucket}}}")
 }
 
 /// The channel on which workers announce finished jobs (message: the job
 /// id), for requests waiting with `Prefer: wait`: `{ns}:done`.
 pub fn done_channel(ns: &str) -> String {
     format!("{ns}:done")
-}
-
-/// The apalis queue the API pushes to and workers consume: `{ns}:apply`.
-/// Named explicitly, never after the Rust type, so renaming the job type
-/// cannot orphan queued jobs.
-pub fn queue_name(ns: &str) -> String {
-    format!("{ns}:{}", crate::jobs::QUEUE)
 }
 
 #[cfg(test)]
@@ -184,6 +255,46 @@ mod tests {
                 assert_eq!(hash_tag(&redis_key), tag, "{redis_key}");
             }
             assert!(value_key("kvq", key).starts_with(&value_key_prefix("kvq", b)));
+        }
+    }
+
+    #[test]
+    fn a_job_id_names_its_partition_and_its_keys_share_the_partitions_slot() {
+        for p in [0, 1, 15, 63] {
+            let id = new_job_id(p);
+            assert!(uuid::Uuid::try_parse(&id).is_ok(), "{id}");
+            assert_eq!(job_partition(&id), Some(p));
+            let tag = p.to_string();
+            for redis_key in [
+                job_key("kvq", &id).expect("a job id of kvq's"),
+                stream_key("kvq", p),
+                last_seq_key("kvq", p),
+                lease_key("kvq", p),
+                generation_key("kvq", p),
+                done_key("kvq", p),
+                cancelled_key("kvq", p, "a"),
+                queued_key("kvq", p, &id),
+                dead_set("kvq", p),
+            ] {
+                assert_eq!(hash_tag(&redis_key), tag, "{redis_key}");
+            }
+        }
+        // A UUID whose last byte names no partition is no job of kvq's.
+        assert_eq!(job_partition("01234567-89ab-7def-8123-4567890123ff"), None);
+        assert_eq!(job_partition("not-a-uuid"), None);
+        assert_eq!(job_key("kvq", "not-a-uuid"), None);
+    }
+
+    #[test]
+    fn a_keys_partition_is_its_buckets() {
+        for key in ["a", "users/42/name", "list/00"] {
+            assert_eq!(partition(key, 16), bucket(key) % 16);
+            assert_eq!(partition(key, 64), bucket(key));
+            assert_eq!(partition(key, 1), 0);
+            assert_eq!(
+                hash_tag(&fence_key("kvq", bucket(key))),
+                bucket(key).to_string()
+            );
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The KV Redis: reads, sequence numbers, the atomic apply script, listing.
+//! The KV Redis: reads, the atomic apply script, listing.
 //!
 //! Per user key there are two Redis keys in one hash slot (see
 //! [`crate::keys`]): the live value (a hash, with Redis' expiry as the TTL) and
@@ -21,19 +21,14 @@ use crate::error::StoreError;
 use crate::jobs::{ApplyJob, Outcome};
 use crate::keys;
 
-/// How many recent outcomes the metadata remembers for redelivered jobs.
+/// How many recent job outcomes the metadata remembers for redelivered
+/// jobs: more than the uncommitted jobs a partition owner may hold per key
+/// ([`crate::queue::StreamsConfig::max_uncommitted_per_key`]).
 const REMEMBERED_OUTCOMES: u64 = 64;
 
 /// Entries a bucket may examine beyond the keys it returns, before it
 /// stops (expired keys not yet cleaned up cost this much per page at most).
 const LIST_EXAMINE_SLACK: usize = 64;
-
-/// Marks ARGV[1] abandoned in meta key KEYS[1] unless it was applied already.
-const ABANDON_SCRIPT: &str = r"
-if tonumber(ARGV[1]) > tonumber(redis.call('HGET', KEYS[1], 'seq') or '0') then
-  redis.call('HSET', KEYS[1], 'x:' .. ARGV[1], '1')
-end
-";
 
 /// Chooses aws-lc-rs as the process' rustls crypto provider, which
 /// `rediss://` connections need. Call once at start, before any Redis client
@@ -106,21 +101,12 @@ pub struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
     /// Applied now (or failed for a business reason, which is also final).
-    Done {
-        /// What happened.
-        outcome: Outcome,
-        /// Earlier `seq`s of the key that were given up on (the gap timeout
-        /// passed without them); usually 0.
-        skipped: u64,
-    },
-    /// Applied before (a redelivery); the outcome recorded then, if still
-    /// remembered, or `None` if the job's `seq` was skipped over.
-    Duplicate(Option<Outcome>),
-    /// An earlier `seq` of this key has not been applied yet.
-    Wait {
-        /// The key's last applied `seq`.
-        applied: u64,
-    },
+    Done(Outcome),
+    /// Applied before (a redelivery); the outcome recorded then.
+    Duplicate(Outcome),
+    /// Refused: a newer owner of the job's partition, of this generation,
+    /// applied in the key's bucket.
+    Fenced(u64),
 }
 
 /// The KV Redis.
@@ -130,7 +116,6 @@ pub struct KvStore {
     namespace: String,
     apply_script: Script,
     list_script: Script,
-    abandon_script: Script,
 }
 
 impl KvStore {
@@ -141,7 +126,6 @@ impl KvStore {
             namespace: namespace.to_owned(),
             apply_script: Script::new(include_str!("scripts/apply.lua")),
             list_script: Script::new(include_str!("scripts/list.lua")),
-            abandon_script: Script::new(ABANDON_SCRIPT),
         }
     }
 
@@ -176,53 +160,23 @@ impl KvStore {
         }))
     }
 
-    /// Hands out the key's next sequence number (1, 2, 3, ...).
+    /// What job `job_id` did to `key`, if it was applied and its outcome is
+    /// still remembered (those of the key's last 64 applied jobs are).
     #[tracing::instrument(skip(self))]
-    pub async fn next_seq(&self, key: &str) -> Result<u64, StoreError> {
-        let seq = self
-            .conn
-            .clone()
-            .hincr(keys::meta_key(&self.namespace, key), "next", 1)
-            .await?;
-        Ok(seq)
-    }
-
-    /// What the write with `seq` did to `key`, if it was applied and its
-    /// outcome is still remembered (the last 64 are).
-    #[tracing::instrument(skip(self))]
-    pub async fn outcome_of(&self, key: &str, seq: u64) -> Result<Option<Outcome>, StoreError> {
+    pub async fn outcome_of(&self, key: &str, job_id: &str) -> Result<Option<Outcome>, StoreError> {
         let recorded: Option<String> = self
             .conn
             .clone()
-            .hget(keys::meta_key(&self.namespace, key), format!("r:{seq}"))
+            .hget(keys::meta_key(&self.namespace, key), format!("r:{job_id}"))
             .await?;
         Ok(recorded.as_deref().and_then(Outcome::parse))
     }
 
-    /// Marks `seq` of `key` as handed out but never queued, so the key's later
-    /// writes do not wait for it.
-    #[tracing::instrument(skip(self))]
-    pub async fn abandon_seq(&self, key: &str, seq: u64) -> Result<(), StoreError> {
-        let _: () = self
-            .abandon_script
-            .key(keys::meta_key(&self.namespace, key))
-            .arg(seq)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
-    }
-
-    /// Applies `job` atomically, in `seq` order: if an earlier `seq` of the
-    /// key is missing, answers [`Applied::Wait`], unless the key has made no
-    /// progress for `gap_timeout` (since its last apply or this job's enqueue,
-    /// whichever is later); then the missing `seq`s are skipped for good.
+    /// Applies `job` atomically and exactly once (see the module's doc):
+    /// answers what it did, what it did the first time (a redelivery), or
+    /// that a newer owner of its partition has applied in its bucket.
     #[tracing::instrument(skip_all, fields(job_id = %job.id, seq = job.seq))]
-    pub async fn apply(
-        &self,
-        job: &ApplyJob,
-        gap_timeout: Duration,
-        now_ms: i64,
-    ) -> Result<Applied, StoreError> {
+    pub async fn apply(&self, job: &ApplyJob, now_ms: i64) -> Result<Applied, StoreError> {
         let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
         let bucket = keys::bucket(&job.key);
         let answer: Vec<String> = self
@@ -231,15 +185,16 @@ impl KvStore {
             .key(keys::meta_key(&self.namespace, &job.key))
             .key(keys::index_key(&self.namespace, bucket))
             .key(keys::expiry_key(&self.namespace, bucket))
+            .key(keys::fence_key(&self.namespace, bucket))
             .arg(job.op.as_str())
-            .arg(job.seq)
+            .arg(&job.id)
             .arg(job.value.as_ref().map_or("null", |v| v.get()))
             .arg(ttl_ms)
             .arg(job.if_match.map(|v| v.to_string()).unwrap_or_default())
             .arg(now_ms)
-            .arg(u64::try_from(gap_timeout.as_millis()).unwrap_or(u64::MAX))
+            .arg(job.generation)
             .arg(REMEMBERED_OUTCOMES)
-            .arg(job.enqueued_at)
+            .arg(job.seq)
             .arg(&job.key)
             .arg(keys::value_key_prefix(&self.namespace, bucket))
             .invoke_async(&mut self.conn.clone())
@@ -247,15 +202,11 @@ impl KvStore {
         let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
         let outcome = |s: &str| Outcome::parse(s).ok_or_else(corrupt);
         match answer.as_slice() {
-            [kind, detail, skipped] if kind == "done" => Ok(Applied::Done {
-                outcome: outcome(detail)?,
-                skipped: skipped.parse().map_err(|_| corrupt())?,
-            }),
-            [kind, detail] if kind == "dup" && detail.is_empty() => Ok(Applied::Duplicate(None)),
-            [kind, detail] if kind == "dup" => Ok(Applied::Duplicate(Some(outcome(detail)?))),
-            [kind, detail] if kind == "wait" => Ok(Applied::Wait {
-                applied: detail.parse().map_err(|_| corrupt())?,
-            }),
+            [kind, detail] if kind == "done" => Ok(Applied::Done(outcome(detail)?)),
+            [kind, detail] if kind == "dup" => Ok(Applied::Duplicate(outcome(detail)?)),
+            [kind, fence] if kind == "fenced" => {
+                Ok(Applied::Fenced(fence.parse().map_err(|_| corrupt())?))
+            }
             _ => Err(corrupt()),
         }
     }

@@ -184,6 +184,11 @@ impl TestRedis {
     /// A synchronous connection for checks made by the test itself (over
     /// TLS, trusting the test's CA, when the server speaks TLS).
     pub fn conn(&self) -> redis::Connection {
+        self.try_conn().unwrap()
+    }
+
+    /// [`TestRedis::conn`], or the error while the server is away.
+    pub fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
         let client = match &self.tls_ca {
             Some(ca) => {
                 // The test process needs a rustls provider as the binaries do.
@@ -192,11 +197,11 @@ impl TestRedis {
                     client_tls: None,
                     root_cert: Some(ca.clone().into_bytes()),
                 };
-                redis::Client::build_with_tls(self.url(), certificates).unwrap()
+                redis::Client::build_with_tls(self.url(), certificates)?
             }
-            None => redis::Client::open(self.url()).unwrap(),
+            None => redis::Client::open(self.url())?,
         };
-        client.get_connection().unwrap()
+        client.get_connection()
     }
 
     /// Runs a command and returns its answer.
@@ -210,19 +215,34 @@ impl TestRedis {
         for a in &args[1..] {
             cmd.arg(*a);
         }
-        cmd.query(&mut self.conn())
+        cmd.query(&mut self.try_conn()?)
     }
 
-    /// How many queue entries workers hold unacknowledged (0 before the
-    /// consumer group exists).
+    /// Makes the server refuse every write with an error it answers (out
+    /// of memory: `maxmemory` 1), or take writes again. Unlike a stopped
+    /// server, which workers wait out, a refusal counts as a failed attempt.
+    pub fn refuse_writes(&self, refuse: bool) {
+        let limit = if refuse { "1" } else { "0" };
+        let _: () = self.cmd(&["CONFIG", "SET", "maxmemory", limit]);
+    }
+
+    /// How many jobs the queue's partition streams hold (namespace `kvq`):
+    /// waiting, in flight, or final but not yet committed (an owner commits
+    /// within a few tens of milliseconds).
     pub fn pending_jobs(&self) -> i64 {
-        match self.try_cmd::<Vec<redis::Value>>(&["XPENDING", "kvq:apply", "workers"]) {
-            Ok(summary) => match summary.first() {
-                Some(redis::Value::Int(n)) => *n,
-                _ => 0,
-            },
-            Err(_) => 0,
+        self.try_pending_jobs().unwrap_or(0)
+    }
+
+    /// [`TestRedis::pending_jobs`], or `None` while the server does not
+    /// answer.
+    pub fn try_pending_jobs(&self) -> Option<i64> {
+        let mut conn = self.try_conn().ok()?;
+        let mut pipe = redis::pipe();
+        for p in 0..kvq_shared::keys::BUCKETS {
+            pipe.cmd("XLEN").arg(kvq_shared::keys::stream_key("kvq", p));
         }
+        let lengths: Vec<i64> = pipe.query(&mut conn).ok()?;
+        Some(lengths.iter().sum())
     }
 
     /// Writes `keys` (namespace `kvq`) straight into this data Redis as the
@@ -242,7 +262,7 @@ impl TestRedis {
                 .ignore()
                 .cmd("HSET")
                 .arg(keys::meta_key("kvq", &key))
-                .arg(&["next", "1", "seq", "1", "ver", "1", "t", "0"][..])
+                .arg(&["ver", "1", "t", "0"][..])
                 .ignore()
                 .cmd("ZADD")
                 .arg(keys::index_key("kvq", bucket))

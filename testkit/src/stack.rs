@@ -239,15 +239,18 @@ impl Stack {
     }
 
     /// A job that died: `key` created with no worker running, then run by
-    /// a new worker while the KV Redis is down, until its retries ran out
-    /// (use with [`StackBuilder::quick_to_give_up`] and no workers). The KV
-    /// Redis is back when this returns; returns the job's id.
+    /// a new worker while the KV Redis refuses writes (`maxmemory` 1: out
+    /// of memory, an error Redis answers, which counts as an attempt; an
+    /// unreachable Redis would not), until its retries ran out (use with
+    /// [`StackBuilder::quick_to_give_up`] and no workers). The KV Redis
+    /// takes writes again when this returns; returns the job's id.
     pub async fn dead_job(&mut self, key: &str, value: Value) -> String {
         let id = Self::job_id(self.create(key, value).await).await;
-        self.kv.stop();
+        self.kv.refuse_writes(true);
         self.start_worker().await;
-        assert_eq!(self.wait_job(&id).await["status"], "dead");
-        self.kv.restart();
+        let job = self.wait_job(&id).await;
+        self.kv.refuse_writes(false);
+        assert_eq!(job["status"], "dead", "{job}");
         id
     }
 
@@ -265,14 +268,44 @@ impl Stack {
         body["job_id"].as_str().unwrap().to_owned()
     }
 
-    /// Waits until a worker holds `count` jobs unacknowledged.
+    /// Waits until the workers are running `count` jobs between them (their
+    /// `kvq_worker_jobs_in_flight` gauges).
     pub async fn wait_pending(&self, count: i64) {
         eventually(
-            Duration::from_secs(5),
-            "a worker to take the job",
-            || async { (self.queue.pending_jobs() == count).then_some(()) },
+            Duration::from_secs(10),
+            "the workers to run the jobs",
+            || async { (self.jobs_in_flight().await == Some(count)).then_some(()) },
         )
         .await;
+    }
+
+    /// The jobs the running workers are running, from their `/metrics`;
+    /// `None` if a worker does not answer.
+    pub async fn jobs_in_flight(&self) -> Option<i64> {
+        let mut total = 0;
+        for worker in &self.workers {
+            let port = worker
+                .logs()
+                .iter()
+                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+                .find_map(|line| line["health_port"].as_u64())?;
+            let text = self
+                .http
+                .get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            total += text
+                .lines()
+                .find_map(|l| l.strip_prefix("kvq_worker_jobs_in_flight "))?
+                .trim()
+                .parse::<i64>()
+                .ok()?;
+        }
+        Some(total)
     }
 
     /// Waits until the job of a 202 response is final and returns its record.

@@ -2,7 +2,7 @@
 //! `KVQ_WORKER_HEALTH_BIND` at `/metrics`.
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 /// Counters since the process started.
 #[derive(Debug, Default)]
@@ -13,14 +13,17 @@ pub struct Metrics {
     pub failed: AtomicU64,
     /// Jobs that ended `dead`.
     pub dead: AtomicU64,
-    /// Runs that hit a Redis error and will be retried.
+    /// Runs that hit an error Redis answered and will be retried.
     pub retried: AtomicU64,
-    /// Runs re-queued to wait for an earlier write to their key.
+    /// Runs put off because a Redis server was unreachable (not counted as
+    /// attempts).
     pub deferred: AtomicU64,
     /// Redelivered jobs that had been applied already.
     pub redelivered: AtomicU64,
-    /// Sequence numbers given up on after the gap timeout.
-    pub gap_seqs_skipped: AtomicU64,
+    /// Jobs refused because a newer owner of their partition took over.
+    pub fenced: AtomicU64,
+    /// Jobs the handler is running now.
+    pub in_flight: AtomicI64,
 }
 
 impl Metrics {
@@ -52,12 +55,12 @@ impl Metrics {
         for (name, help, counter) in [
             (
                 "kvq_worker_job_retries_total",
-                "Runs that hit a Redis error and were retried.",
+                "Runs that hit an error a Redis server answered, retried.",
                 &self.retried,
             ),
             (
-                "kvq_worker_order_deferrals_total",
-                "Runs re-queued to wait for an earlier write to their key.",
+                "kvq_worker_job_deferrals_total",
+                "Runs put off while a Redis server was unreachable (not counted as attempts).",
                 &self.deferred,
             ),
             (
@@ -66,15 +69,42 @@ impl Metrics {
                 &self.redelivered,
             ),
             (
-                "kvq_worker_order_gap_seqs_skipped_total",
-                "Sequence numbers given up on after KVQ_ORDER_GAP_TIMEOUT_SECONDS.",
-                &self.gap_seqs_skipped,
+                "kvq_worker_jobs_fenced_total",
+                "Jobs refused because a newer owner of their partition had taken over.",
+                &self.fenced,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", get(counter));
         }
+        let _ = writeln!(
+            out,
+            "# HELP kvq_worker_jobs_in_flight Jobs this worker is running now."
+        );
+        let _ = writeln!(out, "# TYPE kvq_worker_jobs_in_flight gauge");
+        let _ = writeln!(
+            out,
+            "kvq_worker_jobs_in_flight {}",
+            self.in_flight.load(Ordering::Relaxed)
+        );
         out
+    }
+}
+
+/// Counts a job in flight for as long as it lives.
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl<'a> InFlight<'a> {
+    /// Counts one more job in `gauge`.
+    pub fn new(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Self(gauge)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -36,9 +36,8 @@ impl Worker {
         let queue_conn = store::manager(&queue_client, config.redis_timeout)?;
         let applier = Arc::new(Applier {
             kv: KvStore::new(kv_conn, &config.namespace),
-            records: JobRecords::new(queue_conn.clone(), &config.namespace, config.job_retention),
+            records: JobRecords::new(queue_conn.clone(), &config),
             max_attempts: config.worker_max_attempts,
-            gap_timeout: config.order_gap_timeout,
             metrics: Arc::default(),
         });
         // Unique per process: apalis refuses a name still heartbeating.

@@ -136,7 +136,7 @@ pub async fn retry_job(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    if uuid::Uuid::parse_str(&id).is_err() {
+    if kvq_shared::keys::job_partition(&id).is_none() {
         return Err(ApiError::NotFound(format!("no job {id:?}")));
     }
     let attempt = uuid::Uuid::new_v4().to_string();
@@ -165,10 +165,10 @@ pub async fn retry_job(
             )),
         });
     };
-    // A write can land while its answer is lost, and Redis then stay away
-    // through every retry: the job died, applied. Queued again under a new
-    // seq, it would apply twice; its remembered outcome says so first.
-    let applied = match state.kv.outcome_of(&job.key, job.seq).await {
+    // A write can land while its answer is lost, and Redis then refuse
+    // every retry: the job died, applied. Its remembered outcome says so.
+    // (Queued again, it would find that outcome too and change nothing.)
+    let applied = match state.kv.outcome_of(&job.key, &job.id).await {
         Ok(applied) => applied,
         Err(e) => {
             restore(&state, &id, died_at).await;
@@ -281,7 +281,7 @@ pub async fn get_job(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
-    if uuid::Uuid::parse_str(&id).is_err() {
+    if kvq_shared::keys::job_partition(&id).is_none() {
         return Err(ApiError::NotFound(format!("no job {id:?}")));
     }
     let record = retry::with_backoff(

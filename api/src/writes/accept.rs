@@ -1,9 +1,10 @@
-//! Accepting a job into the queue: its place in its key's order, its
-//! record and its stream entry, and the truth about what happened when the
+//! Accepting a job into the queue: its place in its key's order (its
+//! `seq`), its record and its stream entry, and the truth about what happened when the
 //! queue Redis did not answer in time.
 //!
-//! A job is queued by one script that writes its record and its stream
-//! entry together, and only if no job with its id exists: a job id is
+//! A job is queued by one script on the queue Redis, in the slot of its
+//! key's partition, that gives it its `seq` and writes its record and its
+//! stream entry together, and only if no job with its id exists: a job id is
 //! queued at most once, however often a request for it is repeated. Each
 //! try has an attempt id. When the script's answer does not come back in
 //! time (the command may still run later), the API cancels that attempt:
@@ -18,7 +19,6 @@ use actix_web::HttpRequest;
 use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, JobRecords, now_ms};
 use kvq_shared::queue::{Accepted as Found, JobQueue, Queueing};
-use kvq_shared::store::KvStore;
 
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -33,10 +33,10 @@ pub(crate) struct Queued {
     pub earlier: bool,
 }
 
-/// Gives the write its `seq` and queues it as job `job_id`, unless a job
-/// with that id is queued already. An `idempotent` job (one with an
-/// `Idempotency-Key`) is remembered as queued for as long as its key lives,
-/// even when its record expires sooner.
+/// Queues the write as job `job_id` (which names the key's partition),
+/// unless a job with that id is queued already. An `idempotent` job (one
+/// with an `Idempotency-Key`) is remembered as queued for as long as its
+/// key lives, even when its record expires sooner.
 pub(crate) async fn queue_job(
     req: &HttpRequest,
     state: &AppState,
@@ -49,6 +49,7 @@ pub(crate) async fn queue_job(
         op: write.op,
         key: write.key,
         seq: 0,
+        generation: 0,
         value: write.value,
         ttl_seconds: write.ttl_seconds,
         if_match: write.if_match,
@@ -62,19 +63,14 @@ pub(crate) async fn queue_job(
     Ok(queued)
 }
 
-/// Gives `job` its key's next `seq` and queues it, telling the truth when
-/// the queue Redis does not answer (see the module's doc).
+/// Queues `job` (the accept script gives it its `seq`), telling the truth
+/// when the queue Redis does not answer (see the module's doc).
 async fn queue(
     state: &AppState,
     mut job: ApplyJob,
     how: Queueing,
     idempotent: bool,
 ) -> Result<Queued, ApiError> {
-    job.seq = state
-        .kv
-        .next_seq(&job.key)
-        .await
-        .map_err(ApiError::BackendUnavailable)?;
     let attempt = uuid::Uuid::new_v4().to_string();
     let found = match state.queue.accept(&job, &attempt, how, idempotent).await {
         Ok(found) => found,
@@ -82,16 +78,11 @@ async fn queue(
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
             settle(state, &job, &attempt, how).await?
         }
-        Err(e) => {
-            abandon(state, &job).await;
-            return Err(ApiError::BackendUnavailable(e));
-        }
+        Err(e) => return Err(ApiError::BackendUnavailable(e)),
     };
     match found {
-        Found::Queued => {}
-        Found::Exists { seq, .. } if seq == job.seq => {}
+        Found::Queued(seq) => job.seq = seq,
         Found::Exists { op, key, seq } => {
-            abandon(state, &job).await;
             tracing::info!(job_id = %job.id, seq, "the job was queued by an earlier request");
             return Ok(Queued {
                 accepted: Accepted {
@@ -105,7 +96,6 @@ async fn queue(
             });
         }
         Found::Cancelled => {
-            abandon(state, &job).await;
             return Err(ApiError::BackendUnavailable(StoreError::Queue(
                 "the queue Redis did not answer in time; nothing was queued".into(),
             )));
@@ -126,8 +116,9 @@ const SETTLE_TIMEOUTS: u32 = 2;
 /// cancels it, retrying until the deadline. `Queued` or `Exists` means the
 /// job is there; `Cancelled` means this attempt never queues anything. Past
 /// the deadline the request gets `outcome_unknown`, and a task goes on
-/// trying in the background, so that once the queue Redis answers again an
-/// attempt that never landed releases its `seq`.
+/// trying in the background, so that once the queue Redis answers again a
+/// dead job being retried whose attempt never landed goes back among the
+/// dead letters.
 async fn settle(
     state: &AppState,
     job: &ApplyJob,
@@ -141,24 +132,12 @@ async fn settle(
             Ok(found) => return Ok(found),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => {
                 tracing::error!(job_id = %job.id, error = %e, "could not learn whether the job was queued; still trying");
-                // Only what settling needs: not the value, which could
-                // otherwise be held for as long as the queue Redis stalls.
-                let settling = ApplyJob {
-                    id: job.id.clone(),
-                    op: job.op,
-                    key: job.key.clone(),
-                    seq: job.seq,
-                    value: None,
-                    ttl_seconds: job.ttl_seconds,
-                    if_match: job.if_match,
-                    request_id: job.request_id.clone(),
-                    enqueued_at: job.enqueued_at,
-                };
+                // Only ids: not the value, which could otherwise be held
+                // for as long as the queue Redis stalls.
                 tokio::spawn(settle_later(
                     state.queue.clone(),
-                    state.kv.clone(),
                     state.records.clone(),
-                    settling,
+                    job.id.clone(),
                     attempt.to_owned(),
                     how,
                 ));
@@ -178,14 +157,13 @@ async fn settle(
 const SETTLE_LATER_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// [`settle`], in the background, after the request was answered
-/// `outcome_unknown`: cancels the attempt once the queue Redis answers, and
-/// if it never landed releases its `seq` (and puts a dead job being retried
-/// back among the dead letters).
+/// `outcome_unknown`: cancels the attempt once the queue Redis answers, so
+/// that it can no longer land; a dead job being retried whose attempt
+/// never landed goes back among the dead letters.
 async fn settle_later(
     queue: JobQueue,
-    kv: KvStore,
     records: JobRecords,
-    job: ApplyJob,
+    job_id: String,
     attempt: String,
     how: Queueing,
 ) {
@@ -194,48 +172,31 @@ async fn settle_later(
     while tokio::time::Instant::now() < give_up {
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
-        match queue.cancel(&job.id, &attempt, how).await {
-            Ok(Found::Exists { seq, .. }) if seq == job.seq => {
-                tracing::info!(job_id = %job.id, "an accept answered outcome_unknown had queued the job");
+        match queue.cancel(&job_id, &attempt, how).await {
+            Ok(Found::Queued(_)) => {
+                tracing::info!(job_id = %job_id, "an accept answered outcome_unknown had queued the job");
                 return;
             }
-            Ok(_) => {
-                tracing::info!(job_id = %job.id, "an accept answered outcome_unknown never queued its seq; releasing it");
+            Ok(found) => {
+                tracing::info!(job_id = %job_id, ?found, "an accept answered outcome_unknown never landed; it never will");
                 if how == Queueing::Again
-                    && let Err(e) = records.restore_dead(&job.id, now_ms()).await
+                    && let Err(e) = records.restore_dead(&job_id, now_ms()).await
                 {
-                    tracing::error!(job_id = %job.id, error = %e, "could not put a dead job back among the dead letters");
-                }
-                while tokio::time::Instant::now() < give_up {
-                    match kv.abandon_seq(&job.key, job.seq).await {
-                        Ok(()) => return,
-                        Err(e) => {
-                            tracing::warn!(seq = job.seq, error = %e, "could not release a seq yet")
-                        }
-                    }
-                    tokio::time::sleep(delay).await;
+                    tracing::error!(job_id = %job_id, error = %e, "could not put a dead job back among the dead letters");
                 }
                 return;
             }
             Err(e) => {
-                tracing::debug!(job_id = %job.id, error = %e, "could not settle an accept yet")
+                tracing::debug!(job_id = %job_id, error = %e, "could not settle an accept yet")
             }
         }
     }
 }
 
-/// Marks the job's `seq` as never to be queued, so the key's later writes
-/// do not wait for it.
-async fn abandon(state: &AppState, job: &ApplyJob) {
-    if let Err(mark) = state.kv.abandon_seq(&job.key, job.seq).await {
-        tracing::warn!(seq = job.seq, error = %mark, "could not mark an unqueued seq; the key's next write waits for the gap timeout");
-    }
-}
-
-/// Gives a dead job a new `seq` and queues it again under its own id
-/// (`POST /v1/jobs/{id}/retry`), with the same truthful answers as a new
-/// write: `backend_unavailable` means it was not queued (it may go back
-/// among the dead letters), `outcome_unknown` that kvq cannot tell.
+/// Queues a dead job again under its own id (`POST /v1/jobs/{id}/retry`),
+/// with a new `seq`, with the same truthful answers as a new write:
+/// `backend_unavailable` means it was not queued (it may go back among the
+/// dead letters), `outcome_unknown` that kvq cannot tell.
 pub(crate) async fn requeue(state: &AppState, job: ApplyJob) -> Result<ApplyJob, ApiError> {
     let queued = queue(state, job.clone(), Queueing::Again, false).await?;
     Ok(ApplyJob {

@@ -6,7 +6,7 @@
 //! # Layout
 //! - this module: [`Write`], the 202 body [`Accepted`], and [`submit`] /
 //!   [`enqueue`], the flow from a validated write to an answer;
-//! - [`accept`]: gives a job its place in its key's order and queues it;
+//! - [`accept`]: queues a job, which gives it its place in its key's order;
 //! - [`idempotency`]: `Idempotency-Key` scopes and request fingerprints;
 //! - [`outcome`]: the 202 answer, and `Prefer: wait`'s synchronous answers;
 //! - [`headers`]: the headers every write takes (`If-Match`, `Prefer`,
@@ -117,7 +117,7 @@ pub(crate) async fn submit(
     write: Write,
 ) -> Result<Submitted, ApiError> {
     let scope = idempotency::token(req.headers())?.map(|token| idempotency::scope(req, token));
-    let mut job_id = uuid::Uuid::now_v7().to_string();
+    let mut job_id = state.queue.new_job_id(&write.key);
     if let Some(scope) = &scope {
         let fingerprint = idempotency::fingerprint(&write);
         match state

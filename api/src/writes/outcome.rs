@@ -112,9 +112,7 @@ pub(crate) async fn wait_for_final(
             ErrorCode::NotFound => StatusCode::NOT_FOUND,
             ErrorCode::AlreadyExists => StatusCode::CONFLICT,
             ErrorCode::VersionMismatch => StatusCode::PRECONDITION_FAILED,
-            ErrorCode::BackendUnavailable | ErrorCode::SequenceSkipped => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ErrorCode::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         };
         let failure = if status == StatusCode::SERVICE_UNAVAILABLE {
             // Not `backend_unavailable`, which means nothing was queued:

@@ -54,10 +54,8 @@ async fn version_of(stack: &Stack, key: &str) -> Option<u64> {
 
 /// Waits until the queue stream is empty (every queued job finished).
 async fn drained(stack: &Stack) {
-    let stream = keys::queue_name("kvq");
     eventually(Duration::from_secs(20), "the queue to drain", || async {
-        let length: Option<u64> = stack.queue.try_cmd(&["XLEN", &stream]).ok();
-        (length == Some(0)).then_some(())
+        (stack.queue.try_pending_jobs() == Some(0)).then_some(())
     })
     .await;
 }
@@ -248,7 +246,9 @@ async fn a_retry_after_outcome_unknown_applies_once_even_after_the_job_record_ex
         Duration::from_secs(20),
         "the job record to expire",
         || async {
-            let exists: i64 = stack.queue.cmd(&["EXISTS", &keys::job_key("kvq", &job)]);
+            let exists: i64 = stack
+                .queue
+                .cmd(&["EXISTS", &keys::job_key("kvq", &job).unwrap()]);
             (exists == 0).then_some(())
         },
     )
@@ -284,20 +284,18 @@ async fn a_waited_write_whose_job_died_says_so_and_its_retry_applies_it_once() {
         request.send()
     };
     let waited = tokio::spawn(put(true));
-    let stream = keys::queue_name("kvq");
     eventually(Duration::from_secs(10), "the job to be queued", || async {
-        let length: u64 = stack.queue.cmd(&["XLEN", &stream]);
-        (length == 1).then_some(())
+        (stack.queue.pending_jobs() == 1).then_some(())
     })
     .await;
-    // The data Redis goes away before any worker runs the job: it dies.
-    stack.kv.stop();
+    // The data Redis refuses writes before any worker runs the job: it dies.
+    stack.kv.refuse_writes(true);
     stack.start_worker().await;
     // Not `backend_unavailable` ("nothing was queued"): the write was
     // queued and died, and the answer says so.
     let (status, code) = problem_code(waited.await.unwrap().unwrap()).await;
     assert_eq!((status, code.as_str()), (503, "job_dead"));
-    stack.kv.restart();
+    stack.kv.refuse_writes(false);
 
     // A repeat with the key replays the job, which is a dead letter; its
     // retry applies the write once.

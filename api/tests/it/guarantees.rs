@@ -325,13 +325,13 @@ async fn a_backlog_of_20000_writes_drains_with_every_worker_alive() {
         .buffer_unordered(32)
         .collect()
         .await;
-    let queued: u64 = stack.queue.cmd(&["XLEN", "kvq:apply"]);
+    let queued: u64 = stack.queue.pending_jobs() as u64;
     assert_eq!(queued, total);
 
     stack.start_worker().await;
     stack.start_worker().await;
     eventually(Duration::from_secs(120), "the backlog to drain", || async {
-        let left: u64 = stack.queue.cmd(&["XLEN", "kvq:apply"]);
+        let left: u64 = stack.queue.pending_jobs() as u64;
         (left == 0).then_some(())
     })
     .await;

@@ -112,12 +112,12 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
     for key in ["phoenix/1", "phoenix/2", "phoenix/3"] {
         ids.push(Stack::job_id(stack.create(key, json!({"from": key})).await).await);
     }
-    stack.kv.stop();
+    stack.kv.refuse_writes(true);
     stack.start_worker().await;
     for id in &ids {
         assert_eq!(stack.wait_job(id).await["status"], "dead");
     }
-    stack.kv.restart();
+    stack.kv.refuse_writes(false);
 
     // Two pages, oldest first.
     let first = dead_letters(&stack, "limit=2").await;

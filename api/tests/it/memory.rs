@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use kvq_shared::keys;
 use kvq_testkit::flood::{self, Framing};
 use kvq_testkit::{Stack, eventually};
 use serde_json::{Value, json};
@@ -74,9 +73,8 @@ async fn the_worst_bodies_at_once_are_answered_within_bounded_memory() {
 
 /// How many job records the queue Redis holds: one per queued write.
 fn job_records(stack: &Stack) -> usize {
-    let records = keys::job_key("kvq", "");
     let all = stack.queue.keys();
-    all.iter().filter(|k| k.starts_with(&records)).count()
+    all.iter().filter(|k| k.contains(":job:")).count()
 }
 
 /// `kvq_api_body_bytes_in_flight` from `/metrics`.

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use futures::future::join_all;
-use kvq_shared::keys;
 use kvq_testkit::{Stack, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -71,10 +70,8 @@ fn pause_queue(stack: &Stack, ms: u64) {
 /// Waits until the queue Redis answers again and every queued job is
 /// applied and gone from the stream.
 async fn drained(stack: &Stack) {
-    let stream = keys::queue_name("kvq");
     eventually(Duration::from_secs(20), "the queue to drain", || async {
-        let length: Option<u64> = stack.queue.try_cmd(&["XLEN", &stream]).ok();
-        (length == Some(0)).then_some(())
+        (stack.queue.try_pending_jobs() == Some(0)).then_some(())
     })
     .await;
 }

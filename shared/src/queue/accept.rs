@@ -17,35 +17,44 @@ use crate::keys;
 const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Queues a job unless its attempt was cancelled or (a new job) a job with
-/// its id exists. KEYS: the job record, the stream, the attempt's cancel
-/// mark, the job's queued mark. ARGV: retention (s), id, op, key, seq,
-/// enqueued_at, request id, attempt, the job as JSON, `new` or `again` (a
-/// dead job queued again: its record exists, and what its last run left is
+/// its id exists, giving it its `seq`: its stream entry's id, the
+/// partition's previous `seq` + 1 or the Redis server's time in µs,
+/// whichever is larger. KEYS (one partition, one slot): the job record, the
+/// stream, the attempt's cancel mark, the job's queued mark, the
+/// partition's last `seq`. ARGV: retention (s), id, op, key, enqueued_at,
+/// request id, attempt, the job as JSON, `new` or `again` (a dead job
+/// queued again: its record exists, and what its last run left is
 /// cleared), and how long to keep the queued mark (s; 0 for none: only
 /// jobs with an `Idempotency-Key` need one, as their key may outlive the
-/// record). Answers `queued`, `cancelled`, or `exists` + the existing job's
-/// op, key and seq.
+/// record). Answers `queued` + seq, `cancelled`, or `exists` + the existing
+/// job's op, key and seq.
 static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
-if ARGV[10] == 'new' then
+if ARGV[9] == 'new' then
   local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
   if not found[1] then found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq') end
   if found[1] then return {'exists', found[1], found[2], found[3]} end
 else
   redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload', 'died_at')
 end
-redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5],
-  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[6], 'request_id', ARGV[7],
-  'attempt', ARGV[8])
+local t = redis.call('TIME')
+local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[5]) or '0')
+if seq <= last then seq = last + 1 end
+seq = string.format('%.0f', seq)
+redis.call('SET', KEYS[5], seq)
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', seq,
+  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[5], 'request_id', ARGV[6],
+  'attempt', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if tonumber(ARGV[11]) > 0 then
-  redis.call('HSET', KEYS[4], 'op', ARGV[3], 'key', ARGV[4], 'seq', ARGV[5], 'attempt', ARGV[8])
-  redis.call('EXPIRE', KEYS[4], ARGV[11])
+if tonumber(ARGV[10]) > 0 then
+  redis.call('HSET', KEYS[4], 'op', ARGV[3], 'key', ARGV[4], 'seq', seq, 'attempt', ARGV[7])
+  redis.call('EXPIRE', KEYS[4], ARGV[10])
 end
-redis.call('XADD', KEYS[2], '*', 'id', ARGV[2], 'runs', '0', 'job', ARGV[9])
-return {'queued'}
+redis.call('XADD', KEYS[2], seq .. '-0', 'id', ARGV[2], 'job', ARGV[8])
+return {'queued', seq}
 ",
     )
 });
@@ -54,8 +63,9 @@ return {'queued'}
 /// record, the attempt's cancel mark, the job's queued mark. ARGV: the
 /// attempt, how long to keep the mark (s), `new` or `again`. A new job
 /// counts as landed when any attempt queued it; a dead job queued again
-/// only when this attempt did. Answers `cancelled`, or `exists` + the
-/// job's op, key and seq.
+/// only when this attempt did. Answers `cancelled`, `queued` + seq (this
+/// attempt queued it), or `exists` + the job's op, key and seq (another
+/// attempt did).
 static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -64,6 +74,7 @@ if not found[1] and ARGV[3] == 'new' then
   found = redis.call('HMGET', KEYS[3], 'op', 'key', 'seq', 'attempt')
 end
 if found[1] and (ARGV[3] == 'new' or found[4] == ARGV[1]) then
+  if found[4] == ARGV[1] then return {'queued', found[3]} end
   return {'exists', found[1], found[2], found[3]}
 end
 redis.call('SET', KEYS[2], '1', 'EX', ARGV[2])
@@ -93,8 +104,8 @@ impl Queueing {
 /// What [`JobQueue::accept`] or [`JobQueue::cancel`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Accepted {
-    /// This attempt queued the job.
-    Queued,
+    /// This attempt queued the job, with this seq.
+    Queued(u64),
     /// A job with this id was queued already (by this attempt, if it is
     /// [`JobQueue::cancel`] that says so, or by another); its op, key and
     /// seq.
@@ -114,7 +125,9 @@ impl Accepted {
     fn parse(answer: &[String]) -> Result<Self, StoreError> {
         let corrupt = || StoreError::Corrupt(format!("accept answer {answer:?}"));
         match answer {
-            [kind] if kind == "queued" => Ok(Accepted::Queued),
+            [kind, seq] if kind == "queued" => {
+                Ok(Accepted::Queued(seq.parse().map_err(|_| corrupt())?))
+            }
             [kind] if kind == "cancelled" => Ok(Accepted::Cancelled),
             [kind, op, key, seq] if kind == "exists" => Ok(Accepted::Exists {
                 op: crate::jobs::Op::parse(op).ok_or_else(corrupt)?,
@@ -126,12 +139,18 @@ impl Accepted {
     }
 }
 
+/// The error for a job id that names no partition, or another partition
+/// than its key's.
+fn bad_id(id: &str) -> StoreError {
+    StoreError::Corrupt(format!("{id:?} is no job id of kvq's"))
+}
+
 /// The producer side of kvq's queue: records and pushes jobs.
 #[derive(Clone)]
 pub struct JobQueue {
     conn: ConnectionManager,
     namespace: String,
-    stream: String,
+    partitions: u16,
     records: JobRecords,
 }
 
@@ -139,15 +158,35 @@ impl JobQueue {
     /// The queue on the queue Redis reached through `conn`.
     pub fn new(conn: ConnectionManager, config: &Config) -> Self {
         Self {
-            records: JobRecords::new(conn.clone(), &config.namespace, config.job_retention),
+            records: JobRecords::new(conn.clone(), config),
             conn,
             namespace: config.namespace.clone(),
-            stream: keys::queue_name(&config.namespace),
+            partitions: config.queue_partitions,
         }
     }
 
-    /// Records `job` as `queued` and pushes it, in one script, one round
-    /// trip, unless this attempt was cancelled ([`JobQueue::cancel`]) or, for
+    /// How many partitions the queue has.
+    pub fn partitions(&self) -> u16 {
+        self.partitions
+    }
+
+    /// A new job id for a write to `key`, naming the key's partition.
+    pub fn new_job_id(&self, key: &str) -> String {
+        keys::new_job_id(keys::partition(key, self.partitions))
+    }
+
+    /// The partition of job `id`, checked against the key it writes: a job
+    /// id is queued only in the partition its key maps to.
+    fn partition_of(&self, id: &str, key: &str) -> Result<u16, StoreError> {
+        let p = keys::partition(key, self.partitions);
+        if keys::job_partition(id) != Some(p) {
+            return Err(bad_id(id));
+        }
+        Ok(p)
+    }
+
+    /// Records `job` as `queued` and appends it to its partition's stream,
+    /// giving it its `seq`, in one script, one round trip, unless this attempt was cancelled ([`JobQueue::cancel`]) or, for
     /// a new job, a job with its id is there already. `attempt` names this
     /// try of the job, so that cancelling one try never blocks another (a
     /// retry of the same `Idempotency-Key`).
@@ -159,17 +198,20 @@ impl JobQueue {
         how: Queueing,
         idempotent: bool,
     ) -> Result<Accepted, StoreError> {
+        let p = self.partition_of(&job.id, &job.key)?;
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
+        let ns = &self.namespace;
+        let record = keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?;
         let answer: Vec<String> = ACCEPT
-            .key(keys::job_key(&self.namespace, &job.id))
-            .key(&self.stream)
-            .key(keys::cancelled_key(&self.namespace, attempt))
-            .key(keys::queued_key(&self.namespace, &job.id))
+            .key(record)
+            .key(keys::stream_key(ns, p))
+            .key(keys::cancelled_key(ns, p, attempt))
+            .key(keys::queued_key(ns, p, &job.id))
+            .key(keys::last_seq_key(ns, p))
             .arg(self.records.retention_secs())
             .arg(&job.id)
             .arg(job.op.as_str())
             .arg(&job.key)
-            .arg(job.seq)
             .arg(job.enqueued_at)
             .arg(&job.request_id)
             .arg(attempt)
@@ -196,10 +238,13 @@ impl JobQueue {
         attempt: &str,
         how: Queueing,
     ) -> Result<Accepted, StoreError> {
+        let ns = &self.namespace;
+        let p = keys::job_partition(job_id).ok_or_else(|| bad_id(job_id))?;
+        let record = keys::job_key(ns, job_id).ok_or_else(|| bad_id(job_id))?;
         let answer: Vec<String> = CANCEL
-            .key(keys::job_key(&self.namespace, job_id))
-            .key(keys::cancelled_key(&self.namespace, attempt))
-            .key(keys::queued_key(&self.namespace, job_id))
+            .key(record)
+            .key(keys::cancelled_key(ns, p, attempt))
+            .key(keys::queued_key(ns, p, job_id))
             .arg(attempt)
             .arg(CANCELLED_FOR.as_secs())
             .arg(how.as_str())
@@ -208,20 +253,22 @@ impl JobQueue {
         Accepted::parse(&answer)
     }
 
-    /// How many jobs are queued (in the stream, waiting or in flight, plus
-    /// those waiting to be retried), and how many dead letters there are.
+    /// How many jobs are queued (in the partitions' streams: waiting, in
+    /// flight, or final but not yet committed), and how many dead letters
+    /// there are, over every partition (one pipeline).
     #[tracing::instrument(skip(self))]
     pub async fn depths(&self) -> Result<(u64, u64), StoreError> {
-        let (streamed, retrying, dead): (u64, u64, u64) = redis::pipe()
-            .cmd("XLEN")
-            .arg(&self.stream)
-            .cmd("ZCARD")
-            .arg(format!("{}:retry", self.stream))
-            .cmd("ZCARD")
-            .arg(keys::dead_set(&self.namespace))
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok((streamed + retrying, dead))
+        let mut pipe = redis::pipe();
+        for p in 0..self.partitions {
+            pipe.cmd("XLEN")
+                .arg(keys::stream_key(&self.namespace, p))
+                .cmd("ZCARD")
+                .arg(keys::dead_set(&self.namespace, p));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let queued = counts.iter().step_by(2).sum();
+        let dead = counts.iter().skip(1).step_by(2).sum();
+        Ok((queued, dead))
     }
 
     /// Answers `PING` on the queue Redis.

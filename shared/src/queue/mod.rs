@@ -1,5 +1,6 @@
-//! kvq's job queue: a Redis stream with a consumer group on the queue Redis,
-//! run by apalis 1.0 workers (`WorkerBuilder::new(..).backend(StreamsBackend::new(..))`).
+//! kvq's job queue: `KVQ_QUEUE_PARTITIONS` Redis streams on the queue
+//! Redis, run by apalis 1.0 workers
+//! (`WorkerBuilder::new(..).backend(StreamsBackend::new(..))`).
 //!
 //! kvq started on apalis-redis 1.0 and replaced it with this backend, on
 //! numbers: apalis-redis fetches only at its heartbeat (pickup latency up to
@@ -7,69 +8,84 @@
 //! the worker down, it retries 25 times whatever it is told, and it keeps
 //! finished jobs forever. See the README's design section for measurements.
 //!
-//! - Accept ([`JobQueue::accept`]): the job record (`HSET`) and the stream
-//!   entry (`XADD {ns}:apply * id <job id> runs 0 job <json>`) in one
-//!   script, unless the attempt was cancelled ([`JobQueue::cancel`]) or a
-//!   job with the id exists: a job id is queued at most once.
-//! - Fetch: a background task per worker reads with `XREADGROUP ... BLOCK`
-//!   (so an idle worker picks a job up as soon as it is pushed) and `COUNT`
-//!   up to the free room in a small local buffer (so a worker never holds
-//!   more than `concurrency + buffer` jobs, whatever the backlog).
-//! - Finish (the backend's own tower layer, around every handler run):
-//!   `Ok` or `AbortError` -> `XACK` + `XDEL` (nothing is kept);
-//!   any other `Err` -> the entry is replaced, in one script, by a copy with
-//!   `runs + 1` parked in a retry sorted set for a growing delay (or until a
-//!   `RetryAfterError`'s delay), then moved back to the stream; after
-//!   `max_attempts` runs the job is dropped with an error log; a
-//!   `DeferredError` re-queues it after `defer_delay` without counting a run.
-//! - Crash recovery: every worker resets the idle time of the entries it
-//!   holds every `refresh_every` (`XPENDING` + `XCLAIM ... JUSTID`), and takes
-//!   over entries idle for `claim_after` (`XAUTOCLAIM`): those of a dead
-//!   worker, never those of a live one, however long its job runs.
+//! The design is Kafka's (docs/design/write-path.md):
+//! - Accept ([`JobQueue::accept`]): a key always maps to one partition
+//!   ([`crate::keys::partition`]); one script on that partition's slot
+//!   writes the job record and appends the entry, whose id is the job's
+//!   `seq` (`<seq>-0`), unless the attempt was cancelled
+//!   ([`JobQueue::cancel`]) or a job with the id exists: a job id is queued
+//!   at most once. Only the queue Redis is involved.
+//! - Ownership: each partition is owned by one worker at a time, through a
+//!   lease renewed every second ([`StreamsConfig::lease`]) and a generation
+//!   that every new owner raises. Workers heartbeat into a set and each
+//!   owns the partitions for which it wins a rendezvous hash among the live
+//!   workers: a worker that joins takes its share, one that stops hands its
+//!   partitions over at once, one that dies loses them when its leases
+//!   expire.
+//! - Order: the owner reads its partition's stream in order and hands a
+//!   key's jobs to apalis one at a time: a key's next job only once the
+//!   previous one is final. A job that fails holds back its key's later
+//!   jobs (never other keys'), until it succeeds or ends `dead`. No clock
+//!   decides anything.
+//! - Commit: the owner records the stream position up to which every job is
+//!   final (`done`, checked against its lease) and trims the stream below
+//!   it. A new owner starts after `done`, so jobs final but not committed
+//!   are redelivered; the apply script recognises them by job id.
+//! - Fencing: every job carries its owner's generation; the apply script
+//!   refuses a job of an older generation than one that applied in the
+//!   key's bucket, so a frozen owner that wakes applies nothing its
+//!   successor has passed.
+//! - Retries: a run that fails with an error Redis answered is retried
+//!   with growing delays, in place, up to `max_attempts` runs; a
+//!   `DeferredError` (a Redis server unreachable) is retried without
+//!   counting, for as long as it takes.
 //! - Shutdown (`run_until`): apalis stops asking for jobs and waits for the
-//!   running ones; then `poll_close` stops the fetcher and puts the buffered,
-//!   never-started jobs back on the stream for other workers.
-//!
-//! The handler sees the run number (1-based) through `Attempt::current()`.
-//! A backend error never stops the worker (apalis would drop its in-flight
-//! jobs): the fetcher logs and retries. Delivery is at least once; kvq's apply
-//! script makes a second delivery harmless.
+//!   running ones; then `poll_close` commits and gives every lease up, so
+//!   the other workers take the partitions at their next round.
 //!
 //! # Layout
 //! - this module: [`StreamsConfig`], the queue's settings;
 //! - [`accept`]: the producer side, [`JobQueue`]: accepting a job (and
 //!   settling an accept that got no answer), depths, ping;
 //! - [`streams`]: the consumer side, [`StreamsBackend`], the apalis backend
-//!   (fetch, finish, retries, crash recovery, shutdown), with its scripts.
+//!   (ownership, ordered hand-out, retries, commits, shutdown).
 
 use std::time::Duration;
 
 use crate::config::Config;
-use crate::keys;
 
 mod accept;
 mod streams;
 
 pub use accept::{Accepted, JobQueue, Queueing};
-pub use streams::{Finish, FinishLayer, StreamsBackend};
+pub use streams::{Fenced, Finish, FinishLayer, QueuedJob, StreamsBackend};
 
 /// Queue settings.
 #[derive(Debug, Clone)]
 pub struct StreamsConfig {
-    /// The stream's key; retries wait in `<stream>:retry`.
-    pub stream: String,
-    /// The consumer group all workers share.
-    pub group: String,
-    /// Jobs a worker fetches ahead of its free handler slots.
+    /// `KVQ_NAMESPACE`.
+    pub namespace: String,
+    /// `KVQ_QUEUE_PARTITIONS`.
+    pub partitions: u16,
+    /// Jobs handed to apalis ahead of its free handler slots.
     pub buffer: usize,
-    /// How long one `XREADGROUP` waits for a job (bounds shutdown time too).
+    /// Entries one read fetches.
+    pub fetch: usize,
+    /// How long one blocking read waits for a job.
     pub block: Duration,
-    /// A job held this long by a worker that stopped refreshing it goes to another worker.
-    pub claim_after: Duration,
-    /// How often a worker looks for such jobs.
-    pub claim_every: Duration,
-    /// How often a worker refreshes the jobs it holds (well under `claim_after`).
-    pub refresh_every: Duration,
+    /// How long a partition lease lasts unless renewed: a dead worker's
+    /// partitions move after at most this (plus one round).
+    pub lease: Duration,
+    /// How often a worker heartbeats, renews its leases and rebalances.
+    pub tick: Duration,
+    /// How long a partition being handed over waits for its jobs in flight.
+    pub release_grace: Duration,
+    /// How often an owner commits its partitions' progress.
+    pub commit_every: Duration,
+    /// Uncommitted jobs one partition holds at most.
+    pub window: usize,
+    /// Jobs of one key that may be final but not committed.
+    pub max_uncommitted_per_key: usize,
     /// Runs before a failing job is dropped.
     pub max_attempts: u32,
     /// Delay before the first retry; doubled for each further one.
@@ -77,23 +93,28 @@ pub struct StreamsConfig {
     /// Longest delay between retries.
     pub max_retry_delay: Duration,
     /// Delay before a job deferred by its handler (`DeferredError`) runs
-    /// again; a deferral does not count as a run.
+    /// again, doubled for each further deferral; a deferral does not count
+    /// as a run.
     pub defer_delay: Duration,
     /// Response timeout of non-blocking Redis commands.
     pub timeout: Duration,
 }
 
 impl StreamsConfig {
-    /// Defaults for the stream at `stream`.
-    pub fn new(stream: impl Into<String>) -> Self {
+    /// Defaults for `partitions` partitions under `namespace`.
+    pub fn new(namespace: impl Into<String>, partitions: u16) -> Self {
         Self {
-            stream: stream.into(),
-            group: "workers".into(),
-            buffer: 32,
+            namespace: namespace.into(),
+            partitions,
+            buffer: 8,
+            fetch: 256,
             block: Duration::from_millis(1000),
-            claim_after: Duration::from_secs(5),
-            claim_every: Duration::from_secs(1),
-            refresh_every: Duration::from_millis(1000),
+            lease: Duration::from_secs(5),
+            tick: Duration::from_secs(1),
+            release_grace: Duration::from_secs(10),
+            commit_every: Duration::from_millis(50),
+            window: 1024,
+            max_uncommitted_per_key: 32,
             max_attempts: 5,
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(10),
@@ -101,18 +122,12 @@ impl StreamsConfig {
             timeout: Duration::from_secs(2),
         }
     }
-
-    pub(crate) fn retry_key(&self) -> String {
-        format!("{}:retry", self.stream)
-    }
 }
 
-/// The backend settings for kvq's queue (`{ns}:apply`).
+/// The backend settings for kvq's queue.
 pub fn streams_config(config: &Config) -> StreamsConfig {
-    let mut streams = StreamsConfig::new(keys::queue_name(&config.namespace));
+    let mut streams = StreamsConfig::new(&config.namespace, config.queue_partitions);
     streams.max_attempts = config.worker_max_attempts;
-    // Jobs may wait for a key's earlier writes: fetch only a little ahead,
-    // so a burst of waiting jobs spreads over all workers.
     streams.buffer = (config.worker_concurrency / 4).max(1);
     streams.timeout = config.redis_timeout;
     streams

@@ -1,9 +1,15 @@
 //! The consumer side of the queue: [`StreamsBackend`], the apalis backend
-//! on a Redis stream with a consumer group (see the parent module's doc).
+//! on the partitioned queue (see the parent module's doc).
+//!
+//! One task per worker process, the coordinator, keeps the worker's
+//! heartbeat, takes and renews partition leases and hands partitions over
+//! when workers come and go. Each owned partition has its own task, which
+//! reads its stream in order and hands jobs to apalis, one at a time per
+//! key, and commits the prefix of the stream whose jobs are final.
 
-use std::collections::HashSet;
-use std::marker::PhantomData;
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -18,175 +24,192 @@ use apalis_core::worker::context::WorkerContext;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisResult, Script};
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::StreamsConfig;
+use crate::keys;
 
-/// Where a fetched job came from; carried in the task's extensions.
+/// A job the partitioned queue can run: it names the key whose jobs run one
+/// at a time in stream order, and learns its place when fetched.
+pub trait QueuedJob: DeserializeOwned + Send + 'static {
+    /// The key whose jobs run one at a time, in stream order.
+    fn order_key(&self) -> &str;
+    /// Fills in the job's `seq` (its stream position) and the owner
+    /// generation of the worker that fetched it.
+    fn set_position(&mut self, seq: u64, generation: u64);
+}
+
+impl QueuedJob for crate::jobs::ApplyJob {
+    fn order_key(&self) -> &str {
+        &self.key
+    }
+
+    fn set_position(&mut self, seq: u64, generation: u64) {
+        self.seq = seq;
+        self.generation = generation;
+    }
+}
+
+/// A handler's answer meaning that the job's partition has a newer owner:
+/// the job was not run and this worker must let the partition go. `fence`
+/// is the generation that applied there.
+#[derive(Debug)]
+pub struct Fenced {
+    /// The newer owner's generation.
+    pub fence: u64,
+}
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the partition has a newer owner (generation {})",
+            self.fence
+        )
+    }
+}
+
+impl std::error::Error for Fenced {}
+
+/// How a handed-out job came back to its partition.
+#[derive(Debug)]
+enum Done {
+    /// Final: succeeded, failed, dead, or dropped.
+    Final(u64),
+    /// Run it again after `delay`, as run number `runs`, deferred `defers`
+    /// times so far.
+    Retry {
+        seq: u64,
+        runs: usize,
+        defers: u32,
+        delay: Duration,
+    },
+    /// It was never started (the worker is stopping).
+    Returned(u64),
+    /// A newer owner applied in the partition.
+    Fenced(u64),
+}
+
+/// Where a handed-out job came from; carried in the task's extensions.
 #[derive(Debug, Clone)]
 struct Entry {
-    stream_id: String,
+    seq: u64,
     task_id: String,
     runs: usize,
-    job: Arc<str>,
+    defers: u32,
+    done: mpsc::UnboundedSender<Done>,
 }
 
-/// What the fetcher and the finishing layer share.
+/// Answers the live workers after recording this one's heartbeat, by the
+/// queue Redis' clock; forgets workers silent for a minute. KEYS: the
+/// workers set. ARGV: worker, how long a silent worker counts as live (ms).
+static HEARTBEAT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 60000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
+",
+    )
+});
+
+/// Takes a partition's lease for worker ARGV[1] for ARGV[2] ms, unless
+/// another worker holds it; the generation goes up by one (to at least
+/// ARGV[3]). KEYS: lease, generation, done. Answers {generation, done} or
+/// nil.
+static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return false end
+local gen = redis.call('INCR', KEYS[2])
+if gen < tonumber(ARGV[3]) then
+  gen = tonumber(ARGV[3])
+  redis.call('SET', KEYS[2], gen)
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen, 'PX', ARGV[2])
+return {gen, redis.call('GET', KEYS[3]) or '0-0'}
+",
+    )
+});
+
+/// Renews lease KEYS[1] if it is still ARGV[1], for ARGV[2] ms; answers 1,
+/// or 0 if it was lost.
+static RENEW: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+",
+    )
+});
+
+/// Commits a partition up to stream id ARGV[2] and trims the stream below
+/// ARGV[3], if lease KEYS[1] is still ARGV[1]. KEYS: lease, done, stream.
+/// Answers 1, or 0 if the lease was lost.
+static COMMIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('XTRIM', KEYS[3], 'MINID', ARGV[3])
+return 1
+",
+    )
+});
+
+/// Gives lease KEYS[1] up if it is still ARGV[1].
+static RELEASE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+",
+    )
+});
+
+/// What the coordinator and the partitions share.
 struct Shared {
     conn: ConnectionManager,
+    client: redis::Client,
     config: StreamsConfig,
-    retry_key: String,
-    /// Stream ids of the jobs this worker holds (buffered or running); only
-    /// these are refreshed, so a job whose ack failed is re-run elsewhere.
-    held: Mutex<HashSet<String>>,
 }
-
-/// Acknowledges and deletes `stream_id`.
-fn ack_cmd(config: &StreamsConfig, stream_id: &str) -> redis::Pipeline {
-    let mut pipe = redis::pipe();
-    pipe.cmd("XACK")
-        .arg(&config.stream)
-        .arg(&config.group)
-        .arg(stream_id)
-        .ignore();
-    pipe.cmd("XDEL").arg(&config.stream).arg(stream_id).ignore();
-    pipe
-}
-
-/// Replaces a held entry by a copy with `runs`, on the stream now or in the
-/// retry set for `delay` ms. Does nothing if the entry is no longer pending
-/// (another worker took it over and finished it).
-const RELEASE: &str = r"
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-local delay = tonumber(ARGV[6])
-if delay <= 0 then
-  redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'runs', ARGV[4], 'job', ARGV[5])
-else
-  local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
-  redis.call('ZADD', KEYS[2], now + delay, cjson.encode({ARGV[3], ARGV[4], ARGV[5]}))
-end
-return 1
-";
-
-/// Moves due retries back to the stream.
-const PROMOTE: &str = r"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
-for _, m in ipairs(due) do
-  local j = cjson.decode(m)
-  redis.call('XADD', KEYS[1], '*', 'id', j[1], 'runs', j[2], 'job', j[3])
-  redis.call('ZREM', KEYS[2], m)
-end
-return #due
-";
-
-/// Resets the idle time of the entries in `ARGV[3..]` that `ARGV[2]` still
-/// holds (not those another worker took over meanwhile).
-const REFRESH: &str = r"
-local held = {}
-for i = 3, #ARGV do held[ARGV[i]] = true end
-local args = {KEYS[1], ARGV[1], ARGV[2], 0}
-for _, e in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])) do
-  if held[e[1]] then args[#args + 1] = e[1] end
-end
-if #args == 4 then return 0 end
-args[#args + 1] = 'JUSTID'
-redis.call('XCLAIM', unpack(args))
-return #args - 5
-";
-
-/// Forgets consumers that hold nothing and were not seen for `ARGV[2]` ms.
-const PRUNE: &str = r"
-local n = 0
-for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
-  local f = {}
-  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    n = n + 1
-  end
-end
-return n
-";
 
 impl Shared {
-    /// The held set; a panic elsewhere while holding the lock cannot leave
-    /// it inconsistent (each use is one insert, remove or copy).
-    fn held(&self) -> MutexGuard<'_, HashSet<String>> {
-        self.held
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn ns(&self) -> &str {
+        &self.config.namespace
     }
 
-    async fn ack(&self, stream_id: &str) -> RedisResult<()> {
-        ack_cmd(&self.config, stream_id)
-            .exec_async(&mut self.conn.clone())
-            .await
+    /// A connection for one partition's blocking reads, which would stall
+    /// other commands on a shared connection.
+    fn blocking_conn(&self) -> RedisResult<ConnectionManager> {
+        ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            conn_config(&self.config, self.config.block + self.config.timeout),
+        )
     }
+}
 
-    async fn release(&self, e: &Entry, runs: usize, delay: Duration) -> RedisResult<()> {
-        static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE));
-        SCRIPT
-            .key(&self.config.stream)
-            .key(&self.retry_key)
-            .arg(&self.config.group)
-            .arg(&e.stream_id)
-            .arg(&e.task_id)
-            .arg(runs)
-            .arg(&*e.job)
-            .arg(delay.as_millis() as u64)
-            .invoke_async::<i64>(&mut self.conn.clone())
-            .await
-            .map(drop)
-    }
-
-    /// Settles a finished run of `e`.
-    async fn finish(&self, e: &Entry, result: &Result<(), &BoxDynError>) {
-        let runs = e.runs + 1;
-        let outcome = match result {
-            Ok(()) => self.ack(&e.stream_id).await,
-            Err(err) if err.downcast_ref::<AbortError>().is_some() => self.ack(&e.stream_id).await,
-            // Not a failure: the job is not ready yet. Re-queue it without
-            // counting a run.
-            Err(err) if err.downcast_ref::<DeferredError>().is_some() => {
-                self.release(e, e.runs, self.config.defer_delay).await
-            }
-            Err(err) if runs >= self.config.max_attempts as usize => {
-                tracing::error!(task_id = %e.task_id, runs, error = %err, "job dropped: retries exhausted");
-                self.ack(&e.stream_id).await
-            }
-            Err(err) => {
-                let delay = match err.downcast_ref::<RetryAfterError>() {
-                    Some(r) => r.get_duration(),
-                    None => self
-                        .config
-                        .retry_delay
-                        .saturating_mul(1 << (runs - 1).min(20)),
-                };
-                self.release(e, runs, delay.min(self.config.max_retry_delay))
-                    .await
-            }
-        };
-        if let Err(err) = outcome {
-            // The entry stays pending and is re-run after `claim_after`.
-            tracing::warn!(task_id = %e.task_id, error = %err, "could not settle a finished job");
-        }
-        self.held().remove(&e.stream_id);
-    }
+fn conn_config(config: &StreamsConfig, timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_response_timeout(Some(timeout))
+        .set_connection_timeout(Some(config.timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// The apalis backend.
 pub struct StreamsBackend<T> {
     shared: Arc<Shared>,
-    /// Dedicated to `XREADGROUP BLOCK`, which would stall other commands.
-    block_conn: ConnectionManager,
     running: Option<Running<T>>,
     closing: Option<BoxFuture<'static, ()>>,
 }
@@ -194,42 +217,29 @@ pub struct StreamsBackend<T> {
 struct Running<T> {
     rx: mpsc::Receiver<Task<T>>,
     stop: watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    coordinator: JoinHandle<()>,
 }
 
 impl<T> StreamsBackend<T> {
     /// A backend on the Redis at `client` (connects lazily).
     pub fn new(client: redis::Client, config: StreamsConfig) -> RedisResult<Self> {
-        let conn_config = |timeout| {
-            ConnectionManagerConfig::new()
-                .set_response_timeout(Some(timeout))
-                .set_connection_timeout(Some(config.timeout))
-                .set_number_of_retries(2)
-                .set_min_delay(Duration::from_millis(20))
-                .set_max_delay(Duration::from_millis(500))
-        };
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), conn_config(config.timeout))?;
-        let block_conn = ConnectionManager::new_lazy_with_config(
-            client,
-            conn_config(config.block + config.timeout),
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            conn_config(&config, config.timeout),
         )?;
-        let retry_key = config.retry_key();
         Ok(Self {
             shared: Arc::new(Shared {
                 conn,
+                client,
                 config,
-                retry_key,
-                held: Mutex::default(),
             }),
-            block_conn,
             running: None,
             closing: None,
         })
     }
 }
 
-impl<T: DeserializeOwned + Send + 'static> Backend for StreamsBackend<T> {
+impl<T: QueuedJob> Backend for StreamsBackend<T> {
     type Task = Task<T>;
     type Error = redis::RedisError;
 
@@ -237,20 +247,18 @@ impl<T: DeserializeOwned + Send + 'static> Backend for StreamsBackend<T> {
         if self.running.is_none() && self.closing.is_none() {
             let (tx, rx) = mpsc::channel(self.shared.config.buffer.max(1));
             let (stop, stopped) = watch::channel(false);
-            let consumer = worker.name().to_owned();
-            let fetcher = Fetcher {
+            let coordinator = Coordinator {
                 shared: self.shared.clone(),
-                conn: self.block_conn.clone(),
-                consumer: consumer.clone(),
+                worker: worker.name().to_owned(),
                 tx,
-                stopped: stopped.clone(),
-                _job: PhantomData,
+                owned: HashMap::new(),
+                min_generation: HashMap::new(),
             };
-            let tasks = vec![
-                tokio::spawn(fetcher.run()),
-                tokio::spawn(maintain(self.shared.clone(), consumer, stopped)),
-            ];
-            self.running = Some(Running { rx, stop, tasks });
+            self.running = Some(Running {
+                rx,
+                stop,
+                coordinator: tokio::spawn(coordinator.run(stopped)),
+            });
         }
         Poll::Ready(Ok(()))
     }
@@ -268,7 +276,7 @@ impl<T: DeserializeOwned + Send + 'static> Backend for StreamsBackend<T> {
 
     fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<RedisResult<()>> {
         if let Some(running) = self.running.take() {
-            self.closing = Some(close(self.shared.clone(), running).boxed());
+            self.closing = Some(close(running).boxed());
         }
         match &mut self.closing {
             Some(closing) => closing.poll_unpin(cx).map(Ok),
@@ -277,25 +285,21 @@ impl<T: DeserializeOwned + Send + 'static> Backend for StreamsBackend<T> {
     }
 }
 
-/// Stops the fetcher, then puts the jobs fetched but never started back on
-/// the stream for other workers.
-async fn close<T: Send + 'static>(shared: Arc<Shared>, mut running: Running<T>) {
+/// Stops handing out jobs, gives the never-started ones back to their
+/// partitions, and waits for the coordinator to commit and release every
+/// partition.
+async fn close<T: Send + 'static>(mut running: Running<T>) {
     let _ = running.stop.send(true);
-    for task in running.tasks {
-        let _ = task.await;
-    }
     running.rx.close();
-    let mut released = 0;
+    let mut returned = 0;
     while let Some(task) = running.rx.recv().await {
         if let Some(e) = task.data().get::<Entry>() {
-            if let Err(err) = shared.release(e, e.runs, Duration::ZERO).await {
-                tracing::warn!(task_id = %e.task_id, error = %err, "could not release a job; it is re-run after claim_after");
-            }
-            shared.held().remove(&e.stream_id);
-            released += 1;
+            let _ = e.done.send(Done::Returned(e.seq));
+            returned += 1;
         }
     }
-    tracing::info!(released, "queue backend closed");
+    let _ = running.coordinator.await;
+    tracing::info!(returned, "queue backend closed");
 }
 
 impl<T> BackendConfig for StreamsBackend<T> {
@@ -314,7 +318,8 @@ impl<T> BackendConfig for StreamsBackend<T> {
     }
 }
 
-/// The backend's layer: settles each job once its handler returns.
+/// The backend's layer: reports each job's end to its partition once its
+/// handler returns.
 #[derive(Clone)]
 pub struct FinishLayer(Arc<Shared>);
 
@@ -357,7 +362,10 @@ where
         async move {
             let result = run.await.map_err(Into::into);
             if let Some(e) = entry {
-                shared.finish(&e, &result.as_ref().map(drop)).await;
+                let done = settle(&shared.config, &e, result.as_ref().map(drop));
+                // A closed channel: the partition moved on; its next owner
+                // runs the job again if it is not final.
+                let _ = e.done.send(done);
             }
             result
         }
@@ -365,233 +373,733 @@ where
     }
 }
 
-/// Reads jobs into the worker's buffer.
-struct Fetcher<T> {
-    shared: Arc<Shared>,
-    conn: ConnectionManager,
-    consumer: String,
-    tx: mpsc::Sender<Task<T>>,
-    stopped: watch::Receiver<bool>,
-    _job: PhantomData<fn() -> T>,
+/// What a run's result means for its partition.
+fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -> Done {
+    let runs = e.runs + 1;
+    let backoff = |base: Duration, n: u32| {
+        base.saturating_mul(1 << n.min(20))
+            .min(config.max_retry_delay)
+    };
+    match result {
+        Ok(()) => Done::Final(e.seq),
+        Err(err) if err.downcast_ref::<AbortError>().is_some() => Done::Final(e.seq),
+        Err(err) if err.downcast_ref::<Fenced>().is_some() => {
+            Done::Fenced(err.downcast_ref::<Fenced>().map_or(0, |f| f.fence))
+        }
+        // Not a failure (Redis unreachable, say): run it again, without
+        // counting a run, for as long as it takes.
+        Err(err) if err.downcast_ref::<DeferredError>().is_some() => Done::Retry {
+            seq: e.seq,
+            runs: e.runs,
+            defers: e.defers + 1,
+            delay: backoff(config.defer_delay, e.defers),
+        },
+        Err(err) if runs >= config.max_attempts as usize => {
+            tracing::error!(task_id = %e.task_id, runs, error = %err, "job dropped: retries exhausted");
+            Done::Final(e.seq)
+        }
+        Err(err) => Done::Retry {
+            seq: e.seq,
+            runs,
+            defers: e.defers,
+            delay: match err.downcast_ref::<RetryAfterError>() {
+                Some(r) => r.get_duration().min(config.max_retry_delay),
+                None => backoff(config.retry_delay, u32::try_from(runs - 1).unwrap_or(20)),
+            },
+        },
+    }
 }
 
-impl<T: DeserializeOwned + Send + 'static> Fetcher<T> {
-    async fn run(mut self) {
-        let config = self.shared.config.clone();
-        let cap = config.buffer.max(1);
-        // After a restart under the same name, first re-run what we held.
-        let mut own_first = Some("0".to_owned());
-        let mut next_claim = Instant::now();
-        let mut delay = Duration::from_millis(50);
-        while !*self.stopped.borrow() {
-            // Wait for room for half a buffer, so reads come in batches.
+/// An owned partition, as the coordinator sees it.
+struct Owned {
+    lease: String,
+    control: watch::Sender<Control>,
+    task: JoinHandle<Exit>,
+    releasing: bool,
+}
+
+/// What the coordinator tells a partition task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    Run,
+    /// Hand the partition over: finish what is in flight, commit, give the
+    /// lease up.
+    Release,
+    /// The lease is gone: stop at once.
+    Lost,
+}
+
+/// How a partition task ended.
+enum Exit {
+    Done,
+    /// Fenced by generation `fence`: take the partition again above it.
+    Fenced(u64),
+}
+
+/// Keeps the worker's heartbeat and its share of the partitions.
+struct Coordinator<T> {
+    shared: Arc<Shared>,
+    worker: String,
+    tx: mpsc::Sender<Task<T>>,
+    owned: HashMap<u16, Owned>,
+    min_generation: HashMap<u16, u64>,
+}
+
+impl<T: QueuedJob> Coordinator<T> {
+    async fn run(mut self, mut stopped: watch::Receiver<bool>) {
+        let tick = self.shared.config.tick;
+        loop {
+            if let Err(err) = self.step().await {
+                tracing::warn!(error = %err, "queue coordination failed; retrying");
+            }
             tokio::select! {
-                permits = self.tx.reserve_many(cap.div_ceil(2)) => if permits.is_err() { return },
-                _ = self.stopped.changed() => return,
+                () = tokio::time::sleep(tick) => {}
+                _ = stopped.changed() => break,
             }
-            let count = self.tx.capacity();
-            let fetched = self.fetch(count, &mut own_first, &mut next_claim).await;
-            match fetched {
-                Ok(entries) => {
-                    delay = Duration::from_millis(50);
-                    for (entry, reclaimed) in entries {
-                        self.forward(entry, reclaimed).await;
-                    }
-                }
-                Err(err) => {
-                    if err.code() == Some("NOGROUP") {
-                        let created = redis::cmd("XGROUP")
-                            .arg("CREATE")
-                            .arg(&config.stream)
-                            .arg(&config.group)
-                            .arg("0")
-                            .arg("MKSTREAM")
-                            .exec_async(&mut self.shared.conn.clone())
-                            .await;
-                        match created {
-                            Err(e) if e.code() != Some("BUSYGROUP") => {
-                                tracing::warn!(error = %e, "could not create the consumer group")
-                            }
-                            _ => continue,
-                        }
-                    } else {
-                        tracing::warn!(error = %err, "fetching jobs failed; retrying");
-                    }
-                    tokio::select! {
-                        () = tokio::time::sleep(delay) => {}
-                        _ = self.stopped.changed() => return,
-                    }
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
+        }
+        for owned in self.owned.values() {
+            let _ = owned.control.send(Control::Release);
+        }
+        let deadline = Instant::now() + self.shared.config.release_grace;
+        for (p, owned) in self.owned.drain() {
+            let mut task = owned.task;
+            if tokio::time::timeout_at(deadline, &mut task).await.is_err() {
+                tracing::warn!(partition = p, "a partition did not release in time");
+                task.abort();
             }
+        }
+        let gone = redis::cmd("ZREM")
+            .arg(keys::workers_key(self.shared.ns()))
+            .arg(&self.worker)
+            .exec_async(&mut self.shared.conn.clone())
+            .await;
+        if let Err(err) = gone {
+            tracing::warn!(error = %err, "could not leave the workers set");
         }
     }
 
-    /// Up to `count` entries: our own pending ones after a restart, then
-    /// abandoned ones (when due), then new ones.
-    async fn fetch(
-        &mut self,
-        count: usize,
-        own_first: &mut Option<String>,
-        next_claim: &mut Instant,
-    ) -> RedisResult<Vec<(StreamId, bool)>> {
-        let config = self.shared.clone();
-        let config = &config.config;
-        if let Some(cursor) = own_first.take() {
-            let own = self.read(&cursor, count, None).await?;
-            if let Some(last) = own.last() {
-                *own_first = Some(last.id.clone());
-                return Ok(own.into_iter().map(|e| (e, true)).collect());
-            }
-        }
-        if Instant::now() >= *next_claim {
-            *next_claim = Instant::now() + config.claim_every;
-            let claimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&config.stream)
-                .arg(&config.group)
-                .arg(&self.consumer)
-                .arg(config.claim_after.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.shared.conn.clone())
-                .await?;
-            if !claimed.claimed.is_empty() {
-                tracing::info!(
-                    count = claimed.claimed.len(),
-                    "took over jobs of a stopped worker"
-                );
-                // Look again soon: there may be more.
-                *next_claim = Instant::now();
-                return Ok(claimed.claimed.into_iter().map(|e| (e, true)).collect());
-            }
-        }
-        let new = self.read(">", count, Some(config.block)).await?;
-        Ok(new.into_iter().map(|e| (e, false)).collect())
-    }
-
-    async fn read(
-        &mut self,
-        from: &str,
-        count: usize,
-        block: Option<Duration>,
-    ) -> RedisResult<Vec<StreamId>> {
+    /// One round: heartbeat, renew, take what is ours, hand over what is not.
+    async fn step(&mut self) -> RedisResult<()> {
         let config = &self.shared.config;
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&config.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        let mut conn = self.shared.conn.clone();
+        let lease_ms = u64::try_from(config.lease.as_millis()).unwrap_or(u64::MAX);
+        // Partitions that ended by themselves.
+        let ended: Vec<u16> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.task.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in ended {
+            if let Some(owned) = self.owned.remove(&p)
+                && let Ok(Exit::Fenced(fence)) = owned.task.await
+            {
+                self.min_generation.insert(p, fence + 1);
+            }
         }
-        cmd.arg("STREAMS").arg(&config.stream).arg(from);
-        let reply: Option<StreamReadReply> = cmd.query_async(&mut self.conn).await?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .collect())
+        let mut live: Vec<String> = HEARTBEAT
+            .key(keys::workers_key(self.shared.ns()))
+            .arg(&self.worker)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
+        if !live.contains(&self.worker) {
+            live.push(self.worker.clone());
+        }
+        if !self.owned.is_empty() {
+            let mut pipe = redis::pipe();
+            let order: Vec<u16> = self.owned.keys().copied().collect();
+            for p in &order {
+                let owned = &self.owned[p];
+                pipe.invoke_script(
+                    RENEW
+                        .key(keys::lease_key(self.shared.ns(), *p))
+                        .arg(&owned.lease)
+                        .arg(lease_ms),
+                );
+            }
+            let renewed: Vec<i64> = match pipe.query_async(&mut conn).await {
+                // A restarted Redis has forgotten the script: load it, once.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    RENEW.load_async(&mut conn).await?;
+                    pipe.query_async(&mut conn).await?
+                }
+                renewed => renewed?,
+            };
+            for (p, ok) in order.into_iter().zip(renewed) {
+                if ok == 0
+                    && let Some(owned) = self.owned.remove(&p)
+                {
+                    tracing::warn!(partition = p, "partition lease lost");
+                    let _ = owned.control.send(Control::Lost);
+                }
+            }
+        }
+        let mine = preferred(&live, &self.worker, config.partitions);
+        for p in 0..config.partitions {
+            let wanted = mine.contains(&p);
+            match self.owned.get_mut(&p) {
+                Some(owned) if !wanted && !owned.releasing => {
+                    tracing::info!(partition = p, "handing the partition over");
+                    owned.releasing = true;
+                    let _ = owned.control.send(Control::Release);
+                }
+                Some(_) => {}
+                None if wanted => self.acquire(p, lease_ms).await?,
+                None => {}
+            }
+        }
+        Ok(())
     }
 
-    /// Turns an entry into a task for the worker; drops undecodable ones.
-    async fn forward(&mut self, entry: StreamId, reclaimed: bool) {
-        let field = |name: &str| entry.get::<String>(name);
-        let decoded = (|| {
-            let task_id = field("id").ok_or("no id")?;
-            let runs: usize = field("runs").ok_or("no runs")?.parse()?;
-            let job = field("job").ok_or("no job")?;
-            let args: T = serde_json::from_str(&job)?;
-            Ok::<_, BoxDynError>((task_id, runs, job, args))
-        })();
-        let (task_id, runs, job, args) = match decoded {
-            Ok(d) => d,
+    async fn acquire(&mut self, p: u16, lease_ms: u64) -> RedisResult<()> {
+        let ns = self.shared.ns().to_owned();
+        let min = self.min_generation.get(&p).copied().unwrap_or(0);
+        let got: Option<(u64, String)> = ACQUIRE
+            .key(keys::lease_key(&ns, p))
+            .key(keys::generation_key(&ns, p))
+            .key(keys::done_key(&ns, p))
+            .arg(&self.worker)
+            .arg(lease_ms)
+            .arg(min)
+            .invoke_async(&mut self.shared.conn.clone())
+            .await?;
+        let Some((generation, done)) = got else {
+            return Ok(());
+        };
+        self.min_generation.remove(&p);
+        let lease = format!("{}:{generation}", self.worker);
+        tracing::info!(partition = p, generation, from = %done, "partition taken");
+        let (control, controlled) = watch::channel(Control::Run);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let partition = Partition {
+            p,
+            generation,
+            lease: lease.clone(),
+            shared: self.shared.clone(),
+            tx: self.tx.clone(),
+            done_tx,
+            window: BTreeMap::new(),
+            keys: HashMap::new(),
+            slots: HashMap::new(),
+            ready: VecDeque::new(),
+            retries: BinaryHeap::new(),
+            in_flight: 0,
+            final_to: None,
+            committed: None,
+        };
+        self.owned.insert(
+            p,
+            Owned {
+                lease,
+                control,
+                task: tokio::spawn(partition.run(done, done_rx, controlled)),
+                releasing: false,
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The partitions `worker` should own among `live` workers: those for
+/// which it has the highest rendezvous hash, so each partition has one
+/// preferred owner and a worker joining or leaving moves only its share.
+fn preferred(live: &[String], worker: &str, partitions: u16) -> HashSet<u16> {
+    (0..partitions)
+        .filter(|p| {
+            live.iter()
+                .max_by_key(|w| (rendezvous(w, *p), w.as_str()))
+                .is_some_and(|w| w == worker)
+        })
+        .collect()
+}
+
+/// FNV-1a of the worker name and the partition: stable across processes.
+fn rendezvous(worker: &str, partition: u16) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in worker.bytes().chain(partition.to_be_bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's low bits mix poorly; finish with a multiply-xorshift.
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^ (hash >> 33)
+}
+
+/// A fetched job, until it is committed.
+struct Slot {
+    key: String,
+    task_id: String,
+    job: Arc<str>,
+    runs: usize,
+    defers: u32,
+    state: SlotState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Waiting for its key's earlier job.
+    Waiting,
+    /// Handed out, or waiting to be retried.
+    Busy,
+    Final,
+}
+
+/// A key's jobs in the partition's window.
+#[derive(Default)]
+struct KeyState {
+    /// Later jobs, in order, waiting for the one running.
+    waiting: VecDeque<u64>,
+    /// A job of the key is handed out or waiting for a retry.
+    busy: bool,
+    /// Jobs final but not yet committed: at most
+    /// [`StreamsConfig::max_uncommitted_per_key`], so a redelivery after a
+    /// crash is always within what the apply script remembers.
+    uncommitted: usize,
+}
+
+/// One owned partition: reads, hands out in per-key order, commits.
+struct Partition<T> {
+    p: u16,
+    generation: u64,
+    lease: String,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Task<T>>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    /// Fetched, uncommitted jobs by seq.
+    window: BTreeMap<u64, ()>,
+    slots: HashMap<u64, Slot>,
+    keys: HashMap<String, KeyState>,
+    ready: VecDeque<Task<T>>,
+    retries: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight: usize,
+    /// The last seq of the window's final prefix.
+    final_to: Option<u64>,
+    committed: Option<u64>,
+}
+
+impl<T: QueuedJob> Partition<T> {
+    async fn run(
+        mut self,
+        from: String,
+        mut done_rx: mpsc::UnboundedReceiver<Done>,
+        mut control: watch::Receiver<Control>,
+    ) -> Exit {
+        let config = self.shared.config.clone();
+        let (entries_tx, mut entries_rx) = mpsc::channel::<Vec<StreamId>>(4);
+        let (stop_reading, reading_stopped) = watch::channel(false);
+        let reader = match self.shared.blocking_conn() {
+            Ok(conn) => tokio::spawn(read(
+                conn,
+                keys::stream_key(self.shared.ns(), self.p),
+                from,
+                config.fetch,
+                config.block,
+                entries_tx,
+                reading_stopped,
+            )),
             Err(err) => {
-                // A deleted entry claimed back has no fields: nothing to run.
-                if !entry.map.is_empty() {
-                    tracing::error!(stream_id = %entry.id, error = %err, "dropping an undecodable job");
+                tracing::error!(partition = self.p, error = %err, "cannot connect to read the partition");
+                return Exit::Done;
+            }
+        };
+        let mut commit_tick = tokio::time::interval(config.commit_every);
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let tx = self.tx.clone();
+        let mut releasing = false;
+        let release_by = |now: Instant| now + config.release_grace;
+        let mut release_deadline = Instant::now();
+        let exit = loop {
+            let next_retry = self.retries.peek().map(|Reverse((at, _))| *at);
+            let room = self.window.len() < config.window && !releasing;
+            tokio::select! {
+                biased;
+                changed = control.changed() => {
+                    let now = *control.borrow();
+                    match (changed, now) {
+                        (Err(_), _) | (_, Control::Lost) => break Exit::Done,
+                        (_, Control::Release) if !releasing => {
+                            releasing = true;
+                            release_deadline = release_by(Instant::now());
+                            let _ = stop_reading.send(true);
+                            self.drop_ready();
+                            self.retries.clear();
+                        }
+                        _ => {}
+                    }
                 }
-                if let Err(err) = self.shared.ack(&entry.id).await {
-                    tracing::warn!(error = %err, "could not drop an undecodable job");
+                Some(done) = done_rx.recv() => {
+                    if let Some(fence) = self.on_done(done, releasing) {
+                        tracing::warn!(partition = self.p, generation = self.generation, fence, "fenced: a newer owner applied in the partition");
+                        break Exit::Fenced(fence);
+                    }
                 }
+                permit = tx.reserve(), if !self.ready.is_empty() && !releasing => {
+                    match (permit, self.ready.pop_front()) {
+                        (Ok(permit), Some(task)) => permit.send(task),
+                        // apalis stopped: the worker is closing.
+                        _ => self.drop_ready(),
+                    }
+                }
+                Some(entries) = entries_rx.recv(), if room => {
+                    for entry in entries {
+                        self.on_entry(entry);
+                    }
+                }
+                () = sleep_until(next_retry), if next_retry.is_some() && !releasing => {
+                    self.on_retry_due();
+                }
+                _ = commit_tick.tick() => {
+                    if !self.commit().await {
+                        break Exit::Done;
+                    }
+                    if releasing && (self.in_flight == 0 || Instant::now() >= release_deadline) {
+                        self.release().await;
+                        break Exit::Done;
+                    }
+                }
+            }
+        };
+        let _ = stop_reading.send(true);
+        reader.abort();
+        exit
+    }
+
+    fn ns(&self) -> &str {
+        self.shared.ns()
+    }
+
+    /// A fetched entry: into the window, handed out if its key is free.
+    fn on_entry(&mut self, entry: StreamId) {
+        let Some(seq) = entry
+            .id
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse::<u64>().ok())
+        else {
+            tracing::error!(partition = self.p, stream_id = %entry.id, "skipping an entry with an id kvq did not write");
+            return;
+        };
+        let field = |name: &str| entry.get::<String>(name);
+        let decoded = field("id").zip(field("job")).and_then(|(task_id, job)| {
+            let parsed: T = serde_json::from_str(&job).ok()?;
+            Some((task_id, job, parsed.order_key().to_owned()))
+        });
+        self.window.insert(seq, ());
+        let Some((task_id, job, key)) = decoded else {
+            tracing::error!(partition = self.p, stream_id = %entry.id, "dropping an undecodable job");
+            self.slots.insert(
+                seq,
+                Slot {
+                    key: String::new(),
+                    task_id: String::new(),
+                    job: Arc::from(""),
+                    runs: 0,
+                    defers: 0,
+                    state: SlotState::Final,
+                },
+            );
+            self.advance();
+            return;
+        };
+        self.slots.insert(
+            seq,
+            Slot {
+                key: key.clone(),
+                task_id,
+                job: job.into(),
+                runs: 0,
+                defers: 0,
+                state: SlotState::Waiting,
+            },
+        );
+        self.keys
+            .entry(key.clone())
+            .or_default()
+            .waiting
+            .push_back(seq);
+        self.next_of(&key);
+    }
+
+    /// Hands out the key's next job if nothing of the key is in flight and
+    /// it has room for another uncommitted job.
+    fn next_of(&mut self, key: &str) {
+        let cap = self.shared.config.max_uncommitted_per_key;
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        if state.busy || state.uncommitted >= cap {
+            return;
+        }
+        let Some(seq) = state.waiting.pop_front() else {
+            if state.uncommitted == 0 {
+                self.keys.remove(key);
+            }
+            return;
+        };
+        state.busy = true;
+        self.dispatch(seq);
+    }
+
+    /// Builds the task for `seq` and queues it for apalis.
+    fn dispatch(&mut self, seq: u64) {
+        let generation = self.generation;
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return;
+        };
+        slot.state = SlotState::Busy;
+        let mut args: T = match serde_json::from_str(&slot.job) {
+            Ok(args) => args,
+            Err(err) => {
+                tracing::error!(task_id = %slot.task_id, error = %err, "dropping an undecodable job");
+                let _ = self.done_tx.send(Done::Final(seq));
+                self.in_flight += 1;
                 return;
             }
         };
-        // A job taken over from a stopped worker may have run (in part).
-        let runs = runs + usize::from(reclaimed);
+        args.set_position(seq, generation);
         let task = TaskBuilder::new(args)
-            .task_id(TaskId::from_string(task_id.clone()))
-            .attempt(runs)
+            .task_id(TaskId::from_string(slot.task_id.clone()))
+            .attempt(slot.runs)
             .data(Entry {
-                stream_id: entry.id.clone(),
-                task_id,
-                runs,
-                job: job.into(),
+                seq,
+                task_id: slot.task_id.clone(),
+                runs: slot.runs,
+                defers: slot.defers,
+                done: self.done_tx.clone(),
             })
             .build();
-        self.shared.held().insert(entry.id.clone());
-        // Cannot fail while `poll_close` waits for this task to end.
-        let _ = self.tx.send(task).await;
+        self.in_flight += 1;
+        self.ready.push_back(task);
+    }
+
+    /// A job came back. Answers the fence if a newer owner applied.
+    fn on_done(&mut self, done: Done, releasing: bool) -> Option<u64> {
+        let seq = match done {
+            Done::Fenced(fence) => return Some(fence),
+            Done::Final(seq) | Done::Returned(seq) | Done::Retry { seq, .. } => seq,
+        };
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let Some(slot) = self.slots.get_mut(&seq) else {
+            return None;
+        };
+        let key = slot.key.clone();
+        match done {
+            Done::Final(_) => {
+                slot.state = SlotState::Final;
+                if let Some(state) = self.keys.get_mut(&key) {
+                    state.busy = false;
+                    state.uncommitted += 1;
+                }
+                self.advance();
+                if !releasing {
+                    self.next_of(&key);
+                }
+            }
+            Done::Retry {
+                runs,
+                defers,
+                delay,
+                ..
+            } => {
+                slot.runs = runs;
+                slot.defers = defers;
+                if !releasing {
+                    self.retries.push(Reverse((Instant::now() + delay, seq)));
+                }
+            }
+            // Never started: the worker is closing; the next owner runs it.
+            Done::Returned(_) | Done::Fenced(_) => {}
+        }
+        None
+    }
+
+    /// Forgets the tasks not yet handed to apalis (their jobs stay
+    /// uncommitted, for the next owner).
+    fn drop_ready(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(self.ready.len());
+        self.ready.clear();
+    }
+
+    fn on_retry_due(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, seq))) = self.retries.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.retries.pop();
+            self.dispatch(seq);
+        }
+    }
+
+    /// Moves `final_to` over the window's final prefix, forgetting it.
+    fn advance(&mut self) {
+        while let Some((&seq, ())) = self.window.first_key_value() {
+            if self
+                .slots
+                .get(&seq)
+                .is_some_and(|s| s.state != SlotState::Final)
+            {
+                break;
+            }
+            self.window.pop_first();
+            self.final_to = Some(seq);
+        }
+    }
+
+    /// Commits the final prefix, if it moved. `false` if the lease is lost.
+    async fn commit(&mut self) -> bool {
+        let Some(to) = self.final_to else {
+            return true;
+        };
+        if self.committed == Some(to) {
+            return true;
+        }
+        let ns = self.ns().to_owned();
+        let committed: RedisResult<i64> = COMMIT
+            .key(keys::lease_key(&ns, self.p))
+            .key(keys::done_key(&ns, self.p))
+            .key(keys::stream_key(&ns, self.p))
+            .arg(&self.lease)
+            .arg(format!("{to}-0"))
+            .arg(format!("{to}-1"))
+            .invoke_async(&mut self.shared.conn.clone())
+            .await;
+        match committed {
+            Ok(0) => {
+                tracing::warn!(partition = self.p, "partition lease lost at commit");
+                false
+            }
+            Ok(_) => {
+                // Everything up to `to` is committed: forget it, and let
+                // keys held back by their uncommitted count go on.
+                let gone: Vec<u64> = self.slots.keys().copied().filter(|s| *s <= to).collect();
+                let mut freed = HashSet::new();
+                for seq in gone {
+                    if let Some(slot) = self.slots.remove(&seq)
+                        && let Some(state) = self.keys.get_mut(&slot.key)
+                    {
+                        state.uncommitted = state.uncommitted.saturating_sub(1);
+                        freed.insert(slot.key);
+                    }
+                }
+                for key in freed {
+                    self.next_of(&key);
+                }
+                self.committed = Some(to);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(partition = self.p, error = %err, "could not commit; retrying");
+                true
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        let released: RedisResult<i64> = RELEASE
+            .key(keys::lease_key(self.ns(), self.p))
+            .arg(&self.lease)
+            .invoke_async(&mut self.shared.conn.clone())
+            .await;
+        match released {
+            Ok(_) => tracing::info!(partition = self.p, "partition handed over"),
+            Err(err) => {
+                tracing::warn!(partition = self.p, error = %err, "could not give the lease up; it expires")
+            }
+        }
     }
 }
 
-/// Periodic upkeep: due retries back to the stream, our entries refreshed,
-/// long-gone consumers forgotten.
-async fn maintain(shared: Arc<Shared>, consumer: String, mut stopped: watch::Receiver<bool>) {
-    let config = &shared.config;
-    let mut conn = shared.conn.clone();
-    let (promote, refresh, prune) = (
-        Script::new(PROMOTE),
-        Script::new(REFRESH),
-        Script::new(PRUNE),
-    );
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_refresh = Instant::now();
-    let mut next_prune = Instant::now() + Duration::from_secs(60);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stopped.changed() => return,
-        }
-        let now = Instant::now();
-        let promoted = promote
-            .key(&config.stream)
-            .key(&shared.retry_key)
-            .invoke_async::<i64>(&mut conn)
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads a partition's stream after `from`, in batches of up to `count`,
+/// into `tx`, until stopped.
+async fn read(
+    mut conn: ConnectionManager,
+    stream: String,
+    mut from: String,
+    count: usize,
+    block: Duration,
+    tx: mpsc::Sender<Vec<StreamId>>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(50);
+    while !*stopped.borrow() {
+        let Ok(permit) = tx.reserve().await else {
+            return;
+        };
+        let reply: RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(&from)
+            .query_async(&mut conn)
             .await;
-        if let Err(err) = promoted {
-            tracing::warn!(error = %err, "could not move due retries to the queue");
-        }
-        if now >= next_refresh {
-            next_refresh = now + config.refresh_every;
-            let held: Vec<String> = shared.held().iter().cloned().collect();
-            if !held.is_empty() {
-                let refreshed = refresh
-                    .key(&config.stream)
-                    .arg(&config.group)
-                    .arg(&consumer)
-                    .arg(held)
-                    .invoke_async::<i64>(&mut conn)
-                    .await;
-                if let Err(err) = refreshed {
-                    tracing::warn!(error = %err, "could not refresh held jobs");
+        match reply {
+            Ok(reply) => {
+                delay = Duration::from_millis(50);
+                let entries: Vec<StreamId> = reply
+                    .into_iter()
+                    .flat_map(|r| r.keys)
+                    .flat_map(|k| k.ids)
+                    .collect();
+                if let Some(last) = entries.last() {
+                    from.clone_from(&last.id);
+                    permit.send(entries);
                 }
             }
-        }
-        if now >= next_prune {
-            next_prune = now + Duration::from_secs(60);
-            let gone_ms = 10 * 60 * 1000;
-            let pruned = prune
-                .key(&config.stream)
-                .arg(&config.group)
-                .arg(gone_ms)
-                .invoke_async::<i64>(&mut conn)
-                .await;
-            if let Err(err) = pruned {
-                tracing::warn!(error = %err, "could not prune consumers");
+            Err(err) => {
+                drop(permit);
+                tracing::warn!(stream = %stream, error = %err, "reading jobs failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    _ = stopped.changed() => return,
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_partition_has_exactly_one_preferred_owner() {
+        let live: Vec<String> = (0..3).map(|i| format!("kvq-worker-{i}")).collect();
+        let mut owners = vec![0; 16];
+        let mut shares = Vec::new();
+        for w in &live {
+            let mine = preferred(&live, w, 16);
+            shares.push(mine.len());
+            for p in mine {
+                owners[usize::from(p)] += 1;
+            }
+        }
+        assert!(owners.iter().all(|&n| n == 1), "{owners:?}");
+        assert!(shares.iter().all(|&n| n >= 2), "{shares:?}");
+    }
+
+    #[test]
+    fn a_worker_leaving_moves_only_its_own_partitions() {
+        let three: Vec<String> = (0..3).map(|i| format!("w{i}")).collect();
+        let two = &three[..2];
+        for w in two {
+            let before = preferred(&three, w, 16);
+            let after = preferred(two, w, 16);
+            assert!(before.is_subset(&after), "{w}: {before:?} -> {after:?}");
         }
     }
 }
