@@ -212,7 +212,7 @@ impl Config {
             });
         }
         let partitions: u16 = env.ranged("KVQ_QUEUE_PARTITIONS", 16, 1, 64)?;
-        if crate::keys::BUCKETS % partitions != 0 {
+        if !crate::keys::BUCKETS.is_multiple_of(partitions) {
             return Err(ConfigError {
                 var: "KVQ_QUEUE_PARTITIONS",
                 message: format!(
@@ -484,6 +484,19 @@ mod tests {
         assert_eq!(c.max_body_bytes(), 1_048_576 + 65_536);
         assert_eq!(c.max_body_bytes_in_flight, 16 * 1_048_576);
         assert_eq!(c.auth_max_token_lifetime, None, "no maximum unless set");
+        assert_eq!(c.queue_partitions, 16);
+    }
+
+    #[test]
+    fn partitions_divide_the_buckets() {
+        for ok in ["1", "2", "4", "8", "16", "32", "64"] {
+            let c = config(&[("KVQ_QUEUE_PARTITIONS", ok)]).expect(ok);
+            assert_eq!(c.queue_partitions.to_string(), ok);
+        }
+        for bad in ["0", "3", "12", "65", "128"] {
+            let err = config(&[("KVQ_QUEUE_PARTITIONS", bad)]).expect_err(bad);
+            assert_eq!(err.var, "KVQ_QUEUE_PARTITIONS");
+        }
     }
 
     #[test]

@@ -339,9 +339,9 @@ async fn a_backlog_of_20000_writes_drains_with_every_worker_alive() {
         assert!(worker.is_running(), "a worker exited during the drain");
     }
     // Applied: one value key and one metadata key per write, and the index
-    // of each bucket (20,000 keys fill all 64).
+    // and the fence of each bucket (20,000 keys fill all 64).
     let keys: u64 = stack.kv.cmd(&["DBSIZE"]);
-    assert_eq!(keys, 2 * total + u64::from(kvq_shared::keys::BUCKETS));
+    assert_eq!(keys, 2 * total + 2 * u64::from(kvq_shared::keys::BUCKETS));
     for id in last_ids.iter().step_by(997) {
         assert_eq!(stack.job(id).await["status"], "succeeded");
     }
@@ -692,7 +692,22 @@ async fn finished_jobs_leave_the_queue_redis_as_it_was_after_retention() {
         .env("KVQ_JOB_RETENTION_SECONDS", "2")
         .start()
         .await;
-    stack.finished(stack.create("warm", json!(0)).await).await;
+    // Warm every partition (its stream and position keys stay; 64 keys
+    // of distinct buckets reach all of them).
+    let mut warm = Vec::new();
+    for i in 0..1_000 {
+        let key = format!("warm/{i}");
+        if warm
+            .iter()
+            .all(|(b, _)| *b != kvq_shared::keys::bucket(&key))
+        {
+            warm.push((kvq_shared::keys::bucket(&key), key));
+        }
+    }
+    assert_eq!(warm.len(), usize::from(kvq_shared::keys::BUCKETS));
+    for (_, key) in &warm {
+        stack.finished(stack.create(key, json!(0)).await).await;
+    }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let used = |stack: &Stack| -> u64 {
         let info: String = stack.queue.cmd(&["INFO", "memory"]);

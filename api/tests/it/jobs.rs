@@ -198,9 +198,7 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
     let _: () = stack.kv.cmd(&[
         "HSET",
         &kvq_shared::keys::meta_key("kvq", "phoenix/2"),
-        "seq",
-        "1",
-        "r:1",
+        &format!("r:{}", ids[1]),
         "created:1",
     ]);
     let landed = retry(&stack, &ids[1]).await;

@@ -187,14 +187,24 @@ async fn tls_only_redis_servers_carry_the_whole_flow_with_the_certificate_verifi
         .unwrap();
     assert_eq!(ready.status(), 200);
     // The test's own checks reach both servers over TLS as well.
-    assert_eq!(stack.queue.pending_jobs(), 0);
+    eventually(
+        Duration::from_secs(5),
+        "the job to be committed",
+        || async { (stack.queue.pending_jobs() == 0).then_some(()) },
+    )
+    .await;
     assert!(
         stack
             .kv
             .keys()
             .contains(&kvq_shared::keys::value_key("kvq", "sealed"))
     );
-    assert!(stack.queue.keys().contains(&format!("kvq:job:{id}")));
+    assert!(
+        stack
+            .queue
+            .keys()
+            .contains(&kvq_shared::keys::job_key("kvq", &id).unwrap())
+    );
 
     // The servers speak TLS only: a plain redis:// client is not ready.
     let (plain, _api) = readiness_with(&env_with(

@@ -882,9 +882,7 @@ impl<T: QueuedJob> Partition<T> {
             Done::Final(seq) | Done::Returned(seq) | Done::Retry { seq, .. } => seq,
         };
         self.in_flight = self.in_flight.saturating_sub(1);
-        let Some(slot) = self.slots.get_mut(&seq) else {
-            return None;
-        };
+        let slot = self.slots.get_mut(&seq)?;
         let key = slot.key.clone();
         match done {
             Done::Final(_) => {
