@@ -1,8 +1,8 @@
 //! `kvq-api`: kvq's HTTP API.
 //!
-//! Writes are validated, given the key's next sequence number, recorded as a
-//! job and pushed to the queue Redis; the answer is `202 Accepted` with the
-//! job's location. Reads go straight to the KV Redis, retried with backoff.
+//! Writes are validated and queued, with their job record, by one script on
+//! the queue Redis, which gives each its place in its key's order (`seq`);
+//! the answer is `202 Accepted` with the job's location. Reads go straight to the KV Redis, retried with backoff.
 //! Every error is RFC 9457 problem JSON with a stable `code`.
 //!
 //! # Layout

@@ -147,7 +147,7 @@ pub struct ApplyJob {
     pub op: Op,
     /// The user key.
     pub key: String,
-    /// The key's sequence number: the job's position in its partition's
+    /// The write's place in its key's order: the job's position in its partition's
     /// stream, given by the accept script (0 in the queued JSON; the queue
     /// backend fills it in from the stream entry).
     pub seq: u64,

@@ -1,16 +1,17 @@
 //! `kvq-shared`: what the kvq API and workers agree on.
 //!
 //! kvq is a key-value store whose writes go through a durable queue: the API
-//! validates a write, gives it the key's next sequence number, records a job
-//! and pushes it to an apalis queue on the *queue* Redis; workers apply jobs to
-//! the *KV* Redis with one atomic Lua script; reads go straight to the KV Redis.
+//! validates a write and queues it, with its job record, in one script on the
+//! *queue* Redis (a partitioned queue run by apalis workers); each
+//! partition's owner applies its jobs to the *KV* Redis in order, each with
+//! one atomic Lua script; reads go straight to the KV Redis.
 //!
 //! # Layout
 //! - [`config`]: the typed `KVQ_*` configuration.
 //! - [`keys`]: every Redis key's shape, one function each.
 //! - [`jobs`]: the job type, outcomes, and the job records clients poll.
-//! - [`store`]: the KV Redis: reads, sequence numbers, the apply script.
-//! - [`queue`]: connecting apalis' Redis storage with kvq's settings.
+//! - [`store`]: the KV Redis: reads, the apply script, listing.
+//! - [`queue`]: the partitioned queue: accepting jobs, and the apalis backend.
 //! - [`retry`]: the one retry policy for Redis calls.
 //! - [`error`]: store errors.
 //! - [`telemetry`]: log set-up.

@@ -40,7 +40,8 @@ pub struct Accepted {
     pub op: Op,
     /// The key.
     pub key: String,
-    /// The key's sequence number for this write.
+    /// The write's place in its key's order: strictly increasing over the
+    /// key's accepted writes, with gaps (not 1, 2, 3).
     pub seq: u64,
 }
 

@@ -23,7 +23,8 @@ pub struct JobBody {
     pub op: Op,
     /// The key.
     pub key: String,
-    /// The key's sequence number for this write.
+    /// The write's place in its key's order: strictly increasing over the
+    /// key's accepted writes, with gaps.
     pub seq: u64,
     /// `queued | running | succeeded | failed | dead`.
     pub status: JobStatus,
