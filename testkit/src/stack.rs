@@ -18,6 +18,7 @@ pub struct StackBuilder {
     workers: usize,
     env: Vec<(String, String)>,
     redis_args: Vec<String>,
+    kv_persistent: bool,
     tls: bool,
 }
 
@@ -32,6 +33,15 @@ impl StackBuilder {
     /// carry it.
     pub fn redis_password(mut self, password: &str) -> Self {
         self.redis_args = vec!["--requirepass".into(), password.into()];
+        self
+    }
+
+    /// Starts the KV Redis with an append-only file synced on every write,
+    /// so that [`TestRedis::restart`] (after [`TestRedis::stop`]'s SIGKILL)
+    /// brings it back with its data, as a production data Redis would come
+    /// back. The queue Redis keeps persistence off.
+    pub fn kv_persistent(mut self) -> Self {
+        self.kv_persistent = true;
         self
     }
 
@@ -66,13 +76,21 @@ impl StackBuilder {
     /// Starts everything and waits until it is up.
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        let mut kv_args = args.clone();
+        if self.kv_persistent {
+            // Later arguments win over TestRedis' `--appendonly no`.
+            kv_args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
         let ca = self.tls.then(TestCa::new);
         let (kv, queue) = match &ca {
             Some(ca) => (
-                TestRedis::start_tls(ca, &args),
+                TestRedis::start_tls(ca, &kv_args),
                 TestRedis::start_tls(ca, &args),
             ),
-            None => (TestRedis::start_with(&args), TestRedis::start_with(&args)),
+            None => (
+                TestRedis::start_with(&kv_args),
+                TestRedis::start_with(&args),
+            ),
         };
         let mut stack = Stack {
             api: None,
@@ -124,6 +142,7 @@ impl Stack {
             workers: 1,
             env: Vec::new(),
             redis_args: Vec::new(),
+            kv_persistent: false,
             tls: false,
         }
     }
@@ -160,7 +179,16 @@ impl Stack {
 
     /// Starts one more worker and waits until it runs.
     pub async fn start_worker(&mut self) -> &mut KvqProcess {
-        let worker = KvqProcess::spawn("kvq-worker", &self.env());
+        self.start_worker_with_env(&[]).await
+    }
+
+    /// Starts one more worker with `extra` environment variables on top of
+    /// the stack's (later entries win; the API does not get them), and
+    /// waits until it runs.
+    pub async fn start_worker_with_env(&mut self, extra: &[(&str, &str)]) -> &mut KvqProcess {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let worker = KvqProcess::spawn("kvq-worker", &env);
         worker.wait_for_log("worker running", START_DEADLINE).await;
         self.workers.push(worker);
         self.workers.last_mut().unwrap()

@@ -19,7 +19,7 @@ async fn a_job_record_shows_its_whole_life() {
     let job = stack.finished(accepted).await;
     assert_eq!(job["op"], "create");
     assert_eq!(job["key"], "life");
-    assert_eq!(job["seq"], 1);
+    assert!(job["seq"].as_u64().is_some_and(|seq| seq > 0), "{job}");
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["attempts"], 1);
     assert_eq!(job["request_id"], "req-life-1");
