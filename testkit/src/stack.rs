@@ -186,12 +186,24 @@ impl Stack {
     /// the stack's (later entries win; the API does not get them), and
     /// waits until it runs.
     pub async fn start_worker_with_env(&mut self, extra: &[(&str, &str)]) -> &mut KvqProcess {
+        self.start_workers_with_env(1, extra).await;
+        self.workers.last_mut().unwrap()
+    }
+
+    /// Starts `n` more workers at once (all spawned before any is waited
+    /// for, so that they start together), with `extra` environment
+    /// variables as [`Stack::start_worker_with_env`], and waits until all
+    /// run.
+    pub async fn start_workers_with_env(&mut self, n: usize, extra: &[(&str, &str)]) {
         let mut env = self.env();
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        let worker = KvqProcess::spawn("kvq-worker", &env);
-        worker.wait_for_log("worker running", START_DEADLINE).await;
-        self.workers.push(worker);
-        self.workers.last_mut().unwrap()
+        let started: Vec<KvqProcess> = (0..n)
+            .map(|_| KvqProcess::spawn("kvq-worker", &env))
+            .collect();
+        for worker in &started {
+            worker.wait_for_log("worker running", START_DEADLINE).await;
+        }
+        self.workers.extend(started);
     }
 
     /// Fails if any log line of the API or a worker so far contains
