@@ -279,16 +279,34 @@ impl Stack {
     }
 
     /// A job that died: `key` created with no worker running, then run by
-    /// a new worker while the KV Redis is down, until its retries ran out
-    /// (use with [`StackBuilder::quick_to_give_up`] and no workers). The KV
-    /// Redis is back when this returns; returns the job's id.
+    /// a new worker while the KV Redis refuses every write (out of memory,
+    /// an error Redis answers, which counts as an attempt; an unreachable
+    /// Redis does not), until its retries ran out (use with
+    /// [`StackBuilder::quick_to_give_up`] and no workers). The KV Redis
+    /// takes writes again when this returns; returns the job's id.
     pub async fn dead_job(&mut self, key: &str, value: Value) -> String {
         let id = Self::job_id(self.create(key, value).await).await;
-        self.kv.stop();
+        self.refuse_kv_writes(true);
         self.start_worker().await;
-        assert_eq!(self.wait_job(&id).await["status"], "dead");
-        self.kv.restart();
+        let job = self.wait_job(&id).await;
+        self.refuse_kv_writes(false);
+        assert_eq!(job["status"], "dead", "{job}");
         id
+    }
+
+    /// Makes the KV Redis answer every write with an out-of-memory error
+    /// (`maxmemory` 1 byte, no eviction), or take writes again. Reads still
+    /// work.
+    pub fn refuse_kv_writes(&self, refuse: bool) {
+        let limit = if refuse { "1" } else { "0" };
+        let _: () = self.kv.cmd(&[
+            "CONFIG",
+            "SET",
+            "maxmemory-policy",
+            "noeviction",
+            "maxmemory",
+            limit,
+        ]);
     }
 
     /// `GET /metrics`' text.

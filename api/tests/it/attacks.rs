@@ -356,7 +356,7 @@ async fn a_dead_letter_retry_refused_with_503_leaves_the_dead_letter_retryable()
     let (status, code) = problem_code(retry().await.unwrap()).await;
     assert_eq!((status, code.as_str()), (503, "backend_unavailable"));
     // Once the queue Redis answers, the job is still a dead letter, and a
-    // retry queues it (the restarted data Redis may refuse the first try).
+    // retry queues it (a 503 is retried, as Retry-After says).
     let retried = eventually(
         Duration::from_secs(10),
         "a retry to be answered",

@@ -668,6 +668,16 @@ async fn assert_stream_replayed(
     }
 }
 
+/// Runs `fault` while the workers hold jobs: 0.7 s into a 1.5 s pause of
+/// the data Redis' writes, during which applies wait and the stream's jobs
+/// pile up in flight. Returns when the fault happened, Unix ms.
+async fn with_jobs_in_flight(stack: &Stack, fault: impl FnOnce()) -> i64 {
+    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "1500", "WRITE"]);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    fault();
+    now_ms()
+}
+
 #[tokio::test]
 async fn a_frozen_or_killed_workers_partitions_and_jobs_move_on_within_10_s_and_apply_once() {
     let mut stack = Stack::builder().workers(2).start().await;
@@ -676,12 +686,12 @@ async fn a_frozen_or_killed_workers_partitions_and_jobs_move_on_within_10_s_and_
     let stack = Arc::new(stack);
     let keys = Arc::new(keys_in_every_bucket("moved", 2));
 
-    // Freeze a worker (SIGSTOP) 1 s into an 8 s stream of writes.
+    // Freeze a worker (SIGSTOP) with jobs in flight, 1 s into an 8 s
+    // stream of writes.
     let (tx, mut fault) = tokio::sync::mpsc::channel(1);
     let stream = tokio::spawn(steady_stream(stack.clone(), keys.clone(), 0, 400, 50, tx));
     fault.recv().await.unwrap();
-    kvq_testkit::signal(frozen_pid, "STOP");
-    let frozen_ms = now_ms();
+    let frozen_ms = with_jobs_in_flight(&stack, || kvq_testkit::signal(frozen_pid, "STOP")).await;
     let first = stream.await.unwrap();
     let (records, margin) =
         assert_finished_within_10_s(&stack, &first, frozen_ms, "a worker frozen").await;
@@ -691,12 +701,12 @@ async fn a_frozen_or_killed_workers_partitions_and_jobs_move_on_within_10_s_and_
     // It wakes after its partitions moved: it applies nothing more.
     kvq_testkit::signal(frozen_pid, "CONT");
 
-    // Kill the other worker (SIGKILL) 1 s into a second stream.
+    // Kill the other worker (SIGKILL) with jobs in flight, 1 s into a
+    // second stream.
     let (tx, mut fault) = tokio::sync::mpsc::channel(1);
     let stream = tokio::spawn(steady_stream(stack.clone(), keys.clone(), 400, 400, 50, tx));
     fault.recv().await.unwrap();
-    killed.signal("KILL");
-    let killed_ms = now_ms();
+    let killed_ms = with_jobs_in_flight(&stack, || killed.signal("KILL")).await;
     drop(killed);
     let second = stream.await.unwrap();
     let (more, margin) =
