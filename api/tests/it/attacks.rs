@@ -290,14 +290,15 @@ async fn a_waited_write_whose_job_died_says_so_and_its_retry_applies_it_once() {
         (length == 1).then_some(())
     })
     .await;
-    // The data Redis goes away before any worker runs the job: it dies.
-    stack.kv.stop();
+    // The data Redis refuses every write (out of memory) when a worker
+    // runs the job: its attempts run out and it dies.
+    stack.refuse_kv_writes(true);
     stack.start_worker().await;
     // Not `backend_unavailable` ("nothing was queued"): the write was
     // queued and died, and the answer says so.
     let (status, code) = problem_code(waited.await.unwrap().unwrap()).await;
     assert_eq!((status, code.as_str()), (503, "job_dead"));
-    stack.kv.restart();
+    stack.refuse_kv_writes(false);
 
     // A repeat with the key replays the job, which is a dead letter; its
     // retry applies the write once.
