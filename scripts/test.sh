@@ -3,7 +3,8 @@
 # kvq-api and kvq-worker processes), then a smoke run of `./deploy.sh --local`,
 # the Postman collection run by newman against `./deploy.sh --local`, and a
 # schemathesis fuzz pass against the API's OpenAPI document. Installs what it
-# needs (redis-server, redis-tools, curl; node, npm and newman for the
+# needs (redis-server, redis-tools, curl, faketime for the tests that run
+# workers with a clock ahead; node, npm and newman for the
 # collection; schemathesis from PyPI for the fuzz pass) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ source scripts/lib.sh
 
 need_redis
 need_command curl curl
+need_command faketime faketime
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

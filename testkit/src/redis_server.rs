@@ -218,14 +218,6 @@ impl TestRedis {
         cmd.query(&mut self.try_conn()?)
     }
 
-    /// Makes the server refuse every write with an error it answers (out
-    /// of memory: `maxmemory` 1), or take writes again. Unlike a stopped
-    /// server, which workers wait out, a refusal counts as a failed attempt.
-    pub fn refuse_writes(&self, refuse: bool) {
-        let limit = if refuse { "1" } else { "0" };
-        let _: () = self.cmd(&["CONFIG", "SET", "maxmemory", limit]);
-    }
-
     /// How many jobs the queue's partition streams hold (namespace `kvq`):
     /// waiting, in flight, or final but not yet committed (an owner commits
     /// within a few tens of milliseconds).

@@ -18,6 +18,7 @@ pub struct StackBuilder {
     workers: usize,
     env: Vec<(String, String)>,
     redis_args: Vec<String>,
+    kv_persistent: bool,
     tls: bool,
 }
 
@@ -32,6 +33,15 @@ impl StackBuilder {
     /// carry it.
     pub fn redis_password(mut self, password: &str) -> Self {
         self.redis_args = vec!["--requirepass".into(), password.into()];
+        self
+    }
+
+    /// Starts the KV Redis with an append-only file synced on every write,
+    /// so that [`TestRedis::restart`] (after [`TestRedis::stop`]'s SIGKILL)
+    /// brings it back with its data, as a production data Redis would come
+    /// back. The queue Redis keeps persistence off.
+    pub fn kv_persistent(mut self) -> Self {
+        self.kv_persistent = true;
         self
     }
 
@@ -66,13 +76,21 @@ impl StackBuilder {
     /// Starts everything and waits until it is up.
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
+        let mut kv_args = args.clone();
+        if self.kv_persistent {
+            // Later arguments win over TestRedis' `--appendonly no`.
+            kv_args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+        }
         let ca = self.tls.then(TestCa::new);
         let (kv, queue) = match &ca {
             Some(ca) => (
-                TestRedis::start_tls(ca, &args),
+                TestRedis::start_tls(ca, &kv_args),
                 TestRedis::start_tls(ca, &args),
             ),
-            None => (TestRedis::start_with(&args), TestRedis::start_with(&args)),
+            None => (
+                TestRedis::start_with(&kv_args),
+                TestRedis::start_with(&args),
+            ),
         };
         let mut stack = Stack {
             api: None,
@@ -124,6 +142,7 @@ impl Stack {
             workers: 1,
             env: Vec::new(),
             redis_args: Vec::new(),
+            kv_persistent: false,
             tls: false,
         }
     }
@@ -160,10 +179,31 @@ impl Stack {
 
     /// Starts one more worker and waits until it runs.
     pub async fn start_worker(&mut self) -> &mut KvqProcess {
-        let worker = KvqProcess::spawn("kvq-worker", &self.env());
-        worker.wait_for_log("worker running", START_DEADLINE).await;
-        self.workers.push(worker);
+        self.start_worker_with_env(&[]).await
+    }
+
+    /// Starts one more worker with `extra` environment variables on top of
+    /// the stack's (later entries win; the API does not get them), and
+    /// waits until it runs.
+    pub async fn start_worker_with_env(&mut self, extra: &[(&str, &str)]) -> &mut KvqProcess {
+        self.start_workers_with_env(1, extra).await;
         self.workers.last_mut().unwrap()
+    }
+
+    /// Starts `n` more workers at once (all spawned before any is waited
+    /// for, so that they start together), with `extra` environment
+    /// variables as [`Stack::start_worker_with_env`], and waits until all
+    /// run.
+    pub async fn start_workers_with_env(&mut self, n: usize, extra: &[(&str, &str)]) {
+        let mut env = self.env();
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let started: Vec<KvqProcess> = (0..n)
+            .map(|_| KvqProcess::spawn("kvq-worker", &env))
+            .collect();
+        for worker in &started {
+            worker.wait_for_log("worker running", START_DEADLINE).await;
+        }
+        self.workers.extend(started);
     }
 
     /// Fails if any log line of the API or a worker so far contains
@@ -239,19 +279,34 @@ impl Stack {
     }
 
     /// A job that died: `key` created with no worker running, then run by
-    /// a new worker while the KV Redis refuses writes (`maxmemory` 1: out
-    /// of memory, an error Redis answers, which counts as an attempt; an
-    /// unreachable Redis would not), until its retries ran out (use with
+    /// a new worker while the KV Redis refuses every write (out of memory,
+    /// an error Redis answers, which counts as an attempt; an unreachable
+    /// Redis does not), until its retries ran out (use with
     /// [`StackBuilder::quick_to_give_up`] and no workers). The KV Redis
     /// takes writes again when this returns; returns the job's id.
     pub async fn dead_job(&mut self, key: &str, value: Value) -> String {
         let id = Self::job_id(self.create(key, value).await).await;
-        self.kv.refuse_writes(true);
+        self.refuse_kv_writes(true);
         self.start_worker().await;
         let job = self.wait_job(&id).await;
-        self.kv.refuse_writes(false);
+        self.refuse_kv_writes(false);
         assert_eq!(job["status"], "dead", "{job}");
         id
+    }
+
+    /// Makes the KV Redis answer every write with an out-of-memory error
+    /// (`maxmemory` 1 byte, no eviction), or take writes again. Reads still
+    /// work.
+    pub fn refuse_kv_writes(&self, refuse: bool) {
+        let limit = if refuse { "1" } else { "0" };
+        let _: () = self.kv.cmd(&[
+            "CONFIG",
+            "SET",
+            "maxmemory-policy",
+            "noeviction",
+            "maxmemory",
+            limit,
+        ]);
     }
 
     /// `GET /metrics`' text.

@@ -28,17 +28,17 @@ impl Rng {
     }
 }
 
-/// One write of the storm.
+/// One write of the storm (and of `writepath`'s tests).
 #[derive(Clone, Debug)]
-struct Write {
-    key: String,
-    op: &'static str,
-    value: i64,
-    if_match: Option<u64>,
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) op: &'static str,
+    pub(crate) value: i64,
+    pub(crate) if_match: Option<u64>,
 }
 
-/// Sends `write`; returns (seq, job id).
-async fn send(stack: &Stack, write: &Write) -> (u64, String) {
+/// The request that sends `write`.
+pub(crate) fn request(stack: &Stack, write: &Write) -> reqwest::RequestBuilder {
     let request = match write.op {
         "create" => stack
             .request(Method::POST, "/v1/kv")
@@ -51,30 +51,35 @@ async fn send(stack: &Stack, write: &Write) -> (u64, String) {
             .json(&json!({"value": write.value})),
         _ => stack.request(Method::DELETE, &format!("/v1/kv/{}", write.key)),
     };
-    let request = match write.if_match {
+    match write.if_match {
         Some(v) => request.header("if-match", format!("\"{v}\"")),
         None => request,
-    };
-    let response = request.send().await.unwrap();
+    }
+}
+
+/// Sends `write`; returns (seq, job id).
+async fn send(stack: &Stack, write: &Write) -> (u64, String) {
+    let response = request(stack, write).send().await.unwrap();
     assert_eq!(response.status(), 202, "{write:?}");
     let body: Value = response.json().await.unwrap();
+    let seq = body["seq"].as_u64();
     (
-        body["seq"].as_u64().unwrap(),
+        seq.unwrap_or_else(|| panic!("no integer seq: {body}")),
         body["job_id"].as_str().unwrap().to_owned(),
     )
 }
 
 /// A key as a one-by-one replay sees it.
 #[derive(Default, Debug, PartialEq)]
-struct Model {
-    live: Option<i64>,
-    version: u64,
+pub(crate) struct Model {
+    pub(crate) live: Option<i64>,
+    pub(crate) version: u64,
 }
 
 impl Model {
     /// Applies `write` and returns the outcome a job should report:
     /// `created:3`, `not_found`, ...
-    fn apply(&mut self, write: &Write) -> String {
+    pub(crate) fn apply(&mut self, write: &Write) -> String {
         if let Some(expected) = write.if_match
             && (self.live.is_none() || self.version != expected)
         {
@@ -97,7 +102,7 @@ impl Model {
 }
 
 /// What a finished job reports, in [`Model::apply`]'s terms.
-fn reported(job: &Value) -> String {
+pub(crate) fn reported(job: &Value) -> String {
     match job["status"].as_str() {
         Some("succeeded") => format!(
             "{}:{}",
@@ -158,8 +163,13 @@ async fn a_storm_of_mixed_writes_equals_a_one_by_one_replay_in_seq_order() {
     let mut checked = 0;
     for (key, mut writes) in by_key {
         writes.sort_by_key(|(seq, _, _)| *seq);
+        // Concurrent writes to one key: their order is the seqs' order,
+        // which leaves gaps but never gives two writes one seq.
         let seqs: Vec<u64> = writes.iter().map(|(seq, _, _)| *seq).collect();
-        assert_eq!(seqs, (1..=12).collect::<Vec<_>>(), "{key}: seqs are 1..=12");
+        assert!(
+            seqs.len() == 12 && seqs.windows(2).all(|w| w[0] < w[1]),
+            "{key}: 12 distinct seqs: {seqs:?}"
+        );
         let mut model = Model::default();
         for (seq, write, id) in &writes {
             let expected = model.apply(write);
@@ -385,7 +395,10 @@ async fn an_idempotency_key_repeat_returns_the_first_job_and_applies_nothing() {
     // Another token is another write.
     let other: Value = upsert("tok-2", 3).await.unwrap().json().await.unwrap();
     assert_ne!(other["job_id"], first["job_id"]);
-    assert_eq!(other["seq"], 2);
+    assert!(
+        other["seq"].as_u64() > first["seq"].as_u64() && first["seq"].as_u64().is_some(),
+        "the later write's seq is not greater: {first} then {other}"
+    );
     let job = stack.wait_job(other["job_id"].as_str().unwrap()).await;
     assert_eq!(job["result"], json!({"outcome": "updated", "version": 2}));
 
@@ -631,59 +644,6 @@ async fn a_killed_workers_job_runs_elsewhere_within_10_s() {
     );
     let read: Value = stack.get("orphan").await.json().await.unwrap();
     assert_eq!(read["version"], 1, "applied exactly once");
-}
-
-#[tokio::test]
-async fn a_seq_that_never_arrives_stalls_its_key_only_for_the_gap_timeout() {
-    let stack = Stack::builder()
-        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "2")
-        .start()
-        .await;
-    stack.finished(stack.create("gappy", json!(1)).await).await;
-    // An API process killed between handing out seq 2 and queueing it.
-    let _: i64 = stack.kv.cmd(&[
-        "HINCRBY",
-        &kvq_shared::keys::meta_key("kvq", "gappy"),
-        "next",
-        "1",
-    ]);
-    let started = std::time::Instant::now();
-    let job = stack
-        .finished(stack.put("gappy", json!({"value": 3})).await)
-        .await;
-    assert_eq!(job["seq"], 3);
-    assert_eq!(job["result"], json!({"outcome": "updated", "version": 2}));
-    assert!(
-        started.elapsed() >= Duration::from_millis(1500),
-        "did not wait for the gap"
-    );
-    // Other keys were not held up meanwhile, and the skip is logged.
-    assert!(
-        stack.workers[0]
-            .logs()
-            .iter()
-            .any(|l| l.contains("earlier writes to this key never arrived")),
-        "the skipped gap was not logged"
-    );
-    let port = stack.workers[0]
-        .wait_for_log("kvq-worker starting", Duration::from_secs(1))
-        .await["health_port"]
-        .as_u64()
-        .unwrap();
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("kvq_worker_order_gap_seqs_skipped_total 1\n"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("kvq_worker_jobs_total{status=\"succeeded\"} 2\n"),
-        "{metrics}"
-    );
 }
 
 #[tokio::test]

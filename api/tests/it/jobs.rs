@@ -19,7 +19,7 @@ async fn a_job_record_shows_its_whole_life() {
     let job = stack.finished(accepted).await;
     assert_eq!(job["op"], "create");
     assert_eq!(job["key"], "life");
-    assert_eq!(job["seq"], 1);
+    assert!(job["seq"].as_u64().is_some_and(|seq| seq > 0), "{job}");
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["attempts"], 1);
     assert_eq!(job["request_id"], "req-life-1");
@@ -112,12 +112,14 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
     for key in ["phoenix/1", "phoenix/2", "phoenix/3"] {
         ids.push(Stack::job_id(stack.create(key, json!({"from": key})).await).await);
     }
-    stack.kv.refuse_writes(true);
+    // Redis answers each attempt with an error (out of memory): attempts
+    // count, and run out.
+    stack.refuse_kv_writes(true);
     stack.start_worker().await;
     for id in &ids {
         assert_eq!(stack.wait_job(id).await["status"], "dead");
     }
-    stack.kv.refuse_writes(false);
+    stack.refuse_kv_writes(false);
 
     // Two pages, oldest first.
     let first = dead_letters(&stack, "limit=2").await;
@@ -145,9 +147,8 @@ async fn dead_jobs_are_listed_and_retried_under_their_own_ids() {
         .collect();
     assert!(died.is_sorted(), "not oldest first: {died:?}");
 
-    // A retry queues the same job again, and it applies. The API's first
-    // command on the restarted KV Redis may find the old connection broken
-    // and answer 503; a client retries that, as Retry-After says.
+    // A retry queues the same job again, and it applies (a 503 is retried,
+    // as Retry-After says).
     let retried = kvq_testkit::eventually(Duration::from_secs(10), "a 202", || async {
         let response = stack
             .request(Method::POST, &format!("/v1/jobs/{}/retry", ids[0]))

@@ -18,3 +18,4 @@ mod memory;
 mod openapi;
 mod resilience;
 mod stalls;
+mod writepath;

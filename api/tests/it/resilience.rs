@@ -1,5 +1,6 @@
 //! Reads retry a failing KV Redis with backoff, answer 503 when the retries
-//! run out, and work again as soon as Redis is back.
+//! run out, and work again as soon as Redis is back; writes, accepted by
+//! the queue Redis alone, wait in the queue for it.
 
 use std::time::{Duration, Instant};
 
@@ -7,7 +8,7 @@ use kvq_testkit::{KvqProcess, Stack, TestCa, eventually};
 use serde_json::{Value, json};
 
 #[tokio::test]
-async fn reads_answer_503_while_the_kv_redis_is_down_and_recover_after() {
+async fn reads_answer_503_while_the_kv_redis_is_down_writes_are_still_accepted_and_both_recover() {
     let mut stack = Stack::start().await;
     stack
         .finished(stack.create("steady", json!("before")).await)
@@ -28,23 +29,40 @@ async fn reads_answer_503_while_the_kv_redis_is_down_and_recover_after() {
     assert!(took < Duration::from_secs(8), "the 503 took {took:?}");
     assert!(stack.api().is_running());
 
-    // Writes are refused too (the key's sequence lives in the KV Redis), and
-    // nothing is queued.
-    let write = stack.put("steady", json!({"value": "during"})).await;
-    assert_eq!(write.status(), 503);
+    // Writes are still accepted (accepting one involves the queue Redis
+    // only), and wait in the queue for the KV Redis.
+    let during = stack
+        .put("steady?upsert=true", json!({"value": "during"}))
+        .await;
+    assert_eq!(
+        during.status(),
+        202,
+        "a write was refused while only the KV Redis is down"
+    );
+    let during = Stack::job_id(during).await;
 
-    // Persistence is off in tests, so the restarted Redis is empty: a 404
-    // (not a 503) shows the API reads from it again, without a restart.
+    // Persistence is off in tests, so the restarted Redis is empty: the
+    // write made during the outage creates the key anew, and reads see it
+    // without an API restart.
     stack.kv.restart();
-    eventually(Duration::from_secs(10), "reads to work again", || async {
-        (stack.get("steady").await.status() == 404).then_some(())
+    let job = stack.wait_job(&during).await;
+    assert_eq!(
+        job["result"],
+        json!({"outcome": "created", "version": 1}),
+        "{job}"
+    );
+    let read = eventually(Duration::from_secs(10), "reads to work again", || async {
+        let response = stack.get("steady").await;
+        (response.status() == 200).then_some(response)
     })
     .await;
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(read["value"], "during");
     let job = stack
-        .finished(stack.create("steady", json!("after")).await)
+        .finished(stack.create("after", json!("after")).await)
         .await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    let read: Value = stack.get("steady").await.json().await.unwrap();
+    let read: Value = stack.get("after").await.json().await.unwrap();
     assert_eq!(read["value"], "after");
 }
 
@@ -72,17 +90,17 @@ async fn a_read_retried_through_a_short_outage_succeeds() {
 
 #[tokio::test]
 async fn a_write_refused_with_503_never_applies_and_does_not_stall_the_key() {
-    // A long gap timeout: only the abandoned-seq mark can unblock the key.
-    let mut stack = Stack::builder()
-        .env("KVQ_ORDER_GAP_TIMEOUT_SECONDS", "600")
-        .start()
-        .await;
-    stack.finished(stack.create("gap", json!("v1")).await).await;
+    let mut stack = Stack::start().await;
+    let first = stack.create("gap", json!("v1")).await;
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let job = stack.wait_job(first["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
 
-    // The key's next seq is handed out by the KV Redis, then queueing fails.
-    // The API's connection was open, so the command may have been sent: the
-    // answer is `backend_unavailable` or `outcome_unknown`, and once the
-    // queue Redis is back the seq is settled either way.
+    // Writes are accepted by the queue Redis: with it down, they are
+    // refused. The API's connection was open, so the command may have been
+    // sent: the answer is `backend_unavailable` or `outcome_unknown`, and
+    // either way nothing holds up the key's later writes.
     stack.queue.stop();
     let refused = stack.put("gap", json!({"value": "refused"})).await;
     assert_eq!(refused.status(), 503);
@@ -103,7 +121,10 @@ async fn a_write_refused_with_503_never_applies_and_does_not_stall_the_key() {
     )
     .await;
     let body: Value = accepted.json().await.unwrap();
-    assert!(body["seq"].as_u64().unwrap() >= 3, "{body}");
+    assert!(
+        body["seq"].as_u64() > first["seq"].as_u64(),
+        "the later write's seq is not greater: {first} then {body}"
+    );
     let job = stack.wait_job(body["job_id"].as_str().unwrap()).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     let read: Value = stack.get("gap").await.json().await.unwrap();

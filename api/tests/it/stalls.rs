@@ -221,3 +221,137 @@ async fn dead_letters(stack: &Stack) -> usize {
         .unwrap();
     page["jobs"].as_array().unwrap().len()
 }
+
+/// `PUT /v1/kv/{key}?upsert=true` with `value`, and an `Idempotency-Key`
+/// when given: what it was answered.
+async fn upsert(stack: &Stack, key: &str, value: i64, idempotency_key: Option<&str>) -> Answer {
+    let mut request = stack
+        .request(Method::PUT, &format!("/v1/kv/{key}?upsert=true"))
+        .timeout(Duration::from_secs(30))
+        .json(&json!({ "value": value }));
+    if let Some(token) = idempotency_key {
+        request = request.header("idempotency-key", token);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    match (status, body["code"].as_str()) {
+        (202, _) => Answer::Accepted(body["job_id"].as_str().unwrap().to_owned()),
+        (503, Some("backend_unavailable")) => Answer::Unavailable,
+        (503, Some("outcome_unknown")) => Answer::Unknown,
+        other => panic!("unexpected answer {other:?}: {body}"),
+    }
+}
+
+/// Waits for job `id` and returns the version it reports (it must succeed).
+async fn applied_version(stack: &Stack, id: &str) -> u64 {
+    let job = stack.wait_job(id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    job["result"]["version"].as_u64().unwrap()
+}
+
+/// Every answer given during a stall of the queue Redis longer than the
+/// Redis timeout holds in the final state, for writes with and without an
+/// `Idempotency-Key`: a 202 applied exactly once, a `backend_unavailable`
+/// never, and whatever the first answer, a retry with the write's
+/// `Idempotency-Key` completes it exactly once. The writes are updates
+/// (upserts) of keys at version 1, so that a write applied twice shows (as
+/// version 3; a create applied twice would look applied once). A marker
+/// write to each key after everything settled counts what applied before
+/// it. Two stalls: one the API outlasts (it finds out), one it cannot.
+#[tokio::test]
+async fn after_a_long_queue_stall_every_answer_holds_in_the_final_state() {
+    let stack = stack().await;
+    let mut answers_seen = Vec::new();
+    for pause_ms in [1600, 4000] {
+        let plain: Vec<String> = (0..6)
+            .map(|i| format!("held/{pause_ms}/plain/{i}"))
+            .collect();
+        let keyed: Vec<String> = (0..6)
+            .map(|i| format!("held/{pause_ms}/keyed/{i}"))
+            .collect();
+        let all: Vec<&String> = plain.iter().chain(&keyed).collect();
+        for key in &all {
+            assert!(matches!(
+                create(&stack, key, None).await,
+                Answer::Accepted(_)
+            ));
+        }
+        // The keys are at version 1 before the stall.
+        eventually(Duration::from_secs(15), "the keys to exist", || async {
+            for key in &all {
+                if version_of(&stack, key).await != Some(1) {
+                    return None;
+                }
+            }
+            Some(())
+        })
+        .await;
+
+        pause_queue(&stack, pause_ms);
+        let token = |key: &str| format!("stall-{key}");
+        let (plain_answers, keyed_answers) = tokio::join!(
+            join_all(plain.iter().map(|key| upsert(&stack, key, 2, None))),
+            join_all(
+                keyed
+                    .iter()
+                    .map(|key| async { upsert(&stack, key, 2, Some(&token(key))).await })
+            ),
+        );
+        // The stall is over once the queue Redis answers the test.
+        let _: String = stack.queue.cmd(&["PING"]);
+
+        // Each keyed write, whatever its first answer, is completed by a
+        // retry with its Idempotency-Key, which gets the first job if there
+        // was one; a further repeat changes nothing.
+        let mut keyed_jobs = Vec::new();
+        for (key, first) in keyed.iter().zip(&keyed_answers) {
+            let retried = upsert(&stack, key, 2, Some(&token(key))).await;
+            let Answer::Accepted(id) = retried else {
+                panic!("{key}: the retry after {first:?} got {retried:?}");
+            };
+            if let Answer::Accepted(first_id) = first {
+                assert_eq!(&id, first_id, "{key}: the retry got another job");
+            }
+            assert_eq!(applied_version(&stack, &id).await, 2, "{key}");
+            assert_eq!(
+                upsert(&stack, key, 2, Some(&token(key))).await,
+                Answer::Accepted(id.clone()),
+                "{key}"
+            );
+            keyed_jobs.push(id);
+        }
+        for (key, answer) in plain.iter().zip(&plain_answers) {
+            if let Answer::Accepted(id) = answer {
+                assert_eq!(applied_version(&stack, id).await, 2, "{key}");
+            }
+        }
+
+        // A marker write to each key applies after everything accepted
+        // before it: its version counts what applied.
+        let firsts = plain
+            .iter()
+            .zip(&plain_answers)
+            .map(|(key, answer)| (key, answer, false))
+            .chain(keyed.iter().zip(&keyed_answers).map(|(k, a)| (k, a, true)));
+        for (key, answer, keyed) in firsts {
+            let Answer::Accepted(id) = upsert(&stack, key, 3, None).await else {
+                panic!("{key}: the marker write was not accepted");
+            };
+            let version = applied_version(&stack, &id).await;
+            let allowed: &[u64] = match (keyed, answer) {
+                // Keyed: applied exactly once (by the first try or the retry).
+                (true, _) | (false, Answer::Accepted(_)) => &[3],
+                (false, Answer::Unavailable) => &[2],
+                (false, Answer::Unknown) => &[2, 3],
+            };
+            assert!(
+                allowed.contains(&version),
+                "{key} (Idempotency-Key: {keyed}), answered {answer:?}: the marker applied at version {version}, not {allowed:?}"
+            );
+            assert_eq!(version_of(&stack, key).await, Some(version), "{key}");
+        }
+        answers_seen.push((pause_ms, plain_answers, keyed_answers));
+    }
+    eprintln!("answers during the stalls: {answers_seen:?}");
+}

@@ -13,7 +13,7 @@ async fn a_job_is_dead_after_its_attempts_run_out_on_a_kv_redis_refusing_writes(
     let accepted = stack.create("doomed", json!(1)).await;
     assert_eq!(accepted.status(), 202);
     let id = Stack::job_id(accepted).await;
-    stack.kv.refuse_writes(true);
+    stack.refuse_kv_writes(true);
     stack.start_worker().await;
     let job = stack.wait_job(&id).await;
     assert_eq!(job["status"], "dead", "{job}");
@@ -32,7 +32,7 @@ async fn a_job_succeeds_when_the_kv_redis_takes_writes_again_within_its_attempts
     let mut stack = Stack::builder().workers(0).start().await;
     let accepted = stack.create("patient", json!("ok")).await;
     let id = Stack::job_id(accepted).await;
-    stack.kv.refuse_writes(true);
+    stack.refuse_kv_writes(true);
     stack.start_worker().await;
     // The first attempt fails on the refusing KV Redis ...
     kvq_testkit::eventually(Duration::from_secs(10), "a failed attempt", || async {
@@ -44,7 +44,7 @@ async fn a_job_succeeds_when_the_kv_redis_takes_writes_again_within_its_attempts
     })
     .await;
     // ... and a later one applies it.
-    stack.kv.refuse_writes(false);
+    stack.refuse_kv_writes(false);
     let job = stack.wait_job(&id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert!(job["attempts"].as_u64().unwrap() >= 2, "{job}");
