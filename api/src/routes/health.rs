@@ -25,8 +25,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(1);
 /// How often, at most, one API process probes both Redis servers.
 pub const READINESS_EVERY: Duration = Duration::from_millis(500);
 
-/// The last readiness probe of one process: the first failure, if any.
-pub struct Readiness(Refreshed<Result<(), StoreError>>);
+/// The last readiness probe of one process: each Redis' answer (KV, queue).
+pub struct Readiness(Refreshed<(Result<(), StoreError>, Result<(), StoreError>)>);
 
 impl Default for Readiness {
     fn default() -> Self {
@@ -74,14 +74,37 @@ async fn ping(
     result
 }
 
-/// `GET /readyz`: readiness, both Redis servers answer. No token needed.
+/// `/readyz`'s query.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ReadyQuery {
+    /// `writes`: ready when writes can be accepted, i.e. the queue Redis
+    /// answers, whatever the KV Redis does (writes are accepted while it is
+    /// down; reads then answer 503). Kubernetes' readiness probe uses it, so
+    /// that a KV Redis outage does not take every API pod out of the
+    /// Service. Absent: both Redis servers answer.
+    pub scope: Option<ReadyScope>,
+}
+
+/// What `/readyz` checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadyScope {
+    /// Only what accepting a write needs: the queue Redis.
+    Writes,
+}
+
+/// `GET /readyz`: readiness, both Redis servers answer (or, with
+/// `?scope=writes`, the queue Redis). No token needed.
 #[utoipa::path(
     get,
     path = "/readyz",
     tag = "health",
+    params(ReadyQuery),
     description = "Readiness. Open to anyone; the answer comes from one PING to each Redis taken at most every 500 ms per API process and shared by all requests.",
     responses(
         (status = 200, description = "Ready", body = HealthBody),
+        (status = 400, description = "`invalid_request`: an unknown scope", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "`backend_unavailable`: a Redis server did not answer", body = Problem, content_type = "application/problem+json", headers(
             ("Retry-After" = String, description = "Seconds"),
         )),
@@ -90,17 +113,22 @@ async fn ping(
 pub async fn readyz(
     state: web::Data<AppState>,
     readiness: web::Data<Readiness>,
+    query: web::Query<ReadyQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let probe = readiness
         .0
         .get(|| async {
-            let (kv, queue) = tokio::join!(
+            tokio::join!(
                 ping("kv", state.kv.ping()),
                 ping("queue", state.queue.ping())
-            );
-            kv.and(queue)
+            )
         })
         .await;
-    probe.value.map_err(ApiError::BackendUnavailable)?;
+    let (kv, queue) = probe.value;
+    match query.scope {
+        Some(ReadyScope::Writes) => queue,
+        None => kv.and(queue),
+    }
+    .map_err(ApiError::BackendUnavailable)?;
     Ok(HttpResponse::Ok().json(HealthBody { status: "ready" }))
 }

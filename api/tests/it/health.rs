@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use kvq_testkit::{KvqProcess, Stack, TestRedis};
 use reqwest::Method;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// How soon `/readyz` and `/metrics` must notice a Redis that died: they
 /// reuse a reading for at most 1 s and a reading gives up after 1 s.
@@ -28,7 +28,8 @@ fn has_queue_gauges(text: &str) -> bool {
 }
 
 #[tokio::test]
-async fn ready_only_while_both_redis_servers_answer() {
+async fn ready_only_while_both_redis_servers_answer_and_ready_for_writes_while_the_queue_redis_does()
+ {
     let mut stack = Stack::builder().workers(0).start().await;
     assert_eq!(status(&stack, "/healthz").await, 200);
     assert_eq!(status(&stack, "/readyz").await, 200);
@@ -72,6 +73,16 @@ async fn ready_only_while_both_redis_servers_answer() {
         (status(&stack, "/readyz").await == 503).then_some(())
     })
     .await;
+    // Writes are still accepted: ready for writes, which Kubernetes'
+    // probe asks, so a KV Redis outage leaves the API pods in the Service.
+    assert_eq!(status(&stack, "/readyz?scope=writes").await, 200);
+    assert_eq!(stack.create("while-kv-down", json!(1)).await.status(), 202);
+    stack.queue.stop();
+    kvq_testkit::eventually(NOTICED_WITHIN, "writes to turn unready", || async {
+        (status(&stack, "/readyz?scope=writes").await == 503).then_some(())
+    })
+    .await;
+    assert_eq!(status(&stack, "/readyz?scope=everything").await, 400);
 }
 
 /// Commands `redis` has processed since it started.
