@@ -738,10 +738,16 @@ impl<T: QueuedJob> Partition<T> {
                     }
                 }
                 permit = tx.reserve(), if !self.ready.is_empty() && !releasing => {
-                    match (permit, self.ready.pop_front()) {
-                        (Ok(permit), Some(task)) => permit.send(task),
-                        // apalis stopped: the worker is closing.
-                        _ => self.drop_ready(),
+                    match permit {
+                        Ok(permit) => {
+                            if let Some(task) = self.ready.pop_front() {
+                                permit.send(task);
+                            }
+                        }
+                        // apalis stopped: the worker is closing. The task
+                        // stays in `ready` until then, so that
+                        // `drop_ready` counts it out of `in_flight`.
+                        Err(_) => self.drop_ready(),
                     }
                 }
                 Some(entries) = entries_rx.recv(), if room => {
