@@ -117,7 +117,7 @@ pub fn last_seq_key(ns: &str, p: u16) -> String {
     format!("{}last", partition_prefix(ns, p))
 }
 
-/// A partition's owner lease, `<worker>:<generation>`, expiring unless
+/// A partition's owner lease, `<worker>:<generation>:<nonce>`, expiring unless
 /// renewed: `{ns}:p:{<p>}:lease`.
 pub fn lease_key(ns: &str, p: u16) -> String {
     format!("{}lease", partition_prefix(ns, p))

@@ -122,8 +122,10 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 
 /// Takes a partition's lease for worker ARGV[1] for ARGV[2] ms, unless
 /// another worker holds it; the generation goes up by one (to at least
-/// ARGV[3]). KEYS: lease, generation, done. Answers {generation, done} or
-/// nil.
+/// ARGV[3]). The lease's value is `<worker>:<generation>:<ARGV[4]>`, a nonce
+/// making every acquisition's value unique, even when a queue Redis that
+/// lost its data hands out a generation again. KEYS: lease, generation,
+/// done. Answers {generation, done} or nil.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -134,7 +136,7 @@ if gen < tonumber(ARGV[3]) then
   gen = tonumber(ARGV[3])
   redis.call('SET', KEYS[2], gen)
 end
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen, 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen .. ':' .. ARGV[4], 'PX', ARGV[2])
 return {gen, redis.call('GET', KEYS[3]) or '0-0'}
 ",
     )
@@ -557,6 +559,7 @@ impl<T: QueuedJob> Coordinator<T> {
     async fn acquire(&mut self, p: u16, lease_ms: u64) -> RedisResult<()> {
         let ns = self.shared.ns().to_owned();
         let min = self.min_generation.get(&p).copied().unwrap_or(0);
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
         let got: Option<(u64, String)> = ACQUIRE
             .key(keys::lease_key(&ns, p))
             .key(keys::generation_key(&ns, p))
@@ -564,13 +567,14 @@ impl<T: QueuedJob> Coordinator<T> {
             .arg(&self.worker)
             .arg(lease_ms)
             .arg(min)
+            .arg(&nonce)
             .invoke_async(&mut self.shared.conn.clone())
             .await?;
         let Some((generation, done)) = got else {
             return Ok(());
         };
         self.min_generation.remove(&p);
-        let lease = format!("{}:{generation}", self.worker);
+        let lease = format!("{}:{generation}:{nonce}", self.worker);
         tracing::info!(partition = p, generation, from = %done, "partition taken");
         let (control, controlled) = watch::channel(Control::Run);
         let (done_tx, done_rx) = mpsc::unbounded_channel();

@@ -428,7 +428,7 @@ impl Queue {
         self.redis.try_cmd(&["GET", key]).ok().flatten()
     }
 
-    /// Partition `p`'s lease value, `<worker>:<generation>`.
+    /// Partition `p`'s lease value, `<worker>:<generation>:<nonce>`.
     pub(crate) fn lease(&self, p: u16) -> Option<String> {
         self.get(&keys::lease_key(NS, p))
     }
@@ -436,7 +436,8 @@ impl Queue {
     /// Who holds partition `p`'s lease, and under which generation.
     pub(crate) fn owner(&self, p: u16) -> Option<(String, u64)> {
         let lease = self.lease(p)?;
-        let (worker, generation) = lease.rsplit_once(':')?;
+        let mut parts = lease.rsplitn(3, ':');
+        let (_nonce, generation, worker) = (parts.next()?, parts.next()?, parts.next()?);
         Some((worker.to_owned(), generation.parse().ok()?))
     }
 
