@@ -22,42 +22,28 @@ pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 pub enum Claim {
     /// The key is new: this request's job id is now the key's.
     New,
-    /// An earlier request with the key chose this job id, and has not
-    /// recorded an answer (it is still running, or it failed): this request
-    /// queues that same job id, which queues it at most once.
+    /// An earlier request with the key chose this job id (it was answered,
+    /// is still running, or failed): this request queues that same job id,
+    /// which the queue takes at most once, and answers what it finds.
     Claimed(String),
-    /// The key's first request was answered with this (JSON).
-    Answered(String),
     /// The key was first used for a request with another fingerprint.
     Reused,
 }
 
 /// Claims an `Idempotency-Key` scope for a request with fingerprint ARGV[1]
-/// and job id ARGV[2], kept ARGV[3] seconds; answers `new`, `reused`,
-/// `claimed` + the first request's job id, or `answered` + its answer.
+/// and job id ARGV[2], kept ARGV[3] seconds; answers `new`, `reused`, or
+/// `claimed` + the first request's job id.
 static CLAIM_IDEMPOTENCY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new(
         r"
-local cur = redis.call('HMGET', KEYS[1], 'fp', 'job', 'answer')
+local cur = redis.call('HMGET', KEYS[1], 'fp', 'job')
 if not cur[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'job', ARGV[2])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
   return {'new'}
 end
 if cur[1] ~= ARGV[1] then return {'reused'} end
-if cur[3] then return {'answered', cur[3]} end
 return {'claimed', cur[2]}
-",
-    )
-});
-
-/// Stores ARGV[1] as the answer of a claimed scope, unless it expired.
-static SETTLE_IDEMPOTENCY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'answer', ARGV[1])
-end
 ",
     )
 });
@@ -733,21 +719,10 @@ impl JobRecords {
             [kind] if kind == "new" => Ok(Claim::New),
             [kind] if kind == "reused" => Ok(Claim::Reused),
             [kind, job] if kind == "claimed" => Ok(Claim::Claimed(job.clone())),
-            [kind, first] if kind == "answered" => Ok(Claim::Answered(first.clone())),
             _ => Err(StoreError::Corrupt(format!(
                 "idempotency claim answer {answer:?}"
             ))),
         }
-    }
-
-    /// Stores the answer to a scope's first request.
-    pub async fn settle_idempotency(&self, scope: &str, answer: &str) -> Result<(), StoreError> {
-        let _: () = SETTLE_IDEMPOTENCY
-            .key(keys::idempotency_key(&self.namespace, scope))
-            .arg(answer)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
     }
 
     /// Reads a job's record; `None` if unknown or expired.

@@ -144,10 +144,9 @@ pub fn job_key(ns: &str, job_id: &str) -> Option<String> {
 }
 
 /// One `Idempotency-Key` use, in the queue Redis, expiring 24 h after the
-/// first request: a hash with `fp` (the first request's fingerprint), `job`
-/// (the job id it chose) and, once a request with it was answered, `answer`
-/// (its 202 body). `scope` is the
-/// hex SHA-256 of the caller, the method, the route and the token, so one
+/// first request: a hash with `fp` (the first request's fingerprint) and
+/// `job` (the job id it chose; a repeat queues that id again, which the
+/// queue answers with the job's first 202). `scope` is the hex SHA-256 of the caller, the method, the route and the token, so one
 /// caller's token never meets another's: `{ns}:idk:<scope>`.
 pub fn idempotency_key(ns: &str, scope: &str) -> String {
     format!("{ns}:idk:{scope}")

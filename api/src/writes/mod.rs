@@ -13,7 +13,6 @@
 //!   `Idempotency-Key`), parsed and documented.
 
 use actix_web::{HttpRequest, HttpResponse};
-use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, Op};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -128,33 +127,15 @@ pub(crate) async fn submit(
             .map_err(ApiError::BackendUnavailable)?
         {
             Claim::New => {}
-            // An earlier request chose a job id and got no 202 recorded (it
-            // is running, or got a 5xx): queue that same id, which the queue
-            // takes at most once.
+            // An earlier request chose a job id (it was answered, is still
+            // running, or got a 5xx): queue that same id. The queue takes it
+            // at most once and otherwise answers the job's first 202 (its
+            // queued mark keeps op, key and seq for as long as the key).
             Claim::Claimed(first) => job_id = first,
             Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
-            Claim::Answered(answer) => {
-                let accepted: Accepted = serde_json::from_str(&answer).map_err(|e| {
-                    ApiError::BackendUnavailable(StoreError::Corrupt(e.to_string()))
-                })?;
-                return Ok(Submitted {
-                    accepted,
-                    replayed: true,
-                });
-            }
         }
     }
     let queued = accept::queue_job(req, state, write, job_id, scope.is_some()).await?;
-    if let Some(scope) = &scope {
-        let stored = match serde_json::to_string(&queued.accepted) {
-            Ok(answer) => state.records.settle_idempotency(scope, &answer).await,
-            Err(e) => Err(StoreError::Corrupt(e.to_string())),
-        };
-        if let Err(e) = stored {
-            // A repeat then finds the job by its id instead.
-            tracing::warn!(error = %e, "could not record the Idempotency-Key answer");
-        }
-    }
     Ok(Submitted {
         accepted: queued.accepted,
         replayed: queued.earlier,

@@ -27,14 +27,15 @@ const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 /// cleared), and how long to keep the queued mark (s; 0 for none: only
 /// jobs with an `Idempotency-Key` need one, as their key may outlive the
 /// record). Answers `queued` + seq, `cancelled`, or `exists` + the existing
-/// job's op, key and seq.
+/// job's op, key and seq (as its first accept gave them: the queued mark
+/// first, which a dead job's retry does not change).
 static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
 if ARGV[9] == 'new' then
-  local found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq')
-  if not found[1] then found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq') end
+  local found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq')
+  if not found[1] then found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq') end
   if found[1] then return {'exists', found[1], found[2], found[3]} end
 else
   redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload', 'died_at')
