@@ -142,6 +142,13 @@ pub struct ApplyJob {
     /// job of an older owner. Not queued.
     #[serde(skip)]
     pub generation: u64,
+    /// Whether an earlier owner of the partition may have run this stream
+    /// entry (it was in the stream when the fetching worker took the
+    /// partition): the handler then checks the job's record first, since a
+    /// job that ended `dead` there, or was queued again since, must not
+    /// apply at this place. Filled in by the queue backend. Not queued.
+    #[serde(skip)]
+    pub redelivered: bool,
     /// The new value as JSON text (create, update, upsert).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<Box<RawValue>>,

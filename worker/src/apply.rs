@@ -17,13 +17,20 @@
 //!   and records the outcome the apply script remembered.
 //! - A job fenced by a newer owner of its partition changes and records
 //!   nothing: the newer owner runs it.
+//! - A stream entry an earlier owner of the partition may have run is
+//!   checked against its job's record first: a job that ended `dead` there
+//!   stays dead (its key's later writes have passed it, and may have
+//!   applied), and an entry of a dead job that was queued again since is
+//!   left to the new entry. Neither changes or records anything.
 
 use std::sync::Arc;
 
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
 use kvq_shared::StoreError;
 use kvq_shared::error::chain;
-use kvq_shared::jobs::{ApplyJob, Final, JobError, JobRecords, RETRIES_EXHAUSTED, now_ms};
+use kvq_shared::jobs::{
+    ApplyJob, Final, JobError, JobRecords, JobStatus, RETRIES_EXHAUSTED, now_ms,
+};
 use kvq_shared::queue::Fenced;
 use kvq_shared::store::{Applied, KvStore};
 use tracing::Instrument;
@@ -78,6 +85,20 @@ impl Applier {
     /// Runs `job` for the `attempt`-th time (1-based).
     pub async fn run(&self, job: ApplyJob, attempt: u32) -> Result<(), BoxDynError> {
         let _in_flight = InFlight::new(&self.metrics.in_flight);
+        if job.redelivered && attempt == 1 {
+            match self.superseded(&job).await {
+                Ok(false) => {}
+                Ok(true) => return Ok(()),
+                Err(e) if e.is_transient() => {
+                    Metrics::inc(&self.metrics.deferred);
+                    tracing::warn!(error = %chain(&e), "the queue Redis is unreachable; the job waits for it");
+                    return Err(DeferredError::new(e).into());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "could not read the job's record; running it");
+                }
+            }
+        }
         match self.try_run(&job, attempt).await {
             Ok(end) => {
                 Metrics::inc(match end {
@@ -126,6 +147,29 @@ impl Applier {
                 Err(e.into())
             }
         }
+    }
+
+    /// Whether this stream entry, which an earlier owner of the partition
+    /// may have run, must not run: its job ended `dead` (its key's later
+    /// writes went on without it), or was queued again under another
+    /// `seq` since (that entry runs it, in its own place). A job whose
+    /// record is gone runs.
+    async fn superseded(&self, job: &ApplyJob) -> Result<bool, StoreError> {
+        let Some(record) = self.records.get(&job.id).await? else {
+            return Ok(false);
+        };
+        if record.status == JobStatus::Dead {
+            tracing::info!("the job ended dead under an earlier owner; it stays dead");
+            return Ok(true);
+        }
+        if record.seq != job.seq {
+            tracing::info!(
+                queued_again_as = record.seq,
+                "the job was queued again since; its new entry runs it"
+            );
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn try_run(&self, job: &ApplyJob, attempt: u32) -> Result<Final, RunError> {

@@ -50,6 +50,7 @@ pub(crate) async fn queue_job(
         key: write.key,
         seq: 0,
         generation: 0,
+        redelivered: false,
         value: write.value,
         ttl_seconds: write.ttl_seconds,
         if_match: write.if_match,

@@ -847,3 +847,73 @@ async fn count_keys(stack: &Stack, prefix: &str) -> usize {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// 7. A dead job redelivered after its key's later write applied.
+
+/// A job that ended `dead` lets its key's later writes pass it, and stays
+/// dead: it is not applied behind them when its partition is taken over
+/// before its place in the stream was committed.
+///
+/// One partition, so that another key's failing jobs earlier in the stream
+/// hold the commit back. Key `a`'s jobs fail (its metadata is a string, so
+/// the apply script gets WRONGTYPE: an error Redis answered) and retry for
+/// a long time; key `b`'s first write dies the same way, its metadata is
+/// then repaired, and its second write succeeds. The worker is killed (the
+/// dead job's place still uncommitted) and another one takes the partition
+/// over and runs it again from the last commit.
+#[tokio::test]
+async fn a_dead_job_stays_dead_when_its_partition_is_run_again_after_a_later_write() {
+    let mut stack = Stack::builder()
+        .workers(1)
+        .env("KVQ_QUEUE_PARTITIONS", "1")
+        .env("KVQ_WORKER_MAX_ATTEMPTS", "5")
+        .start()
+        .await;
+    let broken = |key: &str| keys::meta_key("kvq", key);
+    let _: () = stack.kv.cmd(&["SET", &broken("a"), "not a hash"]);
+    let _: () = stack.kv.cmd(&["SET", &broken("b"), "not a hash"]);
+    // Twenty of `a`'s writes, each retried for about 1.5 s before it dies:
+    // the partition's final prefix, and its commit, stay behind them.
+    for i in 0..20 {
+        let accepted = stack.put("a?upsert=true", json!({"value": i})).await;
+        assert_eq!(accepted.status(), 202);
+    }
+    let first = stack.put("b?upsert=true", json!({"value": "first"})).await;
+    let first = Stack::job_id(first).await;
+    let died = stack.wait_job(&first).await;
+    assert_eq!(died["status"], "dead", "{died}");
+    let _: () = stack.kv.cmd(&["DEL", &broken("b")]);
+    let second = stack.put("b?upsert=true", json!({"value": "second"})).await;
+    let second = stack.finished(second).await;
+    assert_eq!(second["status"], "succeeded", "{second}");
+    // The dead job's place is not committed yet: `a`'s jobs before it are
+    // still being retried.
+    let first_seq = died["seq"].as_u64().unwrap();
+    let done: Option<String> = stack.queue.cmd(&["GET", &keys::done_key("kvq", 0)]);
+    let done_seq = done.map_or(0, |d| d.split('-').next().unwrap().parse::<u64>().unwrap());
+    assert!(done_seq < first_seq, "committed past the dead job already");
+    let killed = stack.workers.remove(0);
+    killed.signal("KILL");
+    drop(killed);
+    let _: () = stack.kv.cmd(&["DEL", &broken("a")]);
+    stack.start_worker().await;
+    eventually(
+        Duration::from_secs(30),
+        "the partition to be run again and committed",
+        || async {
+            let left: i64 = stack.queue.cmd(&["XLEN", &keys::stream_key("kvq", 0)]);
+            (left == 0).then_some(())
+        },
+    )
+    .await;
+    let read = stack.get("b").await;
+    assert_eq!(read.status(), 200);
+    let read: Value = read.json().await.unwrap();
+    assert_eq!(
+        read["value"], "second",
+        "the dead write applied over the later one: {read}"
+    );
+    let first = stack.job(&first).await;
+    assert_eq!(first["status"], "dead", "{first}");
+}

@@ -39,9 +39,11 @@ use crate::keys;
 pub trait QueuedJob: DeserializeOwned + Send + 'static {
     /// The key whose jobs run one at a time, in stream order.
     fn order_key(&self) -> &str;
-    /// Fills in the job's `seq` (its stream position) and the owner
-    /// generation of the worker that fetched it.
-    fn set_position(&mut self, seq: u64, generation: u64);
+    /// Fills in the job's `seq` (its stream position), the owner
+    /// generation of the worker that fetched it, and whether an earlier
+    /// owner may have run it (it was in the stream when this owner took
+    /// the partition).
+    fn set_position(&mut self, seq: u64, generation: u64, redelivered: bool);
 }
 
 impl QueuedJob for crate::jobs::ApplyJob {
@@ -49,9 +51,10 @@ impl QueuedJob for crate::jobs::ApplyJob {
         &self.key
     }
 
-    fn set_position(&mut self, seq: u64, generation: u64) {
+    fn set_position(&mut self, seq: u64, generation: u64, redelivered: bool) {
         self.seq = seq;
         self.generation = generation;
+        self.redelivered = redelivered;
     }
 }
 
@@ -125,7 +128,8 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], now - tonumber(ARGV[2]), '+inf')
 /// ARGV[3]). The lease's value is `<worker>:<generation>:<ARGV[4]>`, a nonce
 /// making every acquisition's value unique, even when a queue Redis that
 /// lost its data hands out a generation again. KEYS: lease, generation,
-/// done. Answers {generation, done} or nil.
+/// done, stream. Answers {generation, done, the stream's last entry id (or
+/// done, if it is empty)} or nil.
 static ACQUIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
@@ -137,7 +141,9 @@ if gen < tonumber(ARGV[3]) then
   redis.call('SET', KEYS[2], gen)
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ':' .. gen .. ':' .. ARGV[4], 'PX', ARGV[2])
-return {gen, redis.call('GET', KEYS[3]) or '0-0'}
+local done = redis.call('GET', KEYS[3]) or '0-0'
+local last = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)[1]
+return {gen, done, last and last[1] or done}
 ",
     )
 });
@@ -560,19 +566,23 @@ impl<T: QueuedJob> Coordinator<T> {
         let ns = self.shared.ns().to_owned();
         let min = self.min_generation.get(&p).copied().unwrap_or(0);
         let nonce = uuid::Uuid::new_v4().simple().to_string();
-        let got: Option<(u64, String)> = ACQUIRE
+        let got: Option<(u64, String, String)> = ACQUIRE
             .key(keys::lease_key(&ns, p))
             .key(keys::generation_key(&ns, p))
             .key(keys::done_key(&ns, p))
+            .key(keys::stream_key(&ns, p))
             .arg(&self.worker)
             .arg(lease_ms)
             .arg(min)
             .arg(&nonce)
             .invoke_async(&mut self.shared.conn.clone())
             .await?;
-        let Some((generation, done)) = got else {
+        let Some((generation, done, last)) = got else {
             return Ok(());
         };
+        // Entries up to the stream's last one may have been run by an
+        // earlier owner; those after it are new to every owner.
+        let redelivery_to = stream_seq(&last).unwrap_or(u64::MAX);
         self.min_generation.remove(&p);
         let lease = format!("{}:{generation}:{nonce}", self.worker);
         tracing::info!(partition = p, generation, from = %done, "partition taken");
@@ -593,6 +603,7 @@ impl<T: QueuedJob> Coordinator<T> {
             in_flight: 0,
             final_to: None,
             committed: None,
+            redelivery_to,
         };
         self.owned.insert(
             p,
@@ -683,6 +694,9 @@ struct Partition<T> {
     /// The last seq of the window's final prefix.
     final_to: Option<u64>,
     committed: Option<u64>,
+    /// The seq of the stream's last entry when this owner took the
+    /// partition: entries up to it may have been run by an earlier owner.
+    redelivery_to: u64,
 }
 
 impl<T: QueuedJob> Partition<T> {
@@ -784,11 +798,7 @@ impl<T: QueuedJob> Partition<T> {
 
     /// A fetched entry: into the window, handed out if its key is free.
     fn on_entry(&mut self, entry: StreamId) {
-        let Some(seq) = entry
-            .id
-            .split_once('-')
-            .and_then(|(ms, _)| ms.parse::<u64>().ok())
-        else {
+        let Some(seq) = stream_seq(&entry.id) else {
             tracing::error!(partition = self.p, stream_id = %entry.id, "skipping an entry with an id kvq did not write");
             return;
         };
@@ -869,7 +879,7 @@ impl<T: QueuedJob> Partition<T> {
                 return;
             }
         };
-        args.set_position(seq, generation);
+        args.set_position(seq, generation, seq <= self.redelivery_to);
         let task = TaskBuilder::new(args)
             .task_id(TaskId::from_string(slot.task_id.clone()))
             .attempt(slot.runs)
@@ -1019,6 +1029,11 @@ impl<T: QueuedJob> Partition<T> {
             }
         }
     }
+}
+
+/// The seq of stream entry id `<seq>-<n>`.
+fn stream_seq(id: &str) -> Option<u64> {
+    id.split_once('-').and_then(|(seq, _)| seq.parse().ok())
 }
 
 async fn sleep_until(at: Option<Instant>) {

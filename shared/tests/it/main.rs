@@ -357,6 +357,7 @@ impl Queue {
             key: key.to_owned(),
             seq: 0,
             generation: 0,
+            redelivered: false,
             value: Some(RawValue::from_string("1".to_owned()).unwrap()),
             ttl_seconds: None,
             if_match: None,
