@@ -84,6 +84,17 @@ pub struct StreamsConfig {
     pub commit_every: Duration,
     /// Uncommitted jobs one partition holds at most.
     pub window: usize,
+    /// Bytes of uncommitted jobs all of a worker's partitions hold, beyond
+    /// which they stop reading (each may exceed it by one read).
+    pub max_window_bytes: usize,
+    /// Bytes one read of a partition fetches, about: its entry count is
+    /// this divided by the largest entry of the previous read.
+    pub read_bytes: usize,
+    /// The largest entry size assumed before the first read.
+    pub largest_entry_bytes: usize,
+    /// Bytes of jobs a worker hands to apalis at once, beyond which further
+    /// jobs wait (one job always goes).
+    pub max_in_flight_bytes: usize,
     /// Jobs of one key that may be final but not committed.
     pub max_uncommitted_per_key: usize,
     /// Runs before a failing job is dropped.
@@ -114,6 +125,10 @@ impl StreamsConfig {
             release_grace: Duration::from_secs(10),
             commit_every: Duration::from_millis(50),
             window: 1024,
+            max_window_bytes: 16 * 1_048_576,
+            read_bytes: 1_048_576,
+            largest_entry_bytes: 1_048_576,
+            max_in_flight_bytes: 8 * 1_048_576,
             max_uncommitted_per_key: 32,
             max_attempts: 5,
             retry_delay: Duration::from_millis(100),
@@ -130,5 +145,7 @@ pub fn streams_config(config: &Config) -> StreamsConfig {
     streams.max_attempts = config.worker_max_attempts;
     streams.buffer = (config.worker_concurrency / 4).max(1);
     streams.timeout = config.redis_timeout;
+    // A job's entry is its value and some 300 bytes more.
+    streams.largest_entry_bytes = config.max_value_bytes + 1024;
     streams
 }

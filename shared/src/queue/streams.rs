@@ -9,6 +9,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -102,6 +103,9 @@ enum Done {
 #[derive(Debug, Clone)]
 struct Entry {
     seq: u64,
+    /// The job's size, counted in [`Shared::in_flight_bytes`] while apalis
+    /// has it.
+    bytes: usize,
     task_id: String,
     runs: usize,
     defers: u32,
@@ -189,6 +193,30 @@ struct Shared {
     conn: ConnectionManager,
     client: redis::Client,
     config: StreamsConfig,
+    /// Bytes of jobs the worker's partitions hold, fetched and not yet
+    /// committed: reading stops at [`StreamsConfig::max_window_bytes`].
+    window_bytes: AtomicUsize,
+    /// Bytes of jobs handed to apalis and not yet finished: beyond
+    /// [`StreamsConfig::max_in_flight_bytes`], partitions hold further jobs
+    /// back (one job always goes), so large values cannot fill every
+    /// handler slot at once.
+    in_flight_bytes: AtomicUsize,
+    /// Signalled when a job finishes and its bytes leave `in_flight_bytes`.
+    freed: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Whether a job of `bytes` may be handed to apalis now.
+    fn has_room_for(&self, bytes: usize) -> bool {
+        let now = self.in_flight_bytes.load(Ordering::Relaxed);
+        now == 0 || now.saturating_add(bytes) <= self.config.max_in_flight_bytes
+    }
+
+    /// A handed-out job of `bytes` finished (or was given back).
+    fn finished(&self, bytes: usize) {
+        self.in_flight_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.freed.notify_waiters();
+    }
 }
 
 impl Shared {
@@ -240,6 +268,9 @@ impl<T> StreamsBackend<T> {
                 conn,
                 client,
                 config,
+                window_bytes: AtomicUsize::new(0),
+                in_flight_bytes: AtomicUsize::new(0),
+                freed: tokio::sync::Notify::new(),
             }),
             running: None,
             closing: None,
@@ -284,7 +315,7 @@ impl<T: QueuedJob> Backend for StreamsBackend<T> {
 
     fn poll_close(&mut self, cx: &mut Context<'_>, _: &WorkerContext) -> Poll<RedisResult<()>> {
         if let Some(running) = self.running.take() {
-            self.closing = Some(close(running).boxed());
+            self.closing = Some(close(self.shared.clone(), running).boxed());
         }
         match &mut self.closing {
             Some(closing) => closing.poll_unpin(cx).map(Ok),
@@ -296,12 +327,13 @@ impl<T: QueuedJob> Backend for StreamsBackend<T> {
 /// Stops handing out jobs, gives the never-started ones back to their
 /// partitions, and waits for the coordinator to commit and release every
 /// partition.
-async fn close<T: Send + 'static>(mut running: Running<T>) {
+async fn close<T: Send + 'static>(shared: Arc<Shared>, mut running: Running<T>) {
     let _ = running.stop.send(true);
     running.rx.close();
     let mut returned = 0;
     while let Some(task) = running.rx.recv().await {
         if let Some(e) = task.data().get::<Entry>() {
+            shared.finished(e.bytes);
             let _ = e.done.send(Done::Returned(e.seq));
             returned += 1;
         }
@@ -370,6 +402,7 @@ where
         async move {
             let result = run.await.map_err(Into::into);
             if let Some(e) = entry {
+                shared.finished(e.bytes);
                 let done = settle(&shared.config, &e, result.as_ref().map(drop));
                 // A closed channel: the partition moved on; its next owner
                 // runs the job again if it is not final.
@@ -707,14 +740,20 @@ impl<T: QueuedJob> Partition<T> {
         mut control: watch::Receiver<Control>,
     ) -> Exit {
         let config = self.shared.config.clone();
-        let (entries_tx, mut entries_rx) = mpsc::channel::<Vec<StreamId>>(4);
+        // One batch read ahead: with the window's byte budget, what a
+        // partition holds stays within a read's worth of the budget.
+        let (entries_tx, mut entries_rx) = mpsc::channel::<Vec<StreamId>>(1);
         let (stop_reading, reading_stopped) = watch::channel(false);
         let reader = match self.shared.blocking_conn() {
             Ok(conn) => tokio::spawn(read(
                 conn,
                 keys::stream_key(self.shared.ns(), self.p),
                 from,
-                config.fetch,
+                Reads {
+                    max_count: config.fetch,
+                    bytes: config.read_bytes,
+                    largest: config.largest_entry_bytes,
+                },
                 config.block,
                 entries_tx,
                 reading_stopped,
@@ -732,7 +771,17 @@ impl<T: QueuedJob> Partition<T> {
         let mut release_deadline = Instant::now();
         let exit = loop {
             let next_retry = self.retries.peek().map(|Reverse((at, _))| *at);
-            let room = self.window.len() < config.window && !releasing;
+            let next_bytes = self
+                .ready
+                .front()
+                .and_then(|task| task.data().get::<Entry>())
+                .map(|e| e.bytes);
+            let has_room =
+                !releasing && next_bytes.is_some_and(|bytes| self.shared.has_room_for(bytes));
+            let waits_for_room = !releasing && next_bytes.is_some() && !has_room;
+            let room = self.window.len() < config.window
+                && self.shared.window_bytes.load(Ordering::Relaxed) < config.max_window_bytes
+                && !releasing;
             tokio::select! {
                 biased;
                 changed = control.changed() => {
@@ -755,10 +804,12 @@ impl<T: QueuedJob> Partition<T> {
                         break Exit::Fenced(fence);
                     }
                 }
-                permit = tx.reserve(), if !self.ready.is_empty() && !releasing => {
+                permit = tx.reserve(), if has_room => {
                     match permit {
                         Ok(permit) => {
                             if let Some(task) = self.ready.pop_front() {
+                                let bytes = task.data().get::<Entry>().map_or(0, |e| e.bytes);
+                                self.shared.in_flight_bytes.fetch_add(bytes, Ordering::Relaxed);
                                 permit.send(task);
                             }
                         }
@@ -773,6 +824,9 @@ impl<T: QueuedJob> Partition<T> {
                         self.on_entry(entry);
                     }
                 }
+                // Other jobs finished: the next one may fit now (the commit
+                // tick below looks again too, should this wake-up be missed).
+                () = self.shared.freed.notified(), if waits_for_room => {}
                 () = sleep_until(next_retry), if next_retry.is_some() && !releasing => {
                     self.on_retry_due();
                 }
@@ -824,6 +878,9 @@ impl<T: QueuedJob> Partition<T> {
             self.advance();
             return;
         };
+        self.shared
+            .window_bytes
+            .fetch_add(job.len(), Ordering::Relaxed);
         self.slots.insert(
             seq,
             Slot {
@@ -885,6 +942,7 @@ impl<T: QueuedJob> Partition<T> {
             .attempt(slot.runs)
             .data(Entry {
                 seq,
+                bytes: slot.job.len(),
                 task_id: slot.task_id.clone(),
                 runs: slot.runs,
                 defers: slot.defers,
@@ -996,9 +1054,13 @@ impl<T: QueuedJob> Partition<T> {
                 let gone: Vec<u64> = self.slots.keys().copied().filter(|s| *s <= to).collect();
                 let mut freed = HashSet::new();
                 for seq in gone {
-                    if let Some(slot) = self.slots.remove(&seq)
-                        && let Some(state) = self.keys.get_mut(&slot.key)
-                    {
+                    let Some(slot) = self.slots.remove(&seq) else {
+                        continue;
+                    };
+                    self.shared
+                        .window_bytes
+                        .fetch_sub(slot.job.len(), Ordering::Relaxed);
+                    if let Some(state) = self.keys.get_mut(&slot.key) {
                         state.uncommitted = state.uncommitted.saturating_sub(1);
                         freed.insert(slot.key);
                     }
@@ -1036,6 +1098,14 @@ fn stream_seq(id: &str) -> Option<u64> {
     id.split_once('-').and_then(|(seq, _)| seq.parse().ok())
 }
 
+impl<T> Drop for Partition<T> {
+    /// Gives the bytes of the jobs still held back to the worker's budget.
+    fn drop(&mut self) {
+        let held: usize = self.slots.values().map(|slot| slot.job.len()).sum();
+        self.shared.window_bytes.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -1045,11 +1115,40 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// Reads a partition's stream after `from`, in batches of up to `count`,
 /// into `tx`, until stopped.
+/// How much one read of a stream fetches: about `bytes`, judged by the
+/// largest entry read lately (at first `largest`, the largest a job can
+/// be), and at most `max_count` entries. Redis cannot cap a read by bytes,
+/// so a read of small entries followed by large ones can exceed `bytes`;
+/// a large entry keeps the next reads small.
+struct Reads {
+    max_count: usize,
+    bytes: usize,
+    largest: usize,
+}
+
+impl Reads {
+    fn count(&self) -> usize {
+        (self.bytes / self.largest.max(1)).clamp(1, self.max_count.max(1))
+    }
+}
+
+/// The bytes of a stream entry's fields.
+fn entry_bytes(entry: &StreamId) -> usize {
+    entry
+        .map
+        .values()
+        .map(|v| match v {
+            redis::Value::BulkString(b) => b.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
 async fn read(
     mut conn: ConnectionManager,
     stream: String,
     mut from: String,
-    count: usize,
+    mut reads: Reads,
     block: Duration,
     tx: mpsc::Sender<Vec<StreamId>>,
     mut stopped: watch::Receiver<bool>,
@@ -1061,7 +1160,7 @@ async fn read(
         };
         let reply: RedisResult<Option<StreamReadReply>> = redis::cmd("XREAD")
             .arg("COUNT")
-            .arg(count)
+            .arg(reads.count())
             .arg("BLOCK")
             .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
             .arg("STREAMS")
@@ -1079,6 +1178,10 @@ async fn read(
                     .collect();
                 if let Some(last) = entries.last() {
                     from.clone_from(&last.id);
+                    // The largest entry lately: a big one keeps reads small
+                    // for a while, and they grow back by halves.
+                    let largest = entries.iter().map(entry_bytes).max().unwrap_or(1);
+                    reads.largest = largest.max(reads.largest / 2);
                     permit.send(entries);
                 }
             }
