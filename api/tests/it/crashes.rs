@@ -39,8 +39,8 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
 
 /// How many times the API is killed at least, and at most (while waiting
 /// for the case a test needs to have happened).
-const MIN_KILLS: usize = 5;
-const MAX_KILLS: usize = 25;
+const MIN_KILLS: usize = 6;
+const MAX_KILLS: usize = 30;
 
 /// What one request got.
 enum Answer {
@@ -122,13 +122,20 @@ struct Seen {
     replayed_after_a_crash: AtomicUsize,
     /// Requests that got no answer (or a 5xx).
     unanswered: AtomicUsize,
+    /// Requests answered 202.
+    accepted: AtomicUsize,
+    /// Without `Idempotency-Key`s: jobs queued by requests that got no
+    /// answer (queued by a killed API before it could answer), as counted
+    /// after the latest kill.
+    landed_unanswered: AtomicUsize,
 }
 
 /// A client: upserts to `keys` (chosen at random) until `stop`, one write
-/// after the other, every 10 ms. With `idempotent`, each write carries its
-/// own `Idempotency-Key` and is retried, the same request again, until a
-/// 202; without, a request that got no answer is given up and listed in
-/// the second vector as (key, value).
+/// right after the other (so that a kill finds requests at every step),
+/// waiting 20 ms after a request that got no answer. With `idempotent`,
+/// each write carries its own `Idempotency-Key` and is retried, the same
+/// request again, until a 202; without, a request that got no answer is
+/// given up and listed in the second vector as (key, value).
 async fn client(
     number: u64,
     base: Base,
@@ -154,6 +161,7 @@ async fn client(
             tries += 1;
             match upsert_once(&http, &base, &key, value, token.as_deref()).await {
                 Answer::Accepted { seq, id, replayed } => {
+                    seen.accepted.fetch_add(1, Ordering::SeqCst);
                     if tries > 1 {
                         seen.retried.fetch_add(1, Ordering::SeqCst);
                         if replayed {
@@ -171,6 +179,7 @@ async fn client(
                 }
                 Answer::Unknown(why) => {
                     seen.unanswered.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                     if !idempotent {
                         unknown.push((key.clone(), value));
                         break;
@@ -179,7 +188,6 @@ async fn client(
                         started.elapsed() < RETRY_DEADLINE,
                         "{key} = {value} ({token:?}) not accepted after {tries} requests: {why}"
                     );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
         }
@@ -190,7 +198,7 @@ async fn client(
 }
 
 /// Runs `clients` clients against the stack's API and kills the API with
-/// SIGKILL at random moments (every 0.2 to 1 s, each time starting a new
+/// SIGKILL at random moments (every 0.1 to 0.5 s, each time starting a new
 /// one on a new port), at least [`MIN_KILLS`] times and until `enough`
 /// says the case under test happened (at most [`MAX_KILLS`]). Returns what
 /// the clients accepted and gave up (in the order of the clients), the
@@ -222,8 +230,18 @@ async fn writes_while_the_api_crashes(
     let mut rng = Rng(seed);
     let mut kills = 0;
     while kills < MIN_KILLS || (!enough(&seen) && kills < MAX_KILLS) {
-        tokio::time::sleep(Duration::from_millis(200 + rng.below(800))).await;
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
         stack.restart_api().await;
+        if !idempotent {
+            // Before the clients learn the new address: once every request
+            // cut off by the kill has ended, the job records that no 202
+            // accounts for are the unanswered requests that landed.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let jobs = job_ids(stack).len();
+            let answered = seen.accepted.load(Ordering::SeqCst);
+            seen.landed_unanswered
+                .store(jobs.saturating_sub(answered), Ordering::SeqCst);
+        }
         *base.write().unwrap() = stack.base().to_owned();
         kills += 1;
     }
@@ -239,11 +257,13 @@ async fn writes_while_the_api_crashes(
     }
     eprintln!(
         "{kills} API kills; {} writes accepted, {} of them after a request with no answer, \
-         {} of those replayed (queued by a killed API); {} requests with no answer",
+         {} of those replayed (queued by a killed API); {} requests with no answer, \
+         {} of them queued (without Idempotency-Keys, at the last kill)",
         accepted.len(),
         seen.retried.load(Ordering::SeqCst),
         seen.replayed_after_a_crash.load(Ordering::SeqCst),
         seen.unanswered.load(Ordering::SeqCst),
+        seen.landed_unanswered.load(Ordering::SeqCst),
     );
     (accepted, unknown, kills, restarted)
 }
@@ -253,6 +273,32 @@ async fn writes_while_the_api_crashes(
 async fn job_by(stack: &Stack, id: &str, deadline: Instant) -> Value {
     let left = deadline.saturating_duration_since(Instant::now());
     stack.wait_job_within(id, left).await
+}
+
+/// The ids of every job record in the queue Redis.
+fn job_ids(stack: &Stack) -> Vec<String> {
+    stack
+        .queue
+        .keys()
+        .iter()
+        .filter_map(|k| k.split_once(":job:").map(|(_, id)| id.to_owned()))
+        .collect()
+}
+
+/// [`job_by`] for many jobs, 16 at a time; their records by id.
+async fn jobs_by(
+    stack: &Stack,
+    ids: impl IntoIterator<Item = String>,
+    deadline: Instant,
+) -> HashMap<String, Value> {
+    futures::stream::iter(ids)
+        .map(|id| async move {
+            let job = job_by(stack, &id, deadline).await;
+            (id, job)
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await
 }
 
 // ---------------------------------------------------------------------------
@@ -277,10 +323,7 @@ async fn an_api_killed_mid_stream_loses_no_write_retried_with_its_idempotency_ke
     assert_eq!(ids.len(), writes.len(), "two writes answered one job id");
     // No key stalls: every job finishes soon after the last crash.
     let deadline = restarted + SETTLE_DEADLINE;
-    let mut records = HashMap::new();
-    for w in &writes {
-        records.insert(w.id.clone(), job_by(&stack, &w.id, deadline).await);
-    }
+    let records = jobs_by(&stack, writes.iter().map(|w| w.id.clone()), deadline).await;
     // Every request with a write's Idempotency-Key answers its job: the
     // same id and seq again, as a replay.
     let again: Vec<(Logical, Answer)> = futures::stream::iter(writes.clone())
@@ -344,9 +387,11 @@ async fn an_api_killed_mid_stream_applies_each_answered_write_once_and_unanswere
  {
     let mut stack = Stack::builder().workers(2).start().await;
     let keys: Vec<String> = (0..6).map(|k| format!("plain-crash/{k}")).collect();
+    // Kill until a request that got no answer had queued its job (a crash
+    // between the accept and the answer).
     let (answered, unanswered, _, restarted) =
         writes_while_the_api_crashes(&mut stack, &keys, 8, false, 0x1DE0_0002, |seen| {
-            seen.unanswered.load(Ordering::SeqCst) >= 10
+            seen.landed_unanswered.load(Ordering::SeqCst) > 0
         })
         .await;
     assert!(
@@ -358,17 +403,10 @@ async fn an_api_killed_mid_stream_applies_each_answered_write_once_and_unanswere
     // Every job in the queue Redis, answered or not: each one finishes,
     // soon after the last crash, and succeeds (a job queued by a request
     // that got no answer is a whole write too, never half of one).
-    let ids: Vec<String> = stack
-        .queue
-        .keys()
-        .iter()
-        .filter_map(|k| k.split_once(":job:").map(|(_, id)| id.to_owned()))
-        .collect();
-    let mut records: HashMap<String, Value> = HashMap::new();
-    for id in &ids {
-        let job = job_by(&stack, id, deadline).await;
+    let ids = job_ids(&stack);
+    let records = jobs_by(&stack, ids, deadline).await;
+    for job in records.values() {
         assert_eq!(job["status"], "succeeded", "{job}");
-        records.insert(id.clone(), job);
     }
     // Every answered write is one of them.
     for w in &answered {
@@ -561,7 +599,36 @@ async fn a_worker_frozen_past_its_lease_with_applies_in_flight_never_applies_a_j
         .env("KVQ_QUEUE_PARTITIONS", &partitions.to_string())
         .start()
         .await;
-    let frozen = 0;
+    let stack = Arc::new(stack);
+    let keys = Arc::new(keys_in_every_bucket("frozen", 2));
+
+    // 12 s of writes (one every 20 ms); 1 s in, the data Redis holds its
+    // writes for 4 s, so that the applies of both workers wait in flight,
+    // and a worker is frozen (SIGSTOP) once it has at least 4.
+    let (tx, mut fault) = tokio::sync::mpsc::channel(1);
+    let stream = tokio::spawn(steady_stream(stack.clone(), keys.clone(), 0, 600, 50, tx));
+    fault.recv().await.unwrap();
+    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "4000", "WRITE"]);
+    // The worker to freeze: one with at least 4 (whichever gets there
+    // first; the partitions may well be shared unevenly).
+    let (frozen, in_flight) = eventually(
+        Duration::from_secs(3),
+        "a worker to hold jobs in flight",
+        || async {
+            for index in 0..stack.workers.len() {
+                let n = stack
+                    .worker_metric(index, "kvq_worker_jobs_in_flight")
+                    .await?;
+                if n >= 4 {
+                    return Some((index, n));
+                }
+            }
+            None
+        },
+    )
+    .await;
+    let frozen_pid = stack.workers[frozen].pid();
+    kvq_testkit::signal(frozen_pid, "STOP");
     let name = stack.workers[frozen]
         .wait_for_log("worker running", Duration::from_secs(1))
         .await["worker"]
@@ -569,29 +636,6 @@ async fn a_worker_frozen_past_its_lease_with_applies_in_flight_never_applies_a_j
         .unwrap_or_default()
         .to_owned();
     assert!(!name.is_empty(), "the worker logged no name");
-    let frozen_pid = stack.workers[frozen].pid();
-    let stack = Arc::new(stack);
-    let keys = Arc::new(keys_in_every_bucket("frozen", 2));
-
-    // 12 s of writes (one every 20 ms); 1 s in, the data Redis holds its
-    // writes for 4 s, so that the applies of both workers wait in flight,
-    // and the worker is frozen (SIGSTOP) once it has at least 4.
-    let (tx, mut fault) = tokio::sync::mpsc::channel(1);
-    let stream = tokio::spawn(steady_stream(stack.clone(), keys.clone(), 0, 600, 50, tx));
-    fault.recv().await.unwrap();
-    let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "4000", "WRITE"]);
-    let in_flight = eventually(
-        Duration::from_secs(3),
-        "the worker to hold jobs in flight",
-        || async {
-            let n = stack
-                .worker_metric(frozen, "kvq_worker_jobs_in_flight")
-                .await?;
-            (n >= 4).then_some(n)
-        },
-    )
-    .await;
-    kvq_testkit::signal(frozen_pid, "STOP");
 
     // It stays frozen past its lease, until the other worker holds every
     // partition (leases `<worker>:<generation>:<nonce>`).
