@@ -177,6 +177,18 @@ impl Stack {
         self.api = Some(api);
     }
 
+    /// Kills the API with SIGKILL, as a crash would, and starts a new one
+    /// (on a new port: [`Stack::base`] and [`Stack::request`] follow it);
+    /// returns once it listens. Everything the old one was doing is cut
+    /// off wherever it was.
+    pub async fn restart_api(&mut self) {
+        if let Some(api) = self.api.take() {
+            api.signal("KILL");
+            drop(api);
+        }
+        self.start_api().await;
+    }
+
     /// Starts one more worker and waits until it runs.
     pub async fn start_worker(&mut self) -> &mut KvqProcess {
         self.start_worker_with_env(&[]).await
@@ -338,29 +350,40 @@ impl Stack {
     /// `None` if a worker does not answer.
     pub async fn jobs_in_flight(&self) -> Option<i64> {
         let mut total = 0;
-        for worker in &self.workers {
-            let port = worker
-                .logs()
-                .iter()
-                .filter_map(|line| serde_json::from_str::<Value>(line).ok())
-                .find_map(|line| line["health_port"].as_u64())?;
-            let text = self
-                .http
-                .get(format!("http://127.0.0.1:{port}/metrics"))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            total += text
-                .lines()
-                .find_map(|l| l.strip_prefix("kvq_worker_jobs_in_flight "))?
-                .trim()
-                .parse::<i64>()
-                .ok()?;
+        for index in 0..self.workers.len() {
+            total += self
+                .worker_metric(index, "kvq_worker_jobs_in_flight")
+                .await?;
         }
         Some(total)
+    }
+
+    /// The value of sample `name` (one without labels, such as
+    /// `kvq_worker_jobs_fenced_total`) on `/metrics` of worker `index` of
+    /// [`Stack::workers`]; `None` if it does not answer (a frozen worker
+    /// does not) or has no such sample.
+    pub async fn worker_metric(&self, index: usize, name: &str) -> Option<i64> {
+        let port = self.workers[index]
+            .logs()
+            .iter()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .find_map(|line| line["health_port"].as_u64())?;
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))?
+            .trim()
+            .parse::<i64>()
+            .ok()
     }
 
     /// Waits until the job of a 202 response is final and returns its record.

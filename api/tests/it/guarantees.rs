@@ -12,10 +12,10 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 /// A small deterministic generator, so a failing storm can be replayed.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         // xorshift64*
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -23,7 +23,7 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
 }
@@ -39,17 +39,25 @@ pub(crate) struct Write {
 
 /// The request that sends `write`.
 pub(crate) fn request(stack: &Stack, write: &Write) -> reqwest::RequestBuilder {
+    request_with(|method, path| stack.request(method, path), write)
+}
+
+/// The request that sends `write`, built by `to` from a method and a path
+/// (for clients that talk to the API without a [`Stack`] at hand).
+pub(crate) fn request_with(
+    to: impl Fn(Method, &str) -> reqwest::RequestBuilder,
+    write: &Write,
+) -> reqwest::RequestBuilder {
     let request = match write.op {
-        "create" => stack
-            .request(Method::POST, "/v1/kv")
-            .json(&json!({"key": write.key, "value": write.value})),
-        "update" => stack
-            .request(Method::PUT, &format!("/v1/kv/{}", write.key))
+        "create" => {
+            to(Method::POST, "/v1/kv").json(&json!({"key": write.key, "value": write.value}))
+        }
+        "update" => {
+            to(Method::PUT, &format!("/v1/kv/{}", write.key)).json(&json!({"value": write.value}))
+        }
+        "upsert" => to(Method::PUT, &format!("/v1/kv/{}?upsert=true", write.key))
             .json(&json!({"value": write.value})),
-        "upsert" => stack
-            .request(Method::PUT, &format!("/v1/kv/{}?upsert=true", write.key))
-            .json(&json!({"value": write.value})),
-        _ => stack.request(Method::DELETE, &format!("/v1/kv/{}", write.key)),
+        _ => to(Method::DELETE, &format!("/v1/kv/{}", write.key)),
     };
     match write.if_match {
         Some(v) => request.header("if-match", format!("\"{v}\"")),

@@ -5,6 +5,7 @@
 
 mod attacks;
 mod auth;
+mod crashes;
 mod errors;
 mod guarantees;
 mod hardening;

@@ -109,7 +109,7 @@ async fn assert_replayed(
 
 /// Fails unless `key` reads as `model` says: value, version and ETag, or
 /// 404.
-async fn assert_reads_as(stack: &Stack, key: &str, model: &Model) {
+pub(crate) async fn assert_reads_as(stack: &Stack, key: &str, model: &Model) {
     let read = stack.get(key).await;
     match model.live {
         Some(value) => {
@@ -535,7 +535,7 @@ async fn after_the_queue_redis_restarts_empty_the_next_write_to_an_existing_key_
 /// `per_bucket` keys `<prefix>/<n>` in each of the data layout's buckets, so
 /// that they cover every queue partition whatever `KVQ_QUEUE_PARTITIONS`
 /// is (a key's partition is its bucket modulo the partitions).
-fn keys_in_every_bucket(prefix: &str, per_bucket: usize) -> Vec<String> {
+pub(crate) fn keys_in_every_bucket(prefix: &str, per_bucket: usize) -> Vec<String> {
     let mut count: HashMap<u16, usize> = HashMap::new();
     let mut chosen = Vec::new();
     let mut n = 0;
@@ -557,19 +557,19 @@ fn keys_in_every_bucket(prefix: &str, per_bucket: usize) -> Vec<String> {
 
 /// One write of a steady stream: an upsert of `value` to key `key`.
 #[derive(Debug, Clone)]
-struct Streamed {
-    key: String,
-    value: i64,
-    seq: u64,
-    id: String,
+pub(crate) struct Streamed {
+    pub(crate) key: String,
+    pub(crate) value: i64,
+    pub(crate) seq: u64,
+    pub(crate) id: String,
     /// When its 202 arrived, Unix ms.
-    accepted_ms: i64,
+    pub(crate) accepted_ms: i64,
 }
 
 /// Upserts `count` writes, values from `first`, to `keys` round robin, one
 /// every 20 ms from 4 clients; sends `()` on `fault` once `fault_at` writes
 /// are on their way.
-async fn steady_stream(
+pub(crate) async fn steady_stream(
     stack: Arc<Stack>,
     keys: Arc<Vec<String>>,
     first: i64,
@@ -637,7 +637,7 @@ async fn assert_finished_within_10_s(
 /// strictly increase in the order the writes were sent, the jobs report
 /// versions 1, 2, 3... in that order (none twice), and the key holds its
 /// last write at the version counting all of them.
-async fn assert_stream_replayed(
+pub(crate) async fn assert_stream_replayed(
     stack: &Stack,
     streamed: &[Streamed],
     records: &HashMap<String, Value>,
