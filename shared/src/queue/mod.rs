@@ -124,7 +124,7 @@ impl StreamsConfig {
             tick: Duration::from_secs(1),
             release_grace: Duration::from_secs(10),
             commit_every: Duration::from_millis(50),
-            window: 1024,
+            window: 256,
             max_window_bytes: 16 * 1_048_576,
             read_bytes: 1_048_576,
             largest_entry_bytes: 1_048_576,

@@ -37,7 +37,7 @@ use crate::keys;
 
 /// A job the partitioned queue can run: it names the key whose jobs run one
 /// at a time in stream order, and learns its place when fetched.
-pub trait QueuedJob: DeserializeOwned + Send + 'static {
+pub trait QueuedJob: DeserializeOwned + Clone + Send + 'static {
     /// The key whose jobs run one at a time, in stream order.
     fn order_key(&self) -> &str;
     /// Fills in the job's `seq` (its stream position), the owner
@@ -678,10 +678,14 @@ fn rendezvous(worker: &str, partition: u16) -> u64 {
 }
 
 /// A fetched job, until it is committed.
-struct Slot {
+struct Slot<T> {
     key: String,
     task_id: String,
-    job: Arc<str>,
+    /// The job, parsed once when read (`None`: undecodable); each run gets
+    /// a copy.
+    job: Option<T>,
+    /// The size of its stream entry.
+    bytes: usize,
     runs: usize,
     defers: u32,
     state: SlotState,
@@ -719,7 +723,7 @@ struct Partition<T> {
     done_tx: mpsc::UnboundedSender<Done>,
     /// Fetched, uncommitted jobs by seq.
     window: BTreeMap<u64, ()>,
-    slots: HashMap<u64, Slot>,
+    slots: HashMap<u64, Slot<T>>,
     keys: HashMap<String, KeyState>,
     ready: VecDeque<Task<T>>,
     retries: BinaryHeap<Reverse<(Instant, u64)>>,
@@ -859,17 +863,19 @@ impl<T: QueuedJob> Partition<T> {
         let field = |name: &str| entry.get::<String>(name);
         let decoded = field("id").zip(field("job")).and_then(|(task_id, job)| {
             let parsed: T = serde_json::from_str(&job).ok()?;
-            Some((task_id, job, parsed.order_key().to_owned()))
+            let key = parsed.order_key().to_owned();
+            Some((task_id, parsed, job.len(), key))
         });
         self.window.insert(seq, ());
-        let Some((task_id, job, key)) = decoded else {
+        let Some((task_id, job, bytes, key)) = decoded else {
             tracing::error!(partition = self.p, stream_id = %entry.id, "dropping an undecodable job");
             self.slots.insert(
                 seq,
                 Slot {
                     key: String::new(),
                     task_id: String::new(),
-                    job: Arc::from(""),
+                    job: None,
+                    bytes: 0,
                     runs: 0,
                     defers: 0,
                     state: SlotState::Final,
@@ -878,15 +884,14 @@ impl<T: QueuedJob> Partition<T> {
             self.advance();
             return;
         };
-        self.shared
-            .window_bytes
-            .fetch_add(job.len(), Ordering::Relaxed);
+        self.shared.window_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.slots.insert(
             seq,
             Slot {
                 key: key.clone(),
                 task_id,
-                job: job.into(),
+                job: Some(job),
+                bytes,
                 runs: 0,
                 defers: 0,
                 state: SlotState::Waiting,
@@ -927,14 +932,11 @@ impl<T: QueuedJob> Partition<T> {
             return;
         };
         slot.state = SlotState::Busy;
-        let mut args: T = match serde_json::from_str(&slot.job) {
-            Ok(args) => args,
-            Err(err) => {
-                tracing::error!(task_id = %slot.task_id, error = %err, "dropping an undecodable job");
-                let _ = self.done_tx.send(Done::Final(seq));
-                self.in_flight += 1;
-                return;
-            }
+        let Some(mut args) = slot.job.clone() else {
+            // Undecodable entries are final when read; never here.
+            let _ = self.done_tx.send(Done::Final(seq));
+            self.in_flight += 1;
+            return;
         };
         args.set_position(seq, generation, seq <= self.redelivery_to);
         let task = TaskBuilder::new(args)
@@ -942,7 +944,7 @@ impl<T: QueuedJob> Partition<T> {
             .attempt(slot.runs)
             .data(Entry {
                 seq,
-                bytes: slot.job.len(),
+                bytes: slot.bytes,
                 task_id: slot.task_id.clone(),
                 runs: slot.runs,
                 defers: slot.defers,
@@ -1059,7 +1061,7 @@ impl<T: QueuedJob> Partition<T> {
                     };
                     self.shared
                         .window_bytes
-                        .fetch_sub(slot.job.len(), Ordering::Relaxed);
+                        .fetch_sub(slot.bytes, Ordering::Relaxed);
                     if let Some(state) = self.keys.get_mut(&slot.key) {
                         state.uncommitted = state.uncommitted.saturating_sub(1);
                         freed.insert(slot.key);
@@ -1101,7 +1103,7 @@ fn stream_seq(id: &str) -> Option<u64> {
 impl<T> Drop for Partition<T> {
     /// Gives the bytes of the jobs still held back to the worker's budget.
     fn drop(&mut self) {
-        let held: usize = self.slots.values().map(|slot| slot.job.len()).sum();
+        let held: usize = self.slots.values().map(|slot| slot.bytes).sum();
         self.shared.window_bytes.fetch_sub(held, Ordering::Relaxed);
     }
 }
