@@ -321,6 +321,16 @@ impl Stack {
         ]);
     }
 
+    /// The version of `key`, or `None` while it does not exist.
+    pub async fn version_of(&self, key: &str) -> Option<u64> {
+        let response = self.get(key).await;
+        if response.status() == 404 {
+            return None;
+        }
+        let body: Value = response.json().await.unwrap();
+        body["version"].as_u64()
+    }
+
     /// `GET /metrics`' text.
     pub async fn metrics(&self) -> String {
         let response = self.request(Method::GET, "/metrics").send().await.unwrap();

@@ -42,16 +42,6 @@ async fn warm(stack: &Stack, count: usize, idempotent: bool) {
     }
 }
 
-/// The version of `key`, or `None` while it does not exist.
-async fn version_of(stack: &Stack, key: &str) -> Option<u64> {
-    let response = stack.get(key).await;
-    if response.status() == 404 {
-        return None;
-    }
-    let body: Value = response.json().await.unwrap();
-    body["version"].as_u64()
-}
-
 /// Waits until the queue stream is empty (every queued job finished).
 async fn drained(stack: &Stack) {
     eventually(Duration::from_secs(20), "the queue to drain", || async {
@@ -229,7 +219,7 @@ async fn a_retry_after_a_stalled_claim_applies_once_even_after_the_job_record_ex
     let job: Option<String> = stack.queue.cmd(&["HGET", &record, "job"]);
     assert_eq!(body["job_id"].as_str(), job.as_deref());
     eventually(Duration::from_secs(20), "the write to apply", || async {
-        (version_of(&stack, "retained").await == Some(1)).then_some(())
+        (stack.version_of("retained").await == Some(1)).then_some(())
     })
     .await;
     // A repeat after the job record expired must still not queue it
@@ -251,7 +241,7 @@ async fn a_retry_after_a_stalled_claim_applies_once_even_after_the_job_record_ex
     assert_eq!(repeated.headers()["idempotent-replayed"], "true");
     drained(&stack).await;
     assert_eq!(
-        version_of(&stack, "retained").await,
+        stack.version_of("retained").await,
         Some(1),
         "the repeat with the same Idempotency-Key applied the write a second time"
     );
@@ -312,7 +302,7 @@ async fn a_waited_write_whose_job_died_says_so_and_its_retry_applies_it_once() {
     assert_eq!(retried.status(), 202);
     let job = stack.wait_job(&id).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(version_of(&stack, "doomed").await, Some(1));
+    assert_eq!(stack.version_of("doomed").await, Some(1));
 }
 
 /// HOLE (medium). `POST /v1/jobs/{id}/retry` takes the job out of the dead
@@ -408,7 +398,7 @@ async fn a_write_made_while_the_data_redis_stalls_is_accepted_and_does_not_stall
         json!({"outcome": "updated", "version": 2}),
         "{during}"
     );
-    assert_eq!(version_of(&stack, "gap").await, Some(3));
+    assert_eq!(stack.version_of("gap").await, Some(3));
 }
 
 /// Pins a guarantee nobody tested: concurrent duplicates of one

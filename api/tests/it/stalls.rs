@@ -41,11 +41,8 @@ enum Answer {
     Unknown,
 }
 
-async fn create(stack: &Stack, key: &str, idempotency_key: Option<&str>) -> Answer {
-    let mut request = stack
-        .request(Method::POST, "/v1/kv")
-        .timeout(Duration::from_secs(30))
-        .json(&json!({"key": key, "value": key}));
+/// Sends a write, with `idempotency_key` if given, and tells its answer.
+async fn answer(mut request: reqwest::RequestBuilder, idempotency_key: Option<&str>) -> Answer {
     if let Some(token) = idempotency_key {
         request = request.header("idempotency-key", token);
     }
@@ -58,6 +55,14 @@ async fn create(stack: &Stack, key: &str, idempotency_key: Option<&str>) -> Answ
         (503, Some("outcome_unknown")) => Answer::Unknown,
         other => panic!("unexpected answer {other:?}: {body}"),
     }
+}
+
+async fn create(stack: &Stack, key: &str, idempotency_key: Option<&str>) -> Answer {
+    let request = stack
+        .request(Method::POST, "/v1/kv")
+        .timeout(Duration::from_secs(30))
+        .json(&json!({"key": key, "value": key}));
+    answer(request, idempotency_key).await
 }
 
 /// Pauses every command of the queue Redis for `ms`.
@@ -76,15 +81,6 @@ async fn drained(stack: &Stack) {
     .await;
 }
 
-async fn version_of(stack: &Stack, key: &str) -> Option<u64> {
-    let response = stack.get(key).await;
-    if response.status() == 404 {
-        return None;
-    }
-    let body: Value = response.json().await.unwrap();
-    body["version"].as_u64()
-}
-
 #[tokio::test]
 async fn a_stall_longer_than_the_redis_timeout_answers_the_truth() {
     let stack = stack().await;
@@ -96,7 +92,7 @@ async fn a_stall_longer_than_the_redis_timeout_answers_the_truth() {
     drained(&stack).await;
 
     for (key, answer) in keys.iter().zip(&answers) {
-        let version = version_of(&stack, key).await;
+        let version = stack.version_of(key).await;
         match answer {
             Answer::Accepted(id) => {
                 let job = stack.wait_job(id).await;
@@ -143,9 +139,9 @@ async fn after_any_5xx_the_same_idempotency_key_completes_the_write_exactly_once
         Answer::Accepted(id.clone())
     );
     drained(&stack).await;
-    assert_eq!(version_of(&stack, "unknown/with-key").await, Some(1));
+    assert_eq!(stack.version_of("unknown/with-key").await, Some(1));
     if without_key == Answer::Unavailable {
-        assert_eq!(version_of(&stack, "unknown/without-key").await, None);
+        assert_eq!(stack.version_of("unknown/without-key").await, None);
     }
 }
 
@@ -206,7 +202,7 @@ async fn a_dead_job_retried_during_a_stall_applies_once_or_stays_a_dead_letter()
         assert_eq!(stack.wait_job(&id).await["status"], "succeeded");
     }
     drained(&stack).await;
-    assert_eq!(version_of(&stack, "lazarus").await, Some(1), "applied once");
+    assert_eq!(stack.version_of("lazarus").await, Some(1), "applied once");
 }
 
 /// How many dead letters there are.
@@ -225,22 +221,11 @@ async fn dead_letters(stack: &Stack) -> usize {
 /// `PUT /v1/kv/{key}?upsert=true` with `value`, and an `Idempotency-Key`
 /// when given: what it was answered.
 async fn upsert(stack: &Stack, key: &str, value: i64, idempotency_key: Option<&str>) -> Answer {
-    let mut request = stack
+    let request = stack
         .request(Method::PUT, &format!("/v1/kv/{key}?upsert=true"))
         .timeout(Duration::from_secs(30))
         .json(&json!({ "value": value }));
-    if let Some(token) = idempotency_key {
-        request = request.header("idempotency-key", token);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let body: Value = response.json().await.unwrap();
-    match (status, body["code"].as_str()) {
-        (202, _) => Answer::Accepted(body["job_id"].as_str().unwrap().to_owned()),
-        (503, Some("backend_unavailable")) => Answer::Unavailable,
-        (503, Some("outcome_unknown")) => Answer::Unknown,
-        other => panic!("unexpected answer {other:?}: {body}"),
-    }
+    answer(request, idempotency_key).await
 }
 
 /// Waits for job `id` and returns the version it reports (it must succeed).
@@ -280,7 +265,7 @@ async fn after_a_long_queue_stall_every_answer_holds_in_the_final_state() {
         // The keys are at version 1 before the stall.
         eventually(Duration::from_secs(15), "the keys to exist", || async {
             for key in &all {
-                if version_of(&stack, key).await != Some(1) {
+                if stack.version_of(key).await != Some(1) {
                     return None;
                 }
             }
@@ -349,7 +334,7 @@ async fn after_a_long_queue_stall_every_answer_holds_in_the_final_state() {
                 allowed.contains(&version),
                 "{key} (Idempotency-Key: {keyed}), answered {answer:?}: the marker applied at version {version}, not {allowed:?}"
             );
-            assert_eq!(version_of(&stack, key).await, Some(version), "{key}");
+            assert_eq!(stack.version_of(key).await, Some(version), "{key}");
         }
         answers_seen.push((pause_ms, plain_answers, keyed_answers));
     }

@@ -166,11 +166,6 @@ impl JobQueue {
         }
     }
 
-    /// How many partitions the queue has.
-    pub fn partitions(&self) -> u16 {
-        self.partitions
-    }
-
     /// A new job id for a write to `key`, naming the key's partition.
     pub fn new_job_id(&self, key: &str) -> String {
         keys::new_job_id(keys::partition(key, self.partitions))
