@@ -170,12 +170,35 @@ random_hex() {
   head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'
 }
 
-# Writes the overlay's secret file with random values if it does not exist.
-# Hex only: the Redis passwords go into redis:// URLs unescaped.
+# The overlay whose secretGenerator makes kvq-secrets: this one, or the
+# overlay it builds on (production-cluster lists ../production as a resource
+# and uses its Secret).
+secret_dir() {
+  local dir=$1 parent
+  if grep -q '^secretGenerator:' "$dir/kustomization.yaml"; then
+    echo "$dir"
+    return
+  fi
+  parent=$(awk '
+    /^resources:/ { in_resources = 1; next }
+    /^[^ #-]/ { in_resources = 0 }
+    in_resources && $1 == "-" && $2 ~ /^\.\.\/[^\/]+$/ { print substr($2, 4); exit }
+  ' "$dir/kustomization.yaml")
+  if [ -z "$parent" ] || [ ! -f "kubernetes/overlays/$parent/kustomization.yaml" ]; then
+    die "$dir has no secretGenerator and builds on no other overlay"
+  fi
+  secret_dir "kubernetes/overlays/$parent"
+}
+
+# Writes the secret file the overlay's Secret is made from, with random
+# values, if it does not exist. Hex only: the Redis passwords go into
+# redis:// URLs unescaped.
 ensure_secret_file() {
-  local file="$1/secrets/kvq.env"
+  local dir
+  dir=$(secret_dir "$1")
+  local file="$dir/secrets/kvq.env"
   [ -s "$file" ] && return 0
-  mkdir -p "$1/secrets"
+  mkdir -p "$dir/secrets"
   (
     umask 077
     {
@@ -321,14 +344,33 @@ run_apply() {
   # The namespace is not part of the manifests, so --delete leaves it and
   # the data volumes in it alone.
   kubectl get namespace "$ns" >/dev/null 2>&1 || kubectl create namespace "$ns"
+  # A Job's pod template cannot be changed (a new Secret or Redis image
+  # would), and a finished Job is not run again: delete kvq's finished Jobs
+  # (the Redis Cluster formation, which does nothing when the cluster is
+  # formed), so this apply runs them afresh. A running one is left alone.
+  local job active
+  while read -r job active; do
+    if [ -n "$job" ] && [ -z "$active" ]; then
+      kubectl -n "$ns" delete job "$job" --ignore-not-found
+    fi
+  done < <(kubectl -n "$ns" get jobs -l app.kubernetes.io/part-of=kvq \
+    -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.status.active}{"\n"}{end}')
   local applied
   applied=$(kubectl apply -f "$rendered" -o name)
   echo "$applied"
 
   echo "==> waiting for the rollouts (at most $ROLLOUT_TIMEOUT each)"
   local object
-  # Redis first: kvq's pods are only ready once both Redis servers answer.
-  for object in $(echo "$applied" | grep '^statefulset') $(echo "$applied" | grep '^deployment'); do
+  # Redis first: kvq's pods are only ready once both Redis servers answer
+  # (with a Redis Cluster, once its Job has formed it).
+  for object in $(echo "$applied" | grep '^statefulset'); do
+    kubectl -n "$ns" rollout status "$object" --timeout="$ROLLOUT_TIMEOUT"
+  done
+  for object in $(echo "$applied" | grep '^job'); do
+    echo "waiting for $object to complete"
+    kubectl -n "$ns" wait --for=condition=complete "$object" --timeout="$ROLLOUT_TIMEOUT"
+  done
+  for object in $(echo "$applied" | grep '^deployment'); do
     kubectl -n "$ns" rollout status "$object" --timeout="$ROLLOUT_TIMEOUT"
   done
 
