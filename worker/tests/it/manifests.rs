@@ -106,12 +106,7 @@ async fn the_cluster_overlay_s_jobs_form_its_redis_clusters() {
 /// kvq-api and kvq-worker started with exactly the production-cluster
 /// overlay's environment (cluster mode, seed URLs listing the nodes) apply a
 /// write through the two Redis Clusters.
-///
-/// END TO END, PENDING: the binaries understand `KVQ_*_REDIS_MODE=cluster`
-/// only once kvq's cluster support (issue 12, built on main) is merged; run
-/// it then with `-- --ignored manifests::` and drop the `ignore`.
 #[tokio::test]
-#[ignore = "needs kvq's Redis Cluster mode (issue 12), which is built on main"]
 async fn the_binaries_started_as_the_cluster_overlay_starts_them_apply_a_write() {
     let (manifests, nodes) = start_clusters().await;
     let servers: Vec<&LocalRedis> = nodes.iter().collect();
