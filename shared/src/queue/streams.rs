@@ -405,10 +405,8 @@ where
 /// What a run's result means for its partition.
 fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -> Done {
     let runs = e.runs + 1;
-    let backoff = |base: Duration, n: u32| {
-        base.saturating_mul(1 << n.min(20))
-            .min(config.max_retry_delay)
-    };
+    let backoff =
+        |base: Duration, n: u32, max: Duration| base.saturating_mul(1 << n.min(20)).min(max);
     match result {
         Ok(()) => Done::Final(e.seq),
         Err(err) if err.downcast_ref::<AbortError>().is_some() => Done::Final(e.seq),
@@ -421,7 +419,7 @@ fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -
             seq: e.seq,
             runs: e.runs,
             defers: e.defers + 1,
-            delay: backoff(config.defer_delay, e.defers),
+            delay: backoff(config.defer_delay, e.defers, config.max_defer_delay),
         },
         Err(err) if runs >= config.max_attempts as usize => {
             tracing::error!(task_id = %e.task_id, runs, error = %err, "job dropped: retries exhausted");
@@ -433,7 +431,11 @@ fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -
             defers: e.defers,
             delay: match err.downcast_ref::<RetryAfterError>() {
                 Some(r) => r.get_duration().min(config.max_retry_delay),
-                None => backoff(config.retry_delay, u32::try_from(runs - 1).unwrap_or(20)),
+                None => backoff(
+                    config.retry_delay,
+                    u32::try_from(runs - 1).unwrap_or(20),
+                    config.max_retry_delay,
+                ),
             },
         },
     }
