@@ -154,7 +154,8 @@ impl KvStore {
             .arg(REMEMBERED_OUTCOMES)
             .arg(job.seq)
             .arg(&job.key)
-            .arg(keys::value_key_prefix(&self.namespace, bucket));
+            .arg(keys::value_key_prefix(&self.namespace, bucket))
+            .arg(if self.wait.is_some() { "1" } else { "" });
         let mut conn = self.conn.clone();
         let Some(wait) = self.wait else {
             let answer: Vec<String> = invocation.invoke_async(&mut conn).await?;

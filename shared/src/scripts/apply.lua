@@ -13,6 +13,9 @@
 -- ARGV[9] the job's seq (kept as the key's last applied seq)
 -- ARGV[10] the user key (its member in the index and the expiry set)
 -- ARGV[11] the bucket's value-key prefix (value key = prefix .. user key)
+-- ARGV[12] '1' when the caller WAITs for replicas after the script: a
+--          redelivered job then rewrites its remembered outcome, so that
+--          the WAIT covers the first apply too (replication is in order)
 -- Returns {'done', outcome} | {'dup', outcome} | {'fenced', fence}
 -- where outcome is '<created|updated|deleted>:<version>' or '<code>:0'.
 local vkey, mkey = KEYS[1], KEYS[2]
@@ -27,7 +30,10 @@ if gen > fence then redis.call('SET', KEYS[5], ARGV[7]) end
 -- Exactly once: a job applied before (redelivered after its owner died
 -- before committing) answers its first outcome and changes nothing.
 local meta = redis.call('HMGET', mkey, 'ver', 'n', 'r:' .. id)
-if meta[3] then return {'dup', meta[3]} end
+if meta[3] then
+  if ARGV[12] == '1' then redis.call('HSET', mkey, 'r:' .. id, meta[3]) end
+  return {'dup', meta[3]}
+end
 -- A live key's version is the key's last version: every successful write
 -- bumps 'ver' and leaves the value key live, except delete, which removes it.
 local live = redis.call('EXISTS', vkey) == 1
