@@ -20,8 +20,9 @@
 //! - [`TestCa`]: a CA made for one test, signing TLS servers' certificates.
 //! - [`KvqProcess`]: a running `kvq-api` or `kvq-worker`, its log lines
 //!   captured, with SIGTERM / SIGKILL / SIGSTOP helpers.
-//! - [`Stack`]: two Redis servers, one API and N workers, with typed request
-//!   helpers.
+//! - [`Stack`]: the data and queue Redis (each a single server, a
+//!   [`TestCluster`] or a [`TestSentinel`], see [`RedisRole`]), one API and N
+//!   workers, with typed request helpers.
 //! - [`flood`]: the worst write bodies, sent many at once over raw HTTP/1.1,
 //!   and a process's memory from `/proc`.
 //! - [`eventually`]: polling with a deadline, instead of sleeps.
@@ -43,7 +44,7 @@ pub use process::{KvqProcess, bin_path};
 pub use redis_cluster::TestCluster;
 pub use redis_sentinel::TestSentinel;
 pub use redis_server::{TestRedis, free_port};
-pub use stack::{Stack, StackBuilder};
+pub use stack::{RedisRole, Stack, StackBuilder};
 pub use tls::TestCa;
 
 use std::future::Future;
