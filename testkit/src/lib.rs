@@ -9,14 +9,15 @@
 //!   (6 [`TestRedis`] nodes with `--cluster-enabled yes`, formed by
 //!   `redis-cli --cluster create`), with a password or TLS if asked.
 //!   Ports come from 20000–22767 so the cluster bus (port + 10000) is free
-//!   too; `cluster-node-timeout` is 2 s, so a failover takes 3–4 s. It
+//!   too; `cluster-node-timeout` is 2 s, so a failover takes about 4 s. It
 //!   answers which node is master of what (`CLUSTER NODES`, asked of a
 //!   live node), kills and restarts nodes, waits for a failover, and runs
 //!   commands through a redis-rs `ClusterClient`.
 //! - [`TestSentinel`]: a master, its replica and 3 sentinels (quorum 2,
 //!   `down-after-milliseconds` 1 s, `failover-timeout` 2 s): a failover
-//!   takes 2–3 s. It names the master as the sentinels do, kills it, waits
-//!   for the failover and restarts a node as the new master's replica.
+//!   takes about 2.5 s. It names the master as the sentinels do, kills it,
+//!   waits for the failover and restarts a node as the new master's
+//!   replica.
 //! - [`TestCa`]: a CA made for one test, signing TLS servers' certificates.
 //! - [`KvqProcess`]: a running `kvq-api` or `kvq-worker`, its log lines
 //!   captured, with SIGTERM / SIGKILL / SIGSTOP helpers.

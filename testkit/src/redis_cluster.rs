@@ -17,7 +17,7 @@ use crate::{TestCa, TestRedis};
 /// How long a node may go unanswered before the others flag it failed
 /// (`cluster-node-timeout`). A failover takes about 1.5 times this (the
 /// failure is agreed on, then the replica waits 0.5–1 s before its
-/// election): about 3–4 s.
+/// election), then the survivors agree on it: about 4 s here.
 pub const NODE_TIMEOUT_MS: u64 = 2_000;
 
 /// Number of hash slots in a Redis Cluster.
@@ -316,6 +316,14 @@ impl TestCluster {
             self.check_healed()
         })
         .await;
+    }
+
+    /// Waits until every live node says `cluster_state:ok` with all slots
+    /// served, no live node is flagged failing, the nodes agree on the
+    /// masters, and every live replica is in sync (e.g. after a node was
+    /// frozen with SIGSTOP and woken).
+    pub async fn wait_healthy(&self) {
+        poll_async("the cluster to be healthy", || self.check_healed()).await;
     }
 
     /// Waits until a replica of master `killed` (see [`TestCluster::kill`])

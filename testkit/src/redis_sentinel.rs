@@ -12,7 +12,7 @@ use crate::node_checks::{check_replica, poll_async, poll_sync, role};
 pub const MASTER_NAME: &str = "kvq";
 
 /// How long a sentinel waits for the master to answer before it deems it
-/// down (`down-after-milliseconds`). A failover takes about 2–3 s after a
+/// down (`down-after-milliseconds`). A failover takes about 2.5 s after a
 /// master dies.
 pub const DOWN_AFTER_MS: u64 = 1_000;
 
@@ -168,11 +168,15 @@ impl TestSentinel {
     /// The port of the master, as the first sentinel that answers names it
     /// (`SENTINEL GET-MASTER-ADDR-BY-NAME`).
     pub fn master(&self) -> u16 {
+        self.try_master().expect("no sentinel answers")
+    }
+
+    /// [`TestSentinel::master`], or `None` while no sentinel answers.
+    pub fn try_master(&self) -> Option<u16> {
         self.sentinels
             .iter()
             .filter(|s| s.is_running())
             .find_map(|s| master_named_by(s).ok())
-            .expect("no sentinel answers")
     }
 
     /// The master's node.
@@ -249,12 +253,7 @@ impl TestSentinel {
 
     /// [`TestSentinel::pending_jobs`], or `None` while no master answers.
     pub fn try_pending_jobs(&self) -> Option<i64> {
-        let port = self
-            .sentinels
-            .iter()
-            .filter(|s| s.is_running())
-            .find_map(|s| master_named_by(s).ok())?;
-        self.node(port).try_pending_jobs()
+        self.node(self.try_master()?).try_pending_jobs()
     }
 
     /// CPU time the live data nodes have used so far (the sentinels left

@@ -279,7 +279,13 @@ impl RedisRole {
         match self {
             Self::Single(redis) => redis.try_cmd(args),
             Self::Cluster(cluster) => cluster.try_cmd(args),
-            Self::Sentinel(set) => set.master_node().try_cmd(args),
+            Self::Sentinel(set) => match set.try_master() {
+                Some(port) => set.node(port).try_cmd(args),
+                None => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no sentinel answers",
+                ))),
+            },
         }
     }
 
