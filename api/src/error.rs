@@ -90,9 +90,10 @@ pub enum ApiError {
     )]
     IdempotencyKeyReused,
     /// The queue Redis did not answer in time, and kvq could not learn
-    /// whether the write was queued.
+    /// whether the write was queued; or it queued the write but fewer
+    /// replicas than `KVQ_QUEUE_REDIS_WAIT_REPLICAS` confirmed it.
     #[error(
-        "the queue did not answer in time: the write may or may not have been queued; retry with the same Idempotency-Key to complete it exactly once"
+        "the queue did not answer in time, or did not confirm the write on enough replicas: the write may or may not apply; retry with the same Idempotency-Key to complete it exactly once"
     )]
     OutcomeUnknown(#[source] StoreError),
     /// The process holds as many request bodies as

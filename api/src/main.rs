@@ -79,8 +79,8 @@ async fn main() -> ExitCode {
     tracing::info!(
         bind = %config.bind,
         port = app.port(),
-        kv_redis = %config.kv_redis_url,
-        queue_redis = %config.queue_redis_url,
+        kv_redis = %config.kv_redis,
+        queue_redis = %config.queue_redis,
         namespace = %config.namespace,
         "kvq-api listening"
     );

@@ -9,7 +9,7 @@ use actix_web::dev::Server;
 use actix_web::error::QueryPayloadError;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpRequest, HttpServer, web};
-use kvq_shared::store;
+use kvq_shared::connection::Connector;
 use kvq_shared::{Config, keys};
 
 use crate::auth::Auth;
@@ -51,8 +51,8 @@ impl Application {
         let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
         let port = listener.local_addr()?.port();
-        let kv_client = store::client(&config.kv_redis_url)?;
-        let queue_client = store::client(&config.queue_redis_url)?;
+        let kv_client = Connector::new(&config.kv_redis, config.redis_timeout)?;
+        let queue_client = Connector::new(&config.queue_redis, config.redis_timeout)?;
         let config = Arc::new(config);
         let waiters = Waiters::default();
         // Fail now, not in a worker thread, if the connections cannot be made.

@@ -3,9 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvq_shared::connection::Connector;
 use kvq_shared::jobs::JobRecords;
 use kvq_shared::queue::JobQueue;
-use kvq_shared::store::{self, KvStore};
+use kvq_shared::store::KvStore;
 use kvq_shared::{Config, StoreError};
 
 use crate::wait::Waiters;
@@ -28,16 +29,15 @@ impl AppState {
     /// Lazily connected stores for one worker thread.
     pub(crate) fn new(
         config: &Arc<Config>,
-        kv: &redis::Client,
-        queue: &redis::Client,
+        kv: &Connector,
+        queue: &Connector,
         waiters: &Waiters,
     ) -> Result<Self, StoreError> {
-        let kv_conn = store::manager(kv, config.redis_timeout)?;
-        let queue_conn = store::manager(queue, config.redis_timeout)?;
+        let queue_conn = queue.connect()?;
         Ok(Self {
-            kv: KvStore::new(kv_conn, &config.namespace),
+            kv: KvStore::new(kv.connect()?, &config.namespace, kv.wait()),
             records: JobRecords::new(queue_conn.clone(), config),
-            queue: JobQueue::new(queue_conn, config),
+            queue: JobQueue::new(queue_conn, config, queue.wait()),
             config: config.clone(),
             waiters: waiters.clone(),
         })

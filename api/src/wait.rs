@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use futures::StreamExt;
+use kvq_shared::connection::Connector;
 use tokio::sync::oneshot;
 
 /// The longest wait a client may ask for.
@@ -54,7 +55,7 @@ impl Waiters {
 
     /// Follows the `{ns}:done` channel for the life of the process,
     /// reconnecting after errors.
-    pub async fn follow(self, client: redis::Client, channel: String) {
+    pub async fn follow(self, client: Connector, channel: String) {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.follow_once(&client, &channel).await {
@@ -66,8 +67,8 @@ impl Waiters {
         }
     }
 
-    async fn follow_once(&self, client: &redis::Client, channel: &str) -> redis::RedisResult<()> {
-        let mut pubsub = client.get_async_pubsub().await?;
+    async fn follow_once(&self, client: &Connector, channel: &str) -> redis::RedisResult<()> {
+        let mut pubsub = client.pubsub().await?;
         pubsub.subscribe(channel).await?;
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {

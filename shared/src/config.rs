@@ -92,6 +92,75 @@ impl fmt::Display for RedisUrl {
     }
 }
 
+/// How kvq reaches one of its Redis roles (`KVQ_KV_REDIS_MODE`,
+/// `KVQ_QUEUE_REDIS_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server (`single`, the default): its URL.
+    Single,
+    /// A Redis Cluster (`cluster`): seed node URLs; the rest of the cluster
+    /// is discovered, and redirections and failovers are followed.
+    Cluster,
+    /// A master watched by Redis Sentinel (`sentinel`): the sentinels' URLs
+    /// and the master's name; failovers are followed.
+    Sentinel,
+}
+
+impl RedisMode {
+    /// The mode's name in `KVQ_*_REDIS_MODE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Single => "single",
+            RedisMode::Cluster => "cluster",
+            RedisMode::Sentinel => "sentinel",
+        }
+    }
+}
+
+/// One Redis role's settings: `KVQ_<ROLE>_REDIS_MODE`, `_URL` (one URL, or a
+/// comma-separated list for a cluster's seed nodes or the sentinels),
+/// `_MASTER` and `_WAIT_REPLICAS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    /// How the URLs are used.
+    pub mode: RedisMode,
+    /// One URL in `single` mode; the seed nodes or the sentinels otherwise.
+    pub urls: Vec<RedisUrl>,
+    /// In `sentinel` mode, the master's name as the sentinels know it.
+    pub master: Option<String>,
+    /// Replicas that must confirm each write (Redis `WAIT`) before kvq counts
+    /// it: an applied write (data role) or an accepted job (queue role).
+    pub wait_replicas: u32,
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ", self.mode.as_str())?;
+        for (i, url) in self.urls.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            fmt::Display::fmt(url, f)?;
+        }
+        if let Some(master) = &self.master {
+            write!(f, " master {master}")?;
+        }
+        Ok(())
+    }
+}
+
+impl RedisTarget {
+    /// One server at `url`, no replicas awaited.
+    pub fn single(url: &str) -> Self {
+        Self {
+            mode: RedisMode::Single,
+            urls: vec![RedisUrl(url.to_owned())],
+            master: None,
+            wait_replicas: 0,
+        }
+    }
+}
+
 /// Room in a write's body beyond the value itself (key, `ttl_seconds`,
 /// punctuation): a body may be `KVQ_MAX_VALUE_BYTES` + this.
 pub const BODY_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -108,10 +177,10 @@ pub const DEFAULT_BODY_BYTES_IN_FLIGHT: usize = 16 * 1_048_576;
 pub struct Config {
     /// `KVQ_BIND`: the API's listen address.
     pub bind: SocketAddr,
-    /// `KVQ_KV_REDIS_URL`: the Redis that holds the data.
-    pub kv_redis_url: RedisUrl,
-    /// `KVQ_QUEUE_REDIS_URL`: the Redis that holds the job queue and job records.
-    pub queue_redis_url: RedisUrl,
+    /// `KVQ_KV_REDIS_*`: the Redis that holds the data.
+    pub kv_redis: RedisTarget,
+    /// `KVQ_QUEUE_REDIS_*`: the Redis that holds the job queue and job records.
+    pub queue_redis: RedisTarget,
     /// `KVQ_NAMESPACE`: prefix of every Redis key kvq writes.
     pub namespace: String,
     /// `KVQ_WORKER_CONCURRENCY`: jobs one worker process runs at once.
@@ -223,8 +292,8 @@ impl Config {
         }
         let config = Self {
             bind: env.parse("KVQ_BIND", "127.0.0.1:8080")?,
-            kv_redis_url: env.redis_url("KVQ_KV_REDIS_URL", "redis://127.0.0.1:6379")?,
-            queue_redis_url: env.redis_url("KVQ_QUEUE_REDIS_URL", "redis://127.0.0.1:6380")?,
+            kv_redis: env.redis_target(Role::Kv)?,
+            queue_redis: env.redis_target(Role::Queue)?,
             namespace,
             worker_concurrency: env.ranged("KVQ_WORKER_CONCURRENCY", 32, 1, 10_000)?,
             worker_health_bind: env.parse("KVQ_WORKER_HEALTH_BIND", "127.0.0.1:9091")?,
@@ -296,7 +365,10 @@ impl Config {
                 }
             },
         };
-        env.tls_roots(&[&config.kv_redis_url, &config.queue_redis_url])?;
+        let urls: Vec<&RedisUrl> = (config.kv_redis.urls.iter())
+            .chain(&config.queue_redis.urls)
+            .collect();
+        env.tls_roots(&urls)?;
         Ok(config)
     }
 }
@@ -402,9 +474,8 @@ impl Env<'_> {
             .transpose()
     }
 
-    fn redis_url(&self, var: &'static str, default: &str) -> Result<RedisUrl, ConfigError> {
-        let raw = self.string(var, default);
-        let url = RedisUrl(raw);
+    fn redis_url(&self, var: &'static str, raw: &str) -> Result<RedisUrl, ConfigError> {
+        let url = RedisUrl(raw.trim().to_owned());
         if !(url.0.starts_with("redis://") || url.0.starts_with("rediss://")) {
             return Err(ConfigError {
                 var,
@@ -416,6 +487,89 @@ impl Env<'_> {
             message: format!("{url} is not a usable Redis URL ({:?})", e.kind()),
         })?;
         Ok(url)
+    }
+
+    /// `KVQ_<ROLE>_REDIS_MODE`, `_URL`, `_MASTER` and `_WAIT_REPLICAS`.
+    fn redis_target(&self, role: Role) -> Result<RedisTarget, ConfigError> {
+        let [mode_var, url_var, master_var, wait_var] = role.vars();
+        let mode = match self.optional(mode_var).as_deref() {
+            None | Some("single") => RedisMode::Single,
+            Some("cluster") => RedisMode::Cluster,
+            Some("sentinel") => RedisMode::Sentinel,
+            Some(other) => {
+                return Err(ConfigError {
+                    var: mode_var,
+                    message: format!("{other:?} is not single, cluster or sentinel"),
+                });
+            }
+        };
+        let raw = self.string(url_var, role.default_url());
+        let urls = raw
+            .split(',')
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| self.redis_url(url_var, u))
+            .collect::<Result<Vec<_>, _>>()?;
+        if urls.is_empty() {
+            return Err(ConfigError {
+                var: url_var,
+                message: "no URL given".into(),
+            });
+        }
+        if mode == RedisMode::Single && urls.len() > 1 {
+            return Err(ConfigError {
+                var: url_var,
+                message: format!(
+                    "{} URLs given: a list is for {mode_var}=cluster (seed nodes) or sentinel (the sentinels)",
+                    urls.len()
+                ),
+            });
+        }
+        let master = self.optional(master_var);
+        if mode == RedisMode::Sentinel && master.is_none() {
+            return Err(ConfigError {
+                var: master_var,
+                message: format!("{mode_var}=sentinel needs the master's name"),
+            });
+        }
+        Ok(RedisTarget {
+            mode,
+            urls,
+            master: master.filter(|_| mode == RedisMode::Sentinel),
+            wait_replicas: self.ranged(wait_var, 0, 0, 64)?,
+        })
+    }
+}
+
+/// A Redis role, for its variables' names.
+#[derive(Clone, Copy)]
+enum Role {
+    Kv,
+    Queue,
+}
+
+impl Role {
+    fn vars(self) -> [&'static str; 4] {
+        match self {
+            Role::Kv => [
+                "KVQ_KV_REDIS_MODE",
+                "KVQ_KV_REDIS_URL",
+                "KVQ_KV_REDIS_MASTER",
+                "KVQ_KV_REDIS_WAIT_REPLICAS",
+            ],
+            Role::Queue => [
+                "KVQ_QUEUE_REDIS_MODE",
+                "KVQ_QUEUE_REDIS_URL",
+                "KVQ_QUEUE_REDIS_MASTER",
+                "KVQ_QUEUE_REDIS_WAIT_REPLICAS",
+            ],
+        }
+    }
+
+    fn default_url(self) -> &'static str {
+        match self {
+            Role::Kv => "redis://127.0.0.1:6379",
+            Role::Queue => "redis://127.0.0.1:6380",
+        }
     }
 }
 
@@ -472,8 +626,8 @@ mod tests {
     fn defaults_match_the_design() {
         let c = config(&[]).expect("defaults are valid");
         assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.kv_redis_url.expose(), "redis://127.0.0.1:6379");
-        assert_eq!(c.queue_redis_url.expose(), "redis://127.0.0.1:6380");
+        assert_eq!(c.kv_redis, RedisTarget::single("redis://127.0.0.1:6379"));
+        assert_eq!(c.queue_redis, RedisTarget::single("redis://127.0.0.1:6380"));
         assert_eq!(c.namespace, "kvq");
         assert_eq!(c.worker_concurrency, 32);
         assert_eq!(c.worker_health_bind.to_string(), "127.0.0.1:9091");
@@ -555,8 +709,18 @@ mod tests {
             ("KVQ_LOG_FORMAT", "xml"),
             ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "forever"),
             ("KVQ_AUTH_MAX_TOKEN_LIFETIME", "0s"),
+            ("KVQ_KV_REDIS_MODE", "replicated"),
+            ("KVQ_KV_REDIS_URL", "redis://a:1,redis://b:1"),
+            ("KVQ_QUEUE_REDIS_URL", ","),
+            ("KVQ_QUEUE_REDIS_MASTER", ""),
+            ("KVQ_QUEUE_REDIS_WAIT_REPLICAS", "-1"),
+            ("KVQ_KV_REDIS_WAIT_REPLICAS", "65"),
         ] {
-            let err = config(&[(var, value)]).expect_err(var);
+            let mut vars = vec![(var, value)];
+            if var == "KVQ_QUEUE_REDIS_MASTER" {
+                vars.push(("KVQ_QUEUE_REDIS_MODE", "sentinel"));
+            }
+            let err = config(&vars).expect_err(var);
             assert_eq!(err.var, var);
             assert!(err.to_string().starts_with(var), "{err}");
         }
@@ -598,6 +762,44 @@ tL4ndQavEi51mI38AjEAi/V3bNTIZargCyzuFJ0nN6T5U6VR5CmD1/iQMVtCnwr1
         config(&[("KVQ_KV_REDIS_URL", "rediss://:pw@127.0.0.1:1/#insecure")])
             .expect("#insecure parses");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn cluster_and_sentinel_take_url_lists() {
+        let c = config(&[
+            ("KVQ_KV_REDIS_MODE", "cluster"),
+            (
+                "KVQ_KV_REDIS_URL",
+                "redis://:pw@10.0.0.1:7000, rediss://:pw@10.0.0.2:7000/#insecure",
+            ),
+            ("KVQ_KV_REDIS_WAIT_REPLICAS", "1"),
+            ("KVQ_QUEUE_REDIS_MODE", "sentinel"),
+            (
+                "KVQ_QUEUE_REDIS_URL",
+                "redis://10.0.0.3:26379,redis://10.0.0.4:26379",
+            ),
+            ("KVQ_QUEUE_REDIS_MASTER", "kvq-queue"),
+        ])
+        .expect("valid");
+        assert_eq!(c.kv_redis.mode, RedisMode::Cluster);
+        assert_eq!(c.kv_redis.urls.len(), 2);
+        assert_eq!(
+            c.kv_redis.urls[1].expose(),
+            "rediss://:pw@10.0.0.2:7000/#insecure"
+        );
+        assert_eq!(c.kv_redis.wait_replicas, 1);
+        assert_eq!(c.kv_redis.master, None);
+        assert_eq!(c.queue_redis.mode, RedisMode::Sentinel);
+        assert_eq!(c.queue_redis.master.as_deref(), Some("kvq-queue"));
+        assert_eq!(c.queue_redis.wait_replicas, 0);
+        let shown = c.kv_redis.to_string();
+        assert!(!shown.contains("pw"), "{shown}");
+        assert!(
+            shown.starts_with("cluster redis://:***@10.0.0.1:7000,"),
+            "{shown}"
+        );
+        let err = config(&[("KVQ_KV_REDIS_MODE", "sentinel")]).expect_err("no master");
+        assert_eq!(err.var, "KVQ_KV_REDIS_MASTER");
     }
 
     #[test]

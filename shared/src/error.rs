@@ -19,6 +19,18 @@ pub enum StoreError {
     /// Redis answered with data kvq did not write.
     #[error("unexpected data in redis: {0}")]
     Corrupt(String),
+    /// The write is on the master, but fewer replicas than
+    /// `KVQ_*_REDIS_WAIT_REPLICAS` confirmed it in time: it is lost if the
+    /// master fails before one does.
+    #[error("{confirmed} of {wanted} replicas confirmed the write within {within:?}")]
+    NotReplicated {
+        /// Replicas asked for.
+        wanted: u32,
+        /// Replicas that confirmed.
+        confirmed: u32,
+        /// How long `WAIT` waited.
+        within: Duration,
+    },
 }
 
 impl StoreError {
@@ -26,7 +38,7 @@ impl StoreError {
     /// errors), as opposed to a bug or corrupt data.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Timeout(_) => true,
+            StoreError::Timeout(_) | StoreError::NotReplicated { .. } => true,
             StoreError::Redis(e) => {
                 e.is_io_error()
                     || e.is_timeout()
@@ -36,6 +48,9 @@ impl StoreError {
                         e.kind(),
                         redis::ErrorKind::Server(
                             redis::ServerErrorKind::BusyLoading
+                                // A cluster moving a slot, or failing over.
+                                | redis::ServerErrorKind::Moved
+                                | redis::ServerErrorKind::Ask
                                 | redis::ServerErrorKind::TryAgain
                                 | redis::ServerErrorKind::ClusterDown
                                 | redis::ServerErrorKind::MasterDown
@@ -55,7 +70,7 @@ impl StoreError {
     /// did not.
     pub fn may_have_run(&self) -> bool {
         match self {
-            StoreError::Timeout(_) => true,
+            StoreError::Timeout(_) | StoreError::NotReplicated { .. } => true,
             StoreError::Redis(e) => {
                 !e.is_connection_refusal() && !matches!(e.kind(), redis::ErrorKind::Server(_))
             }

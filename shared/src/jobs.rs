@@ -7,10 +7,10 @@ use std::fmt;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::connection::{Conn, query_all};
 use crate::error::StoreError;
 use crate::keys;
 
@@ -451,7 +451,7 @@ impl From<Outcome> for Final {
 /// period.
 #[derive(Clone)]
 pub struct JobRecords {
-    conn: ConnectionManager,
+    conn: Conn,
     namespace: String,
     retention: Duration,
     partitions: u16,
@@ -460,7 +460,7 @@ pub struct JobRecords {
 impl JobRecords {
     /// Job records under `KVQ_NAMESPACE`, kept for `KVQ_JOB_RETENTION_SECONDS`
     /// once written, over `KVQ_QUEUE_PARTITIONS` partitions.
-    pub fn new(conn: ConnectionManager, config: &crate::Config) -> Self {
+    pub fn new(conn: Conn, config: &crate::Config) -> Self {
         Self {
             conn,
             namespace: config.namespace.clone(),
@@ -526,11 +526,18 @@ impl JobRecords {
                 .zrembyscore(&dead, "-inf", format!("({cutoff}"))
                 .ignore();
         }
-        if announce {
-            pipe.publish(keys::done_channel(&self.namespace), job_id)
-                .ignore();
+        let mut conn = self.conn.clone();
+        let channel = keys::done_channel(&self.namespace);
+        // A cluster routes PUBLISH by its channel's slot: on its own there,
+        // after the record it announces.
+        let publish_apart = announce && conn.is_cluster();
+        if announce && !publish_apart {
+            pipe.publish(&channel, job_id).ignore();
         }
-        pipe.query_async::<()>(&mut self.conn.clone()).await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        if publish_apart {
+            conn.publish::<_, _, ()>(&channel, job_id).await?;
+        }
         Ok(())
     }
 
@@ -648,14 +655,28 @@ impl JobRecords {
         offset: usize,
         limit: usize,
     ) -> Result<(Vec<JobRecord>, Option<usize>), StoreError> {
-        let mut conn = self.conn.clone();
+        let conn = &self.conn;
         // One more than asked, to know whether a next page exists.
         let stop = isize::try_from(offset.saturating_add(limit)).unwrap_or(isize::MAX);
-        let mut pipe = redis::pipe();
-        for p in 0..self.partitions {
-            pipe.zrange_withscores(keys::dead_set(&self.namespace, p), 0, stop);
-        }
-        let sets: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await?;
+        let sets = query_all(
+            conn,
+            (0..self.partitions)
+                .map(|p| {
+                    let mut cmd = redis::cmd("ZRANGE");
+                    cmd.arg(keys::dead_set(&self.namespace, p))
+                        .arg(0)
+                        .arg(stop)
+                        .arg("WITHSCORES");
+                    cmd
+                })
+                .collect(),
+        )
+        .await?;
+        let sets = sets
+            .into_iter()
+            .map(redis::FromRedisValue::from_redis_value)
+            .collect::<Result<Vec<Vec<(String, i64)>>, _>>()
+            .map_err(|e| StoreError::Corrupt(format!("a dead-letter set: {e}")))?;
         let mut all: Vec<(i64, String, u16)> = sets
             .into_iter()
             .zip(0..self.partitions)
@@ -672,16 +693,16 @@ impl JobRecords {
         if page.is_empty() {
             return Ok((Vec::new(), None));
         }
-        let mut pipe = redis::pipe();
-        for (_, id, _) in page {
-            match keys::job_key(&self.namespace, id) {
-                Some(key) => pipe.hgetall(key),
-                None => pipe.cmd("PING"),
-            };
-        }
-        let hashes: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let reads = page
+            .iter()
+            .map(|(_, id, _)| match keys::job_key(&self.namespace, id) {
+                Some(key) => redis::Cmd::hgetall(key),
+                None => redis::cmd("PING"),
+            })
+            .collect();
+        let hashes = query_all(conn, reads).await?;
         let mut records = Vec::with_capacity(page.len());
-        let mut gone = redis::pipe();
+        let mut gone = Vec::new();
         let mut expired = 0;
         for ((_, id, p), hash) in page.iter().zip(hashes) {
             let hash: HashMap<String, String> =
@@ -694,14 +715,12 @@ impl JobRecords {
             match record {
                 Some(record) if record.status == JobStatus::Dead => records.push(record),
                 _ => {
-                    gone.zrem(keys::dead_set(&self.namespace, *p), id).ignore();
+                    gone.push(redis::Cmd::zrem(keys::dead_set(&self.namespace, *p), id));
                     expired += 1;
                 }
             }
         }
-        if expired > 0 {
-            gone.query_async::<()>(&mut conn).await?;
-        }
+        query_all(conn, gone).await?;
         let next = more.then(|| offset + limit - expired);
         Ok((records, next))
     }

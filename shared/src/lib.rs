@@ -8,6 +8,8 @@
 //!
 //! # Layout
 //! - [`config`]: the typed `KVQ_*` configuration.
+//! - [`connection`]: connections to a Redis role: one server, a cluster, or
+//!   a master behind Sentinel.
 //! - [`keys`]: every Redis key's shape, one function each.
 //! - [`jobs`]: the job type, outcomes, and the job records clients poll.
 //! - [`store`]: the KV Redis: reads, the apply script, listing.
@@ -17,6 +19,7 @@
 //! - [`telemetry`]: log set-up.
 
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod jobs;
 pub mod keys;

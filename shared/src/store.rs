@@ -10,13 +10,10 @@
 //! the key's bucket's index (a sorted set of its keys, read by
 //! `scripts/list.lua`) and expiry set up to date, in the same slot.
 
-use std::time::Duration;
-
-use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde_json::value::RawValue;
 
-use crate::config::RedisUrl;
+use crate::connection::{Conn, WaitReplicas};
 use crate::error::StoreError;
 use crate::jobs::{ApplyJob, Outcome};
 use crate::keys;
@@ -36,49 +33,6 @@ const LIST_EXAMINE_SLACK: usize = 64;
 pub fn install_tls_provider() {
     // Err only means a provider is installed already: keep it.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// Checks a Redis URL and makes a client for it (no connection yet).
-///
-/// A `rediss://` URL connects over TLS and verifies the server's certificate
-/// against the system's roots, or those of `SSL_CERT_FILE` / `SSL_CERT_DIR`
-/// when set (rustls-native-certs). `rediss://host/#insecure` skips the
-/// verification: for tests only, and warned about here.
-pub fn client(url: &RedisUrl) -> Result<redis::Client, StoreError> {
-    let client = redis::Client::open(url.expose())?;
-    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } =
-        client.get_connection_info().addr()
-    {
-        tracing::warn!(
-            redis = %url,
-            "#insecure: this Redis' TLS certificate is not verified; use it only in tests"
-        );
-    }
-    Ok(client)
-}
-
-/// Opens a lazily connected, self-reconnecting, multiplexed Redis connection
-/// (faster than a pool here). Its I/O task runs on the runtime that first
-/// uses it, so give each thread-per-core runtime its own.
-///
-/// `timeout` bounds each command; connecting is bounded by the same time or
-/// 2 s, whichever is shorter.
-pub fn manager(client: &redis::Client, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(timeout.min(Duration::from_secs(2))))
-        .set_number_of_retries(2)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(500));
-    Ok(ConnectionManager::new_lazy_with_config(
-        client.clone(),
-        config,
-    )?)
-}
-
-/// [`client`] and [`manager`] in one step.
-pub fn connect(url: &RedisUrl, timeout: Duration) -> Result<ConnectionManager, StoreError> {
-    manager(&client(url)?, timeout)
 }
 
 /// A value hash's `v`, `ver`, `ts` and `exp` fields.
@@ -112,17 +66,21 @@ pub enum Applied {
 /// The KV Redis.
 #[derive(Clone)]
 pub struct KvStore {
-    conn: ConnectionManager,
+    conn: Conn,
+    /// Replicas each applied write must reach (`KVQ_KV_REDIS_WAIT_REPLICAS`).
+    wait: Option<WaitReplicas>,
     namespace: String,
     apply_script: Script,
     list_script: Script,
 }
 
 impl KvStore {
-    /// The store under `namespace` on `conn`.
-    pub fn new(conn: ConnectionManager, namespace: &str) -> Self {
+    /// The store under `namespace` on `conn`; with `wait`, an applied write
+    /// counts only once that many replicas have it.
+    pub fn new(conn: Conn, namespace: &str, wait: Option<WaitReplicas>) -> Self {
         Self {
             conn,
+            wait,
             namespace: namespace.to_owned(),
             apply_script: Script::new(include_str!("scripts/apply.lua")),
             list_script: Script::new(include_str!("scripts/list.lua")),
@@ -179,8 +137,8 @@ impl KvStore {
     pub async fn apply(&self, job: &ApplyJob, now_ms: i64) -> Result<Applied, StoreError> {
         let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
         let bucket = keys::bucket(&job.key);
-        let answer: Vec<String> = self
-            .apply_script
+        let mut invocation = self.apply_script.prepare_invoke();
+        invocation
             .key(keys::value_key(&self.namespace, &job.key))
             .key(keys::meta_key(&self.namespace, &job.key))
             .key(keys::index_key(&self.namespace, bucket))
@@ -196,9 +154,34 @@ impl KvStore {
             .arg(REMEMBERED_OUTCOMES)
             .arg(job.seq)
             .arg(&job.key)
-            .arg(keys::value_key_prefix(&self.namespace, bucket))
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(keys::value_key_prefix(&self.namespace, bucket));
+        let mut conn = self.conn.clone();
+        let Some(wait) = self.wait else {
+            let answer: Vec<String> = invocation.invoke_async(&mut conn).await?;
+            return Self::applied(answer);
+        };
+        // The script and WAIT in one round trip, on the key's node.
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        wait.add_to(&mut pipe);
+        let (answer, confirmed): (Vec<String>, i64) = match pipe.query_async(&mut conn).await {
+            // A restarted Redis has forgotten the script: load it, once.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.apply_script.load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            answer => answer?,
+        };
+        let applied = Self::applied(answer)?;
+        // A fenced job changed nothing: there is nothing to replicate.
+        if confirmed < i64::from(wait.replicas) && !matches!(applied, Applied::Fenced(_)) {
+            return Err(wait.short(confirmed));
+        }
+        Ok(applied)
+    }
+
+    /// The apply script's answer.
+    fn applied(answer: Vec<String>) -> Result<Applied, StoreError> {
         let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
         let outcome = |s: &str| Outcome::parse(s).ok_or_else(corrupt);
         match answer.as_slice() {
@@ -290,27 +273,48 @@ impl KvStore {
         per_bucket: usize,
     ) -> Result<Vec<(Vec<String>, Option<String>)>, StoreError> {
         let ns = &self.namespace;
-        let mut pipe = redis::pipe();
-        for bucket in 0..keys::BUCKETS {
-            pipe.cmd("EVALSHA")
-                .arg(self.list_script.get_hash())
-                .arg(2)
-                .arg(keys::index_key(ns, bucket))
-                .arg(keys::expiry_key(ns, bucket))
-                .arg(keys::value_key_prefix(ns, bucket))
-                .arg(start)
-                .arg(end)
-                .arg(per_bucket)
-                .arg(per_bucket + LIST_EXAMINE_SLACK);
-        }
         let mut conn = self.conn.clone();
-        let answers: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut conn).await {
-            // A restarted Redis has forgotten the script: load it, once.
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.list_script.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
+        let answers: Vec<Vec<Vec<u8>>> = if conn.is_cluster() {
+            // Buckets are slots spread over the masters: one script call
+            // each, all at once.
+            let calls = (0..keys::BUCKETS).map(|bucket| {
+                let mut conn = conn.clone();
+                let mut invocation = self.list_script.prepare_invoke();
+                invocation
+                    .key(keys::index_key(ns, bucket))
+                    .key(keys::expiry_key(ns, bucket))
+                    .arg(keys::value_key_prefix(ns, bucket))
+                    .arg(start)
+                    .arg(end)
+                    .arg(per_bucket)
+                    .arg(per_bucket + LIST_EXAMINE_SLACK);
+                async move { invocation.invoke_async(&mut conn).await }
+            });
+            futures::future::try_join_all(calls).await?
+        } else {
+            let mut pipe = redis::pipe();
+            for bucket in 0..keys::BUCKETS {
+                pipe.cmd("EVALSHA")
+                    .arg(self.list_script.get_hash())
+                    .arg(2)
+                    .arg(keys::index_key(ns, bucket))
+                    .arg(keys::expiry_key(ns, bucket))
+                    .arg(keys::value_key_prefix(ns, bucket))
+                    .arg(start)
+                    .arg(end)
+                    .arg(per_bucket)
+                    .arg(per_bucket + LIST_EXAMINE_SLACK);
             }
-            answers => answers?,
+            match pipe.query_async(&mut conn).await {
+                // A restarted Redis has forgotten the script: load it, once.
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    self.list_script.load_async(&mut conn).await?;
+                    pipe.query_async(&mut conn).await?
+                }
+                answers => answers?,
+            }
         };
         let text = |bytes: Vec<u8>| {
             String::from_utf8(bytes)

@@ -28,8 +28,8 @@ async fn main() -> ExitCode {
     tracing::info!(
         worker = worker.name(),
         health_port = worker.health_port(),
-        kv_redis = %config.kv_redis_url,
-        queue_redis = %config.queue_redis_url,
+        kv_redis = %config.kv_redis,
+        queue_redis = %config.queue_redis,
         namespace = %config.namespace,
         "kvq-worker starting"
     );

@@ -9,9 +9,10 @@ use std::time::Duration;
 use actix_web::{App, HttpResponse, HttpServer, web};
 use apalis::prelude::{WorkerBuilder, WorkerBuilderExt};
 use kvq_shared::Config;
+use kvq_shared::connection::Connector;
 use kvq_shared::jobs::JobRecords;
 use kvq_shared::queue::{self, StreamsBackend};
-use kvq_shared::store::{self, KvStore};
+use kvq_shared::store::KvStore;
 use tokio::sync::watch;
 
 use crate::apply::{Applier, handle};
@@ -21,7 +22,7 @@ pub struct Worker {
     config: Arc<Config>,
     name: String,
     applier: Arc<Applier>,
-    queue_client: redis::Client,
+    queue_client: Connector,
     health: TcpListener,
     health_port: u16,
 }
@@ -31,11 +32,11 @@ impl Worker {
     pub fn build(config: Config) -> Result<Self, anyhow::Error> {
         let health = TcpListener::bind(config.worker_health_bind)?;
         let health_port = health.local_addr()?.port();
-        let kv_conn = store::connect(&config.kv_redis_url, config.redis_timeout)?;
-        let queue_client = store::client(&config.queue_redis_url)?;
-        let queue_conn = store::manager(&queue_client, config.redis_timeout)?;
+        let kv = Connector::new(&config.kv_redis, config.redis_timeout)?;
+        let queue_client = Connector::new(&config.queue_redis, config.redis_timeout)?;
+        let queue_conn = queue_client.connect()?;
         let applier = Arc::new(Applier {
-            kv: KvStore::new(kv_conn, &config.namespace),
+            kv: KvStore::new(kv.connect()?, &config.namespace, kv.wait()),
             records: JobRecords::new(queue_conn.clone(), &config),
             max_attempts: config.worker_max_attempts,
             metrics: Arc::default(),
@@ -129,7 +130,7 @@ async fn supervise(
     name: String,
     config: Arc<Config>,
     applier: Arc<Applier>,
-    queue_client: redis::Client,
+    queue_client: Connector,
     stop: watch::Receiver<bool>,
 ) {
     let mut delay = Duration::from_millis(100);

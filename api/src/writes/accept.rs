@@ -75,6 +75,9 @@ async fn queue(
     let attempt = uuid::Uuid::new_v4().to_string();
     let found = match state.queue.accept(&job, &attempt, how, idempotent).await {
         Ok(found) => found,
+        // Queued on the master only: it applies unless the master fails
+        // before a replica has it.
+        Err(e @ StoreError::NotReplicated { .. }) => return Err(ApiError::OutcomeUnknown(e)),
         Err(e) if e.may_have_run() => {
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
             settle(state, &job, &attempt, how).await?

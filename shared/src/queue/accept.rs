@@ -5,9 +5,9 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use crate::config::Config;
+use crate::connection::{Conn, WaitReplicas, query_all};
 use crate::error::StoreError;
 use crate::jobs::{ApplyJob, JobRecords};
 use crate::keys;
@@ -149,18 +149,22 @@ fn bad_id(id: &str) -> StoreError {
 /// The producer side of kvq's queue: records and pushes jobs.
 #[derive(Clone)]
 pub struct JobQueue {
-    conn: ConnectionManager,
+    conn: Conn,
+    /// Replicas each accepted job must reach (`KVQ_QUEUE_REDIS_WAIT_REPLICAS`).
+    wait: Option<WaitReplicas>,
     namespace: String,
     partitions: u16,
     records: JobRecords,
 }
 
 impl JobQueue {
-    /// The queue on the queue Redis reached through `conn`.
-    pub fn new(conn: ConnectionManager, config: &Config) -> Self {
+    /// The queue on the queue Redis reached through `conn`; with `wait`, a
+    /// job counts as accepted only once that many replicas have it.
+    pub fn new(conn: Conn, config: &Config, wait: Option<WaitReplicas>) -> Self {
         Self {
             records: JobRecords::new(conn.clone(), config),
             conn,
+            wait,
             namespace: config.namespace.clone(),
             partitions: config.queue_partitions,
         }
@@ -198,7 +202,8 @@ impl JobQueue {
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         let ns = &self.namespace;
         let record = keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?;
-        let answer: Vec<String> = ACCEPT
+        let mut invocation = ACCEPT.prepare_invoke();
+        invocation
             .key(record)
             .key(keys::stream_key(ns, p))
             .key(keys::cancelled_key(ns, p, attempt))
@@ -217,10 +222,31 @@ impl JobQueue {
                 crate::jobs::IDEMPOTENCY_TTL.as_secs()
             } else {
                 0
-            })
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Accepted::parse(&answer)
+            });
+        let mut conn = self.conn.clone();
+        let Some(wait) = self.wait else {
+            let answer: Vec<String> = invocation.invoke_async(&mut conn).await?;
+            return Accepted::parse(&answer);
+        };
+        // The script and WAIT in one round trip, on the partition's node.
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(&invocation);
+        wait.add_to(&mut pipe);
+        let (answer, confirmed): (Vec<String>, i64) = match pipe.query_async(&mut conn).await {
+            // A restarted Redis has forgotten the script: load it, once.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                ACCEPT.load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            answer => answer?,
+        };
+        let accepted = Accepted::parse(&answer)?;
+        // A job queued before (a repeat) counts as accepted only once
+        // replicated, like a new one.
+        if !matches!(accepted, Accepted::Cancelled) && confirmed < i64::from(wait.replicas) {
+            return Err(wait.short(confirmed));
+        }
+        Ok(accepted)
     }
 
     /// Settles an attempt whose [`JobQueue::accept`] got no answer: tells
@@ -254,14 +280,17 @@ impl JobQueue {
     /// there are, over every partition (one pipeline).
     #[tracing::instrument(skip(self))]
     pub async fn depths(&self) -> Result<(u64, u64), StoreError> {
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for p in 0..self.partitions {
-            pipe.cmd("XLEN")
-                .arg(keys::stream_key(&self.namespace, p))
-                .cmd("ZCARD")
-                .arg(keys::dead_set(&self.namespace, p));
+            cmds.push(redis::Cmd::xlen(keys::stream_key(&self.namespace, p)));
+            cmds.push(redis::Cmd::zcard(keys::dead_set(&self.namespace, p)));
         }
-        let counts: Vec<u64> = pipe.query_async(&mut self.conn.clone()).await?;
+        let counts = query_all(&self.conn, cmds)
+            .await?
+            .into_iter()
+            .map(redis::FromRedisValue::from_redis_value)
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|e| StoreError::Corrupt(format!("a queue depth: {e}")))?;
         let queued = counts.iter().step_by(2).sum();
         let dead = counts.iter().skip(1).step_by(2).sum();
         Ok((queued, dead))

@@ -107,6 +107,9 @@ pub struct StreamsConfig {
     /// again, doubled for each further deferral; a deferral does not count
     /// as a run.
     pub defer_delay: Duration,
+    /// Longest delay between deferred runs: how late a job may start after
+    /// the Redis server it waited for is back.
+    pub max_defer_delay: Duration,
     /// Response timeout of non-blocking Redis commands.
     pub timeout: Duration,
 }
@@ -134,6 +137,7 @@ impl StreamsConfig {
             retry_delay: Duration::from_millis(100),
             max_retry_delay: Duration::from_secs(10),
             defer_delay: Duration::from_millis(100),
+            max_defer_delay: Duration::from_secs(1),
             timeout: Duration::from_secs(2),
         }
     }

@@ -24,7 +24,6 @@ use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::context::WorkerContext;
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{StreamId, StreamReadReply};
 use redis::{RedisResult, Script};
 use serde::de::DeserializeOwned;
@@ -33,6 +32,8 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::StreamsConfig;
+use crate::connection::{Conn, Connector};
+use crate::error::StoreError;
 use crate::keys;
 
 /// A job the partitioned queue can run: it names the key whose jobs run one
@@ -190,8 +191,8 @@ return 1
 
 /// What the coordinator and the partitions share.
 struct Shared {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    connector: Connector,
     config: StreamsConfig,
     /// Bytes of jobs the worker's partitions hold, fetched and not yet
     /// committed: reading stops at [`StreamsConfig::max_window_bytes`].
@@ -226,21 +227,10 @@ impl Shared {
 
     /// A connection for one partition's blocking reads, which would stall
     /// other commands on a shared connection.
-    fn blocking_conn(&self) -> RedisResult<ConnectionManager> {
-        ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            conn_config(&self.config, self.config.block + self.config.timeout),
-        )
+    fn blocking_conn(&self) -> Result<Conn, StoreError> {
+        self.connector
+            .connect_with_timeout(self.config.block + self.config.timeout)
     }
-}
-
-fn conn_config(config: &StreamsConfig, timeout: Duration) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_response_timeout(Some(timeout))
-        .set_connection_timeout(Some(config.timeout))
-        .set_number_of_retries(2)
-        .set_min_delay(Duration::from_millis(20))
-        .set_max_delay(Duration::from_millis(500))
 }
 
 /// The apalis backend.
@@ -257,16 +247,14 @@ struct Running<T> {
 }
 
 impl<T> StreamsBackend<T> {
-    /// A backend on the Redis at `client` (connects lazily).
-    pub fn new(client: redis::Client, config: StreamsConfig) -> RedisResult<Self> {
-        let conn = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            conn_config(&config, config.timeout),
-        )?;
+    /// A backend on the queue Redis reached through `connector` (connects
+    /// lazily), whose commands time out after `config.timeout`.
+    pub fn new(connector: Connector, config: StreamsConfig) -> Result<Self, StoreError> {
+        let conn = connector.connect_with_timeout(config.timeout)?;
         Ok(Self {
             shared: Arc::new(Shared {
                 conn,
-                client,
+                connector,
                 config,
                 window_bytes: AtomicUsize::new(0),
                 in_flight_bytes: AtomicUsize::new(0),
@@ -417,10 +405,8 @@ where
 /// What a run's result means for its partition.
 fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -> Done {
     let runs = e.runs + 1;
-    let backoff = |base: Duration, n: u32| {
-        base.saturating_mul(1 << n.min(20))
-            .min(config.max_retry_delay)
-    };
+    let backoff =
+        |base: Duration, n: u32, max: Duration| base.saturating_mul(1 << n.min(20)).min(max);
     match result {
         Ok(()) => Done::Final(e.seq),
         Err(err) if err.downcast_ref::<AbortError>().is_some() => Done::Final(e.seq),
@@ -433,7 +419,7 @@ fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -
             seq: e.seq,
             runs: e.runs,
             defers: e.defers + 1,
-            delay: backoff(config.defer_delay, e.defers),
+            delay: backoff(config.defer_delay, e.defers, config.max_defer_delay),
         },
         Err(err) if runs >= config.max_attempts as usize => {
             tracing::error!(task_id = %e.task_id, runs, error = %err, "job dropped: retries exhausted");
@@ -445,7 +431,11 @@ fn settle(config: &StreamsConfig, e: &Entry, result: Result<(), &BoxDynError>) -
             defers: e.defers,
             delay: match err.downcast_ref::<RetryAfterError>() {
                 Some(r) => r.get_duration().min(config.max_retry_delay),
-                None => backoff(config.retry_delay, u32::try_from(runs - 1).unwrap_or(20)),
+                None => backoff(
+                    config.retry_delay,
+                    u32::try_from(runs - 1).unwrap_or(20),
+                    config.max_retry_delay,
+                ),
             },
         },
     }
@@ -538,45 +528,31 @@ impl<T: QueuedJob> Coordinator<T> {
                 self.min_generation.insert(p, fence + 1);
             }
         }
-        let mut live: Vec<String> = HEARTBEAT
+        // The workers set may live on another server than some partitions
+        // (a cluster): leases are renewed even when the heartbeat fails.
+        let heartbeat: RedisResult<Vec<String>> = HEARTBEAT
             .key(keys::workers_key(self.shared.ns()))
             .arg(&self.worker)
             .arg(lease_ms)
             .invoke_async(&mut conn)
-            .await?;
-        if !live.contains(&self.worker) {
-            live.push(self.worker.clone());
-        }
+            .await;
         if !self.owned.is_empty() {
-            let mut pipe = redis::pipe();
             let order: Vec<u16> = self.owned.keys().copied().collect();
-            for p in &order {
-                let owned = &self.owned[p];
-                pipe.invoke_script(
-                    RENEW
-                        .key(keys::lease_key(self.shared.ns(), *p))
-                        .arg(&owned.lease)
-                        .arg(lease_ms),
-                );
-            }
-            let renewed: Vec<i64> = match pipe.query_async(&mut conn).await {
-                // A restarted Redis has forgotten the script: load it, once.
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    RENEW.load_async(&mut conn).await?;
-                    pipe.query_async(&mut conn).await?
-                }
-                renewed => renewed?,
-            };
+            let renewed = self.renew(&order, lease_ms).await?;
             for (p, ok) in order.into_iter().zip(renewed) {
-                if ok == 0
+                // Unknown (its server did not answer): the lease runs on
+                // until it is renewed or runs out.
+                if ok == Some(0)
                     && let Some(owned) = self.owned.remove(&p)
                 {
                     tracing::warn!(partition = p, "partition lease lost");
                     let _ = owned.control.send(Control::Lost);
                 }
             }
+        }
+        let mut live = heartbeat?;
+        if !live.contains(&self.worker) {
+            live.push(self.worker.clone());
         }
         let mine = preferred(&live, &self.worker, config.partitions);
         for p in 0..config.partitions {
@@ -588,11 +564,55 @@ impl<T: QueuedJob> Coordinator<T> {
                     let _ = owned.control.send(Control::Release);
                 }
                 Some(_) => {}
-                None if wanted => self.acquire(p, lease_ms).await?,
+                // One partition's server failing (a cluster master) does
+                // not keep the others from being taken.
+                None if wanted => {
+                    if let Err(e) = self.acquire(p, lease_ms).await {
+                        tracing::warn!(partition = p, error = %e, "cannot take the partition yet");
+                    }
+                }
                 None => {}
             }
         }
         Ok(())
+    }
+
+    /// Renews the leases of partitions `order`: 1 for each still ours, 0
+    /// for each lost. One pipeline, or on a cluster one call per partition,
+    /// all at once (partitions are slots spread over the masters).
+    async fn renew(&self, order: &[u16], lease_ms: u64) -> RedisResult<Vec<Option<i64>>> {
+        let mut conn = self.shared.conn.clone();
+        let invocations: Vec<_> = order
+            .iter()
+            .map(|p| {
+                let mut invocation = RENEW.prepare_invoke();
+                invocation
+                    .key(keys::lease_key(self.shared.ns(), *p))
+                    .arg(&self.owned[p].lease)
+                    .arg(lease_ms);
+                invocation
+            })
+            .collect();
+        if conn.is_cluster() {
+            let calls = invocations.iter().map(|invocation| {
+                let mut conn = conn.clone();
+                async move { invocation.invoke_async::<i64>(&mut conn).await.ok() }
+            });
+            return Ok(futures::future::join_all(calls).await);
+        }
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let renewed: Vec<i64> = match pipe.query_async(&mut conn).await {
+            // A restarted Redis has forgotten the script: load it, once.
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                RENEW.load_async(&mut conn).await?;
+                pipe.query_async(&mut conn).await?
+            }
+            renewed => renewed?,
+        };
+        Ok(renewed.into_iter().map(Some).collect())
     }
 
     async fn acquire(&mut self, p: u16, lease_ms: u64) -> RedisResult<()> {
@@ -1147,7 +1167,7 @@ fn entry_bytes(entry: &StreamId) -> usize {
 }
 
 async fn read(
-    mut conn: ConnectionManager,
+    mut conn: Conn,
     stream: String,
     mut from: String,
     mut reads: Reads,

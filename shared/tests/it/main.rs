@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use apalis::prelude::{BoxDynError, Data, DeferredError, WorkerBuilder, WorkerBuilderExt};
 use kvq_shared::Config;
+use kvq_shared::connection::Connector;
 use kvq_shared::jobs::{ApplyJob, Op, now_ms};
 use kvq_shared::keys;
 use kvq_shared::queue::{Accepted, Fenced, JobQueue, Queueing, StreamsBackend, StreamsConfig};
@@ -262,6 +263,7 @@ pub(crate) struct Queue {
     pub(crate) redis: TestRedis,
     pub(crate) partitions: u16,
     pub(crate) queue: JobQueue,
+    connector: Connector,
     pub(crate) log: Arc<Log>,
 }
 
@@ -282,12 +284,12 @@ impl Queue {
             _ => None,
         })
         .unwrap();
-        let client = kvq_shared::store::client(&config.queue_redis_url).unwrap();
-        let conn = kvq_shared::store::manager(&client, Duration::from_secs(2)).unwrap();
+        let connector = Connector::new(&config.queue_redis, Duration::from_secs(2)).unwrap();
         Self {
             redis,
             partitions,
-            queue: JobQueue::new(conn, &config),
+            queue: JobQueue::new(connector.connect().unwrap(), &config, None),
+            connector,
             log: Arc::default(),
         }
     }
@@ -321,7 +323,7 @@ impl Queue {
             .build()
             .unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let client = redis::Client::open(self.redis.url()).unwrap();
+        let client = self.connector.clone();
         let ctx = Arc::new(HandlerContext {
             log: self.log.clone(),
             worker: name.to_owned(),
