@@ -5,11 +5,25 @@
 //! # Layout
 //! - [`TestRedis`]: a `redis-server` on a free port, `--save ""`, plain or
 //!   TLS only.
+//! - [`TestCluster`]: a Redis Cluster of 3 masters with one replica each
+//!   (6 [`TestRedis`] nodes with `--cluster-enabled yes`, formed by
+//!   `redis-cli --cluster create`), with a password or TLS if asked.
+//!   Ports come from 20000–22767 so the cluster bus (port + 10000) is free
+//!   too; `cluster-node-timeout` is 2 s, so a failover takes about 4 s. It
+//!   answers which node is master of what (`CLUSTER NODES`, asked of a
+//!   live node), kills and restarts nodes, waits for a failover, and runs
+//!   commands through a redis-rs `ClusterClient`.
+//! - [`TestSentinel`]: a master, its replica and 3 sentinels (quorum 2,
+//!   `down-after-milliseconds` 1 s, `failover-timeout` 2 s): a failover
+//!   takes about 2.5 s. It names the master as the sentinels do, kills it,
+//!   waits for the failover and restarts a node as the new master's
+//!   replica.
 //! - [`TestCa`]: a CA made for one test, signing TLS servers' certificates.
 //! - [`KvqProcess`]: a running `kvq-api` or `kvq-worker`, its log lines
 //!   captured, with SIGTERM / SIGKILL / SIGSTOP helpers.
-//! - [`Stack`]: two Redis servers, one API and N workers, with typed request
-//!   helpers.
+//! - [`Stack`]: the data and queue Redis (each a single server, a
+//!   [`TestCluster`] or a [`TestSentinel`], see [`RedisRole`]), one API and N
+//!   workers, with typed request helpers.
 //! - [`flood`]: the worst write bodies, sent many at once over raw HTTP/1.1,
 //!   and a process's memory from `/proc`.
 //! - [`eventually`]: polling with a deadline, instead of sleeps.
@@ -18,15 +32,20 @@
 
 pub mod auth;
 pub mod flood;
+mod node_checks;
 mod process;
+pub mod redis_cluster;
+pub mod redis_sentinel;
 mod redis_server;
 mod stack;
 mod tls;
 
 pub use auth::{TEST_JWT_SECRET, token};
 pub use process::{KvqProcess, bin_path};
+pub use redis_cluster::TestCluster;
+pub use redis_sentinel::TestSentinel;
 pub use redis_server::{TestRedis, free_port};
-pub use stack::{Stack, StackBuilder};
+pub use stack::{RedisRole, Stack, StackBuilder};
 pub use tls::TestCa;
 
 use std::future::Future;

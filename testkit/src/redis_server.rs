@@ -14,6 +14,9 @@ pub struct TestRedis {
     port: u16,
     dir: TempDir,
     extra: Vec<String>,
+    /// Whether `redis.conf` in [`TestRedis::dir`] is passed as the config
+    /// file (a sentinel needs one it can rewrite).
+    config_file: bool,
     /// With TLS: the PEM of the CA that signed the server's certificate.
     tls_ca: Option<String>,
 }
@@ -39,13 +42,31 @@ impl TestRedis {
     }
 
     fn start_server(extra: &[&str], ca: Option<&TestCa>) -> Self {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_custom(extra, ca, None, free_port)
+    }
+
+    /// Starts a server with `extra` arguments, TLS only if `ca` is given,
+    /// `config` (if any) written to `redis.conf` in its directory and passed
+    /// as the config file, on a port from `pick_port` (asked again if the
+    /// server cannot start there). For the cluster and sentinel harnesses.
+    pub(crate) fn start_custom(
+        extra: Vec<String>,
+        ca: Option<&TestCa>,
+        config: Option<&str>,
+        pick_port: fn() -> u16,
+    ) -> Self {
         let mut server = Self {
             child: None,
             port: 0,
             dir: tempfile::tempdir().unwrap(),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
+            config_file: config.is_some(),
             tls_ca: None,
         };
+        if let Some(config) = config {
+            std::fs::write(server.dir.path().join("redis.conf"), config).unwrap();
+        }
         if let Some(ca) = ca {
             let (cert, key) = ca.server_cert();
             let dir = server.dir.path();
@@ -55,7 +76,7 @@ impl TestRedis {
             server.tls_ca = Some(ca.pem().to_owned());
         }
         for _ in 0..20 {
-            server.port = free_port();
+            server.port = pick_port();
             if server.spawn() {
                 return server;
             }
@@ -65,6 +86,9 @@ impl TestRedis {
 
     fn spawn(&mut self) -> bool {
         let mut cmd = Command::new("redis-server");
+        if self.config_file {
+            cmd.arg(self.dir.path().join("redis.conf"));
+        }
         if self.tls_ca.is_some() {
             let file = |name: &str| self.dir.path().join(name);
             cmd.args(["--port", "0", "--tls-port", &self.port.to_string()])
@@ -105,21 +129,24 @@ impl TestRedis {
         false
     }
 
-    fn ping(&self) -> bool {
-        let mut args = vec!["-p".to_string(), self.port.to_string()];
+    /// The `redis-cli` arguments that reach this server other than its
+    /// port: `--tls --cacert CA` with TLS, `-a PASSWORD` with a password.
+    pub(crate) fn cli_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
         if self.tls_ca.is_some() {
             let ca = self.dir.path().join("ca.pem");
             args.extend(["--tls".into(), "--cacert".into(), ca.display().to_string()]);
         }
-        if let Some(i) = self.extra.iter().position(|a| a == "--requirepass") {
-            args.extend([
-                "-a".into(),
-                self.extra[i + 1].clone(),
-                "--no-auth-warning".into(),
-            ]);
+        if let Some(password) = self.password() {
+            args.extend(["-a".into(), password.into(), "--no-auth-warning".into()]);
         }
+        args
+    }
+
+    fn ping(&self) -> bool {
         Command::new("redis-cli")
-            .args(&args)
+            .args(["-p", &self.port.to_string()])
+            .args(self.cli_args())
             .arg("PING")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
@@ -150,7 +177,8 @@ impl TestRedis {
         self.tls_ca.is_some()
     }
 
-    fn password(&self) -> Option<&str> {
+    /// The password of `--requirepass`, if any.
+    pub(crate) fn password(&self) -> Option<&str> {
         let i = self.extra.iter().position(|a| a == "--requirepass")?;
         self.extra.get(i + 1).map(String::as_str)
     }
@@ -166,6 +194,24 @@ impl TestRedis {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Whether the server runs (not stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The server's directory (`--dir`): its data files, and `nodes.conf`
+    /// for a cluster node.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Replaces the extra arguments the next [`TestRedis::restart`] uses
+    /// (e.g. a sentinel-managed node restarted as a replica of the current
+    /// master).
+    pub(crate) fn set_extra(&mut self, extra: Vec<String>) {
+        self.extra = extra;
     }
 
     /// Starts the server again on the same port (empty: persistence is off).
@@ -189,7 +235,27 @@ impl TestRedis {
 
     /// [`TestRedis::conn`], or the error while the server is away.
     pub fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        let client = match &self.tls_ca {
+        self.client()?.get_connection()
+    }
+
+    /// A connection for the harness' own polls: connecting, reading and
+    /// writing each give up after 2 s, so that a frozen (SIGSTOP) or dead
+    /// node makes a poll fail, not hang.
+    pub(crate) fn quick_conn(&self) -> redis::RedisResult<redis::Connection> {
+        let timeout = Duration::from_secs(2);
+        let conn = self.client()?.get_connection_with_timeout(timeout)?;
+        conn.set_read_timeout(Some(timeout))?;
+        conn.set_write_timeout(Some(timeout))?;
+        Ok(conn)
+    }
+
+    /// The TLS test CA's PEM, with TLS.
+    pub(crate) fn tls_ca(&self) -> Option<&str> {
+        self.tls_ca.as_deref()
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        match &self.tls_ca {
             Some(ca) => {
                 // The test process needs a rustls provider as the binaries do.
                 let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -197,11 +263,10 @@ impl TestRedis {
                     client_tls: None,
                     root_cert: Some(ca.clone().into_bytes()),
                 };
-                redis::Client::build_with_tls(self.url(), certificates)?
+                redis::Client::build_with_tls(self.url(), certificates)
             }
-            None => redis::Client::open(self.url())?,
-        };
-        client.get_connection()
+            None => redis::Client::open(self.url()),
+        }
     }
 
     /// Runs a command and returns its answer.

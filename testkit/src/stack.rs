@@ -1,17 +1,27 @@
-//! A whole kvq stack for one test: two Redis servers, an API, workers.
+//! A whole kvq stack for one test: the data and queue Redis (each a single
+//! server, a cluster or a sentinel set), an API, workers.
 
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 use reqwest::{Client, Method, Response};
 use serde_json::Value;
 
-use crate::{KvqProcess, TestCa, TestRedis, eventually};
+use crate::{KvqProcess, TestCa, TestCluster, TestRedis, TestSentinel, eventually};
 
 /// How long a test waits for a job to end before failing.
 pub const JOB_DEADLINE: Duration = Duration::from_secs(15);
 
 /// How long a test waits for a process to start.
 const START_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Which Redis topology a role (data or queue) runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Topology {
+    Single,
+    Cluster,
+    Sentinel,
+}
 
 /// Options for [`Stack`].
 pub struct StackBuilder {
@@ -20,6 +30,8 @@ pub struct StackBuilder {
     redis_args: Vec<String>,
     kv_persistent: bool,
     tls: bool,
+    kv_topology: Topology,
+    queue_topology: Topology,
 }
 
 impl StackBuilder {
@@ -29,17 +41,50 @@ impl StackBuilder {
         self
     }
 
-    /// Starts both Redis servers with `--requirepass PASSWORD`; their URLs
-    /// carry it.
+    /// The data Redis is a [`TestCluster`] (3 masters, a replica each): the
+    /// processes get `KVQ_KV_REDIS_MODE=cluster` and every node's URL in
+    /// `KVQ_KV_REDIS_URL`.
+    pub fn kv_cluster(mut self) -> Self {
+        self.kv_topology = Topology::Cluster;
+        self
+    }
+
+    /// The queue Redis is a [`TestCluster`], as [`StackBuilder::kv_cluster`]
+    /// (`KVQ_QUEUE_REDIS_*`).
+    pub fn queue_cluster(mut self) -> Self {
+        self.queue_topology = Topology::Cluster;
+        self
+    }
+
+    /// The data Redis is a [`TestSentinel`] set (master, replica, 3
+    /// sentinels): the processes get `KVQ_KV_REDIS_MODE=sentinel`, the
+    /// sentinels' URLs in `KVQ_KV_REDIS_URL` and the master's name in
+    /// `KVQ_KV_REDIS_MASTER`. Not with [`StackBuilder::redis_tls`].
+    pub fn kv_sentinel(mut self) -> Self {
+        self.kv_topology = Topology::Sentinel;
+        self
+    }
+
+    /// The queue Redis is a [`TestSentinel`] set, as
+    /// [`StackBuilder::kv_sentinel`] (`KVQ_QUEUE_REDIS_*`).
+    pub fn queue_sentinel(mut self) -> Self {
+        self.queue_topology = Topology::Sentinel;
+        self
+    }
+
+    /// Starts every Redis server with `--requirepass PASSWORD` (cluster and
+    /// sentinel nodes with `--masterauth` too, sentinels with the same
+    /// password); their URLs carry it.
     pub fn redis_password(mut self, password: &str) -> Self {
         self.redis_args = vec!["--requirepass".into(), password.into()];
         self
     }
 
-    /// Starts the KV Redis with an append-only file synced on every write,
-    /// so that [`TestRedis::restart`] (after [`TestRedis::stop`]'s SIGKILL)
-    /// brings it back with its data, as a production data Redis would come
-    /// back. The queue Redis keeps persistence off.
+    /// Starts the KV Redis (every node of it, in a cluster or sentinel set)
+    /// with an append-only file synced on every write, so that
+    /// [`TestRedis::restart`] (after [`TestRedis::stop`]'s SIGKILL) brings it
+    /// back with its data, as a production data Redis would come back. The
+    /// queue Redis keeps persistence off.
     pub fn kv_persistent(mut self) -> Self {
         self.kv_persistent = true;
         self
@@ -47,7 +92,8 @@ impl StackBuilder {
 
     /// Starts both Redis servers TLS only, with certificates from one test
     /// CA; their URLs are `rediss://` and the kvq processes trust the CA
-    /// through `SSL_CERT_FILE`.
+    /// through `SSL_CERT_FILE`. A cluster speaks TLS on its bus and
+    /// replication too; sentinel sets are not built with TLS.
     pub fn redis_tls(mut self) -> Self {
         self.tls = true;
         self
@@ -73,25 +119,17 @@ impl StackBuilder {
             .env("KVQ_AUTH_JWT_SECRET", crate::TEST_JWT_SECRET)
     }
 
-    /// Starts everything and waits until it is up.
+    /// Starts everything and waits until it is up. The data and queue
+    /// Redis start side by side (a cluster takes a few seconds to form).
     pub async fn start(self) -> Stack {
         let args: Vec<&str> = self.redis_args.iter().map(String::as_str).collect();
-        let mut kv_args = args.clone();
-        if self.kv_persistent {
-            // Later arguments win over TestRedis' `--appendonly no`.
-            kv_args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
-        }
         let ca = self.tls.then(TestCa::new);
-        let (kv, queue) = match &ca {
-            Some(ca) => (
-                TestRedis::start_tls(ca, &kv_args),
-                TestRedis::start_tls(ca, &args),
-            ),
-            None => (
-                TestRedis::start_with(&kv_args),
-                TestRedis::start_with(&args),
-            ),
-        };
+        let (kv, queue) = std::thread::scope(|scope| {
+            let kv = scope
+                .spawn(|| start_role(self.kv_topology, &args, self.kv_persistent, ca.as_ref()));
+            let queue = start_role(self.queue_topology, &args, false, ca.as_ref());
+            (kv.join().unwrap(), queue)
+        });
         let mut stack = Stack {
             api: None,
             workers: Vec::new(),
@@ -113,6 +151,217 @@ impl StackBuilder {
     }
 }
 
+/// Starts one role's Redis in `topology`.
+fn start_role(
+    topology: Topology,
+    args: &[&str],
+    persistent: bool,
+    ca: Option<&TestCa>,
+) -> RedisRole {
+    match topology {
+        Topology::Single => {
+            let mut args = args.to_vec();
+            if persistent {
+                // Later arguments win over TestRedis' `--appendonly no`.
+                args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+            }
+            RedisRole::Single(match ca {
+                Some(ca) => TestRedis::start_tls(ca, &args),
+                None => TestRedis::start_with(&args),
+            })
+        }
+        Topology::Cluster => {
+            let mut builder = TestCluster::builder().args(args);
+            if persistent {
+                builder = builder.persistent();
+            }
+            if let Some(ca) = ca {
+                builder = builder.tls(ca);
+            }
+            RedisRole::Cluster(builder.start())
+        }
+        Topology::Sentinel => {
+            assert!(ca.is_none(), "the harness builds no sentinel set with TLS");
+            let mut builder = TestSentinel::builder().args(args);
+            if persistent {
+                builder = builder.persistent();
+            }
+            RedisRole::Sentinel(builder.start())
+        }
+    }
+}
+
+/// The data or the queue Redis of a [`Stack`], in the topology the test
+/// chose.
+///
+/// A single server is reached through `Deref` as a [`TestRedis`] (so
+/// `stack.kv.stop()`, `stack.queue.port()` work as they always did); that
+/// panics for a cluster or sentinel set, which [`RedisRole::cluster`] and
+/// [`RedisRole::sentinel`] give. The inherent methods here work in every
+/// mode.
+pub enum RedisRole {
+    /// One `redis-server`.
+    Single(TestRedis),
+    /// A Redis Cluster.
+    Cluster(TestCluster),
+    /// A master and replica watched by sentinels.
+    Sentinel(TestSentinel),
+}
+
+impl RedisRole {
+    /// `KVQ_*_REDIS_MODE`: `single`, `cluster` or `sentinel`.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "single",
+            Self::Cluster(_) => "cluster",
+            Self::Sentinel(_) => "sentinel",
+        }
+    }
+
+    /// `KVQ_*_REDIS_URL`: the server's URL, the cluster's seed list (every
+    /// node), or the sentinels' URLs.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Single(redis) => redis.url(),
+            Self::Cluster(cluster) => cluster.urls(),
+            Self::Sentinel(set) => set.urls(),
+        }
+    }
+
+    /// `KVQ_*_REDIS_MASTER`, in sentinel mode.
+    pub fn master_name(&self) -> Option<&'static str> {
+        match self {
+            Self::Sentinel(set) => Some(set.master_name()),
+            _ => None,
+        }
+    }
+
+    /// The cluster; panics in another mode.
+    pub fn cluster(&self) -> &TestCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            other => panic!("this Redis is {}, not a cluster", other.mode()),
+        }
+    }
+
+    /// The cluster, to kill and restart nodes; panics in another mode.
+    pub fn cluster_mut(&mut self) -> &mut TestCluster {
+        match self {
+            Self::Cluster(cluster) => cluster,
+            other => panic!("this Redis is {}, not a cluster", other.mode()),
+        }
+    }
+
+    /// The sentinel set; panics in another mode.
+    pub fn sentinel(&self) -> &TestSentinel {
+        match self {
+            Self::Sentinel(set) => set,
+            other => panic!("this Redis is {}, not a sentinel set", other.mode()),
+        }
+    }
+
+    /// The sentinel set, to kill and restart nodes; panics in another mode.
+    pub fn sentinel_mut(&mut self) -> &mut TestSentinel {
+        match self {
+            Self::Sentinel(set) => set,
+            other => panic!("this Redis is {}, not a sentinel set", other.mode()),
+        }
+    }
+
+    /// Runs a command and returns its answer: on the server, on the master
+    /// of the command's key (cluster), or on the current master (sentinel).
+    pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
+        self.try_cmd(args).unwrap()
+    }
+
+    /// [`RedisRole::cmd`] that may fail.
+    pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(redis) => redis.try_cmd(args),
+            Self::Cluster(cluster) => cluster.try_cmd(args),
+            Self::Sentinel(set) => match set.try_master() {
+                Some(port) => set.node(port).try_cmd(args),
+                None => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no sentinel answers",
+                ))),
+            },
+        }
+    }
+
+    /// How many jobs the queue's partition streams hold (namespace `kvq`),
+    /// summed over a cluster's masters.
+    pub fn pending_jobs(&self) -> i64 {
+        self.try_pending_jobs().unwrap_or(0)
+    }
+
+    /// [`RedisRole::pending_jobs`], or `None` while the Redis does not
+    /// answer.
+    pub fn try_pending_jobs(&self) -> Option<i64> {
+        match self {
+            Self::Single(redis) => redis.try_pending_jobs(),
+            Self::Cluster(cluster) => cluster.try_pending_jobs(),
+            Self::Sentinel(set) => set.try_pending_jobs(),
+        }
+    }
+
+    /// CPU time used so far, in seconds, summed over the live data nodes.
+    pub fn cpu_seconds(&self) -> f64 {
+        match self {
+            Self::Single(redis) => redis.cpu_seconds(),
+            Self::Cluster(cluster) => cluster.cpu_seconds(),
+            Self::Sentinel(set) => set.cpu_seconds(),
+        }
+    }
+
+    /// Every key (on every master of a cluster), sorted.
+    pub fn keys(&self) -> Vec<String> {
+        match self {
+            Self::Single(redis) => redis.keys(),
+            Self::Cluster(cluster) => cluster.keys(),
+            Self::Sentinel(set) => set.master_node().keys(),
+        }
+    }
+
+    /// Every running data server: the one server, every live cluster node,
+    /// or the live master and replica (sentinels left out).
+    pub fn live_nodes(&self) -> Vec<&TestRedis> {
+        let nodes: &[TestRedis] = match self {
+            Self::Single(redis) => std::slice::from_ref(redis),
+            Self::Cluster(cluster) => cluster.nodes(),
+            Self::Sentinel(set) => set.nodes(),
+        };
+        nodes.iter().filter(|n| n.is_running()).collect()
+    }
+}
+
+impl Deref for RedisRole {
+    type Target = TestRedis;
+
+    /// The single server; panics for a cluster or a sentinel set.
+    fn deref(&self) -> &TestRedis {
+        match self {
+            Self::Single(redis) => redis,
+            other => panic!(
+                "this Redis is {}: use .cluster() / .sentinel() for its nodes",
+                other.mode()
+            ),
+        }
+    }
+}
+
+impl DerefMut for RedisRole {
+    fn deref_mut(&mut self) -> &mut TestRedis {
+        match self {
+            Self::Single(redis) => redis,
+            other => panic!(
+                "this Redis is {}: use .cluster_mut() / .sentinel_mut() for its nodes",
+                other.mode()
+            ),
+        }
+    }
+}
+
 /// A running stack. Everything is stopped on drop.
 pub struct Stack {
     // kvq processes first: fields drop in order, so they stop before Redis.
@@ -120,9 +369,9 @@ pub struct Stack {
     /// The running workers.
     pub workers: Vec<KvqProcess>,
     /// The KV Redis.
-    pub kv: TestRedis,
+    pub kv: RedisRole,
     /// The queue Redis.
-    pub queue: TestRedis,
+    pub queue: RedisRole,
     /// The CA of the Redis servers' certificates, with TLS.
     pub ca: Option<TestCa>,
     base: String,
@@ -144,21 +393,35 @@ impl Stack {
             redis_args: Vec::new(),
             kv_persistent: false,
             tls: false,
+            kv_topology: Topology::Single,
+            queue_topology: Topology::Single,
         }
     }
 
-    /// The environment every kvq process of this stack gets.
+    /// The environment every kvq process of this stack gets. The
+    /// `KVQ_*_REDIS_MODE` variables (and `_MASTER`) are set for a cluster or
+    /// sentinel set only, so a single server's environment is as before.
     pub fn env(&self) -> Vec<(String, String)> {
         let mut env = vec![
             ("KVQ_KV_REDIS_URL".to_owned(), self.kv.url()),
             ("KVQ_QUEUE_REDIS_URL".to_owned(), self.queue.url()),
+        ];
+        for (role, prefix) in [(&self.kv, "KVQ_KV_REDIS"), (&self.queue, "KVQ_QUEUE_REDIS")] {
+            if role.mode() != "single" {
+                env.push((format!("{prefix}_MODE"), role.mode().to_owned()));
+            }
+            if let Some(name) = role.master_name() {
+                env.push((format!("{prefix}_MASTER"), name.to_owned()));
+            }
+        }
+        env.extend([
             ("KVQ_BIND".to_owned(), "127.0.0.1:0".to_owned()),
             (
                 "KVQ_WORKER_HEALTH_BIND".to_owned(),
                 "127.0.0.1:0".to_owned(),
             ),
             ("KVQ_AUTH_DISABLED".to_owned(), "true".to_owned()),
-        ];
+        ]);
         if let Some(ca) = &self.ca {
             env.push((
                 "SSL_CERT_FILE".to_owned(),
@@ -306,19 +569,21 @@ impl Stack {
         id
     }
 
-    /// Makes the KV Redis answer every write with an out-of-memory error
-    /// (`maxmemory` 1 byte, no eviction), or take writes again. Reads still
-    /// work.
+    /// Makes the KV Redis (every live node of it) answer every write with
+    /// an out-of-memory error (`maxmemory` 1 byte, no eviction), or take
+    /// writes again. Reads still work.
     pub fn refuse_kv_writes(&self, refuse: bool) {
         let limit = if refuse { "1" } else { "0" };
-        let _: () = self.kv.cmd(&[
-            "CONFIG",
-            "SET",
-            "maxmemory-policy",
-            "noeviction",
-            "maxmemory",
-            limit,
-        ]);
+        for node in self.kv.live_nodes() {
+            let _: () = node.cmd(&[
+                "CONFIG",
+                "SET",
+                "maxmemory-policy",
+                "noeviction",
+                "maxmemory",
+                limit,
+            ]);
+        }
     }
 
     /// The version of `key`, or `None` while it does not exist.

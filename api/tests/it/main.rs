@@ -19,4 +19,5 @@ mod memory;
 mod openapi;
 mod resilience;
 mod stalls;
+mod topology;
 mod writepath;

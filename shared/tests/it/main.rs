@@ -24,6 +24,7 @@
 
 mod order;
 mod ownership;
+mod topology;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
