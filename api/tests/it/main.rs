@@ -17,6 +17,7 @@ mod legacy;
 mod list;
 mod memory;
 mod openapi;
+mod reshard;
 mod resilience;
 mod stalls;
 mod topology;
