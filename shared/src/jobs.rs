@@ -535,8 +535,12 @@ impl JobRecords {
             pipe.publish(&channel, job_id).ignore();
         }
         pipe.query_async::<()>(&mut conn).await?;
-        if publish_apart {
-            conn.publish::<_, _, ()>(&channel, job_id).await?;
+        // The notice is best effort there: a `Prefer: wait` request that
+        // misses it answers 202 when its time runs out. Failing the job's
+        // record for it would stall every partition's jobs while the
+        // channel's one master fails over.
+        if publish_apart && let Err(e) = conn.publish::<_, _, ()>(&channel, job_id).await {
+            tracing::warn!(job_id, error = %e, "could not announce the job's end");
         }
         Ok(())
     }
