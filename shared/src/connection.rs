@@ -293,6 +293,31 @@ impl Conn {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Conn::Cluster(_))
     }
+
+    /// `PING`: the server, the master, or any cluster master that answers
+    /// (a cluster client wants a plain `PING` answered by every master, so
+    /// one master failing over would make the whole role look down, and
+    /// every API pod unready at once, while the other masters serve).
+    pub async fn ping(&self) -> RedisResult<()> {
+        match self {
+            Conn::Cluster(cluster) => {
+                use redis::cluster_routing::{
+                    MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                };
+                let mut conn = cluster.conn().await?;
+                conn.route_command(
+                    redis::cmd("PING"),
+                    RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::OneSucceeded),
+                    )),
+                )
+                .await
+                .map(drop)
+            }
+            other => redis::cmd("PING").query_async(&mut other.clone()).await,
+        }
+    }
 }
 
 impl ConnectionLike for Conn {

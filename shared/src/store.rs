@@ -89,10 +89,7 @@ impl KvStore {
 
     /// Answers `PING`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        Ok(self.conn.ping().await?)
     }
 
     /// Reads a live key; `None` if absent or expired.

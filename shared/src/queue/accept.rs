@@ -298,9 +298,6 @@ impl JobQueue {
 
     /// Answers `PING` on the queue Redis.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        redis::cmd("PING")
-            .query_async::<()>(&mut self.conn.clone())
-            .await?;
-        Ok(())
+        Ok(self.conn.ping().await?)
     }
 }
