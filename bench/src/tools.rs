@@ -141,20 +141,29 @@ fn duration_ms(text: &str) -> anyhow::Result<f64> {
 
 /// CPU time (user + system) a process has used so far, seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let ticks = stat_ticks(&format!("/proc/{pid}/stat"));
+    (ticks[11] + ticks[12]) / 100.0
+}
+
+/// CPU time (user + system) of this process' children that have ended and
+/// been waited for, seconds: the `wrk` and `redis-benchmark` runs so far.
+pub fn children_cpu_seconds() -> f64 {
+    let ticks = stat_ticks("/proc/self/stat");
+    (ticks[13] + ticks[14]) / 100.0
+}
+
+/// The first 15 fields of a `/proc/…/stat` after the parenthesised command
+/// name (0 is the state, the 3rd field), as numbers: times are in clock
+/// ticks (100 per second on Linux); all 0 for a process that is gone.
+fn stat_ticks(path: &str) -> [f64; 15] {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // utime, stime, cutime and cstime are the 14th to 17th fields.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    let mut fields = [0.0; 15];
+    for (field, text) in fields.iter_mut().zip(after.split_whitespace()) {
+        *field = text.parse().unwrap_or(0.0);
+    }
+    fields
 }
 
 /// Peak resident set size (VmHWM) of a process, MiB.
