@@ -209,12 +209,15 @@ impl Servers {
         ]
     }
 
-    /// Every server process: (group, name, pid).
-    fn processes(&self) -> Vec<(&'static str, String, u32)> {
-        let node = |group: &'static str, what: &str, server: &TestRedis| {
-            let name = format!("{what} :{}", server.port());
-            (group, name, server.pid().unwrap_or(0))
-        };
+    /// Every server: (group, name, server).
+    fn servers(&self) -> Vec<(&'static str, String, &TestRedis)> {
+        fn node<'a>(
+            group: &'static str,
+            what: &str,
+            server: &'a TestRedis,
+        ) -> (&'static str, String, &'a TestRedis) {
+            (group, format!("{what} :{}", server.port()), server)
+        }
         match self {
             Self::Single(role, server) => vec![node(role, role, server)],
             Self::Replicated(role, master, replica) => {
@@ -341,11 +344,13 @@ async fn setup_runs(
                 Meter::Pid(worker.pid()),
             ));
         }
-        for (group, name, pid) in kv.processes().into_iter().chain(queue.processes()) {
-            meters.push((group, name, Meter::Pid(pid)));
+        let servers: Vec<_> = kv.servers().into_iter().chain(queue.servers()).collect();
+        for (group, name, server) in &servers {
+            meters.push((group, name.clone(), Meter::Pid(server.pid().unwrap_or(0))));
         }
         meters.push(("wrk", "wrk".to_owned(), Meter::Children));
         let before: Vec<f64> = meters.iter().map(|(_, _, m)| m.seconds()).collect();
+        let commands_before: Vec<u64> = servers.iter().map(|(_, _, s)| commands(s)).collect();
         let tag = format!("scale-{}-{workers}-{wait:?}", setup.tag());
         let burst = load::burst(
             &procs.base,
@@ -379,6 +384,19 @@ async fn setup_runs(
             }
         );
         println!("   CPU per write, us: {}", printed.join(", "));
+        let commands: Vec<String> = servers
+            .iter()
+            .zip(commands_before)
+            .map(|((_, name, server), before)| {
+                let per_write =
+                    commands(server).saturating_sub(before) as f64 / burst.writes.max(1) as f64;
+                format!("{name} {per_write:.1}")
+            })
+            .collect();
+        println!(
+            "   Redis commands per write (a replica counts the ones it replays): {}",
+            commands.join(", ")
+        );
         let mut cpu: Vec<(&'static str, f64)> = Vec::new();
         for (group, _, us) in per_write {
             match cpu.iter_mut().find(|(g, _)| *g == group) {
@@ -399,6 +417,15 @@ async fn setup_runs(
         procs.stop().await;
     }
     Ok(runs)
+}
+
+/// Commands `server` has processed so far (`INFO stats`).
+fn commands(server: &TestRedis) -> u64 {
+    let info: String = server.try_cmd(&["INFO", "stats"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Where a process' CPU time is read.
