@@ -2,14 +2,16 @@
 //!
 //! Starts its own stack on 127.0.0.1 (two fresh redis-servers, the release
 //! `kvq-api`, one then two `kvq-worker`s), runs each measurement for a bounded
-//! time, stops everything, and prints a markdown table; with `--out DIR` it
-//! also writes `DIR/results.md` and `DIR/chart.svg`.
+//! time, then the scaling runs on stacks of their own (1, 2, 4 workers; the
+//! data on one server and on a Redis Cluster; `WAIT 1`), stops everything,
+//! and prints a markdown table; with `--out DIR` it also writes
+//! `DIR/results.md` and `DIR/chart.svg`.
 //!
 //! ```text
 //! cargo build --release --bins && target/release/kvq-bench [--quick] [--out bench/results]
 //! ```
 //!
-//! `--quick` runs every measurement small (under a minute) as a smoke test.
+//! `--quick` runs every measurement small (about 75 s) as a smoke test.
 //! `--memory` runs only the API's memory under the worst write bodies
 //! (`KVQ_BIN_DIR` points it at other binaries, to compare builds);
 //! `--scaling` only the scaling runs (workers, Redis Cluster, `WAIT`) and
@@ -19,6 +21,8 @@
 //! - `tools`: `wrk` and `redis-benchmark` runs and their output.
 //! - `load`: bursts timed until applied, steady-rate visibility, and the
 //!   data Redis' CPU per list page.
+//! - `scaling`: bursts with 1, 2, 4 workers, on one data server and on a
+//!   3-master cluster, with and without `WAIT 1`, and their CPU per write.
 //! - `memory`: the API's peak and settled RSS under the worst write bodies.
 //! - `report`: the table and the chart.
 

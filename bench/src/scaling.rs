@@ -559,3 +559,49 @@ pub fn bars(runs: &[Run]) -> Vec<Bar> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(setup: Setup, workers: usize, wait: Wait, applied: f64, accepted: f64) -> Run {
+        Run {
+            setup,
+            workers,
+            wait,
+            burst: Burst {
+                writes: 1000,
+                accepted_per_s: accepted,
+                applied_per_s: applied,
+                complete: true,
+            },
+            cpu: vec![("API", 20.0), ("workers", 40.0)],
+        }
+    }
+
+    #[test]
+    fn a_wait_run_is_compared_with_its_own_setup_and_workers() {
+        let runs = [
+            run(Setup::Cluster, 2, Wait::No, 9_000.0, 12_000.0),
+            run(Setup::Replicated, 1, Wait::No, 8_000.0, 10_000.0),
+            run(Setup::Replicated, 2, Wait::No, 6_000.0, 9_000.0),
+            run(Setup::Replicated, 2, Wait::Queue, 3_000.0, 4_500.0),
+        ];
+        let rows = rows(&runs, 100_000.0);
+        assert_eq!(rows.len(), 4);
+        assert!(rows[0].value.starts_with("9000/s, 0.09 x redis SET"));
+        assert!(
+            rows[0]
+                .value
+                .contains("CPU per write 60 µs (API 20, workers 40)")
+        );
+        assert!(rows[3].what.starts_with("scaling: WAIT 1 on the queue"));
+        assert!(
+            rows[3].value.starts_with(
+                "applied 3000/s vs 6000/s without (0.50 x), accepted 4500/s vs 9000/s (0.50 x)"
+            ),
+            "{}",
+            rows[3].value
+        );
+    }
+}
