@@ -115,10 +115,10 @@ async fn main() -> anyhow::Result<()> {
     } else if args.iter().any(|a| a == "--scaling") {
         let redis = TestRedis::start();
         step("redis-benchmark GET/SET on a fresh Redis (the yardstick)");
-        let (_, redis_set) = tools::redis_benchmark(redis.port(), plan.redis_requests)?;
+        let (_, redis_set) = tools::redis_benchmark(&redis, plan.redis_requests)?;
         drop(redis);
         let runs = scaling::run(&plan.scaling).await?;
-        scaling::rows(&runs, redis_set.rps)
+        scaling::rows(&runs, &redis_set)
     } else {
         run(&plan, out.as_ref()).await?
     };
@@ -141,7 +141,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     let queue = TestRedis::start();
 
     step("redis-benchmark GET/SET on the KV Redis (50 clients, no pipelining, 100 B)");
-    let (redis_get, redis_set) = tools::redis_benchmark(kv.port(), plan.redis_requests)?;
+    let (redis_get, redis_set) = tools::redis_benchmark(&kv, plan.redis_requests)?;
     let _: () = kv.cmd(&["FLUSHALL"]);
 
     // Logs at warn (per-job info lines would cost throughput), so ports are
@@ -301,7 +301,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         &listing,
         (api_rss, worker_rss),
     );
-    rows.extend(scaling::rows(&scaling, redis_set.rps));
+    rows.extend(scaling::rows(&scaling, &redis_set));
     rows.extend(memory_rows(&figures));
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)?;

@@ -16,7 +16,7 @@
 //!   `WAIT`, then `KVQ_KV_REDIS_WAIT_REPLICAS=1`, then
 //!   `KVQ_QUEUE_REDIS_WAIT_REPLICAS=1`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvq_shared::keys;
 use kvq_testkit::{KvqProcess, TestCluster, TestRedis};
@@ -24,7 +24,7 @@ use kvq_testkit::{KvqProcess, TestCluster, TestRedis};
 use crate::load::{self, Burst};
 use crate::report::{Bar, Row};
 use crate::step;
-use crate::tools;
+use crate::tools::{self, Load};
 
 /// How big the scaling runs are.
 pub struct Plan {
@@ -446,39 +446,72 @@ impl Meter {
     }
 }
 
-/// Waits until `workers` workers heartbeat and every queue partition is
-/// leased to one of them, spread over min(`workers`, partitions) of them:
-/// the hand-overs after a worker joins are done before the burst starts.
+/// How long the partition leases must stay as they are before a burst: a
+/// worker rebalances once a second (heartbeat, then hand-overs), so a
+/// hand-over still to come shows within this time.
+const SETTLED_FOR: Duration = Duration::from_millis(1_300);
+
+/// Waits until `workers` workers heartbeat, every queue partition is leased
+/// to one of them, and the leases have not changed for [`SETTLED_FOR`]: the
+/// hand-overs after a worker joins are over before the burst starts.
 async fn partitions_settled(queue: &TestRedis, workers: usize) {
-    let partitions = 16; // KVQ_QUEUE_PARTITIONS' default, which the runs keep
-    let what = format!("the queue partitions to settle on {workers} worker(s)");
-    kvq_testkit::eventually(Duration::from_secs(30), &what, || async {
-        let live: Vec<String> = queue
-            .try_cmd(&["ZRANGE", &keys::workers_key("kvq"), "0", "-1"])
-            .ok()?;
-        let mut owners = Vec::new();
-        for p in 0..partitions {
-            let lease: Option<String> = queue.try_cmd(&["GET", &keys::lease_key("kvq", p)]).ok()?;
-            // `<worker>:<generation>:<nonce>`
-            let owner = lease?.rsplitn(3, ':').nth(2)?.to_owned();
-            if !live.contains(&owner) {
-                return None;
+    let started = Instant::now();
+    let mut seen: Option<(Vec<String>, Instant)> = None;
+    loop {
+        match (leases(queue, workers), &seen) {
+            (Some(now), Some((before, since))) if now == *before => {
+                if since.elapsed() >= SETTLED_FOR {
+                    return;
+                }
             }
-            if !owners.contains(&owner) {
-                owners.push(owner);
-            }
+            (now, _) => seen = now.map(|leases| (leases, Instant::now())),
         }
-        (live.len() == workers && owners.len() == workers.min(usize::from(partitions)))
-            .then_some(())
-    })
-    .await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the queue partitions did not settle on {workers} worker(s) within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every partition's lease, if `workers` workers are live and each
+/// partition is leased to one of them.
+fn leases(queue: &TestRedis, workers: usize) -> Option<Vec<String>> {
+    let partitions = 16; // KVQ_QUEUE_PARTITIONS' default, which the runs keep
+    let live: Vec<String> = queue
+        .try_cmd(&["ZRANGE", &keys::workers_key("kvq"), "0", "-1"])
+        .ok()?;
+    if live.len() != workers {
+        return None;
+    }
+    let mut leases = Vec::new();
+    for p in 0..partitions {
+        let lease: Option<String> = queue.try_cmd(&["GET", &keys::lease_key("kvq", p)]).ok()?;
+        let lease = lease?;
+        // `<worker>:<generation>:<nonce>`
+        let owner = lease.rsplitn(3, ':').nth(2)?;
+        if !live.iter().any(|w| w == owner) {
+            return None;
+        }
+        leases.push(lease);
+    }
+    Some(leases)
 }
 
 /// The results table's rows: each run, applied writes as a ratio to
 /// redis-benchmark SET of the same run, and each `WAIT` run against the run
 /// of the same setup and workers without it.
-pub fn rows(runs: &[Run], redis_set: f64) -> Vec<Row> {
-    let mut rows = Vec::new();
+/// The first row is the yardstick of the CPU per write: what a
+/// redis-benchmark GET or SET cost Redis.
+pub fn rows(runs: &[Run], redis_set: &Load) -> Vec<Row> {
+    let mut rows = vec![Row {
+        what: "scaling: the yardstick, Redis' CPU per redis-benchmark GET or SET".into(),
+        value: redis_set
+            .server_cpu_us
+            .map_or("not measured".into(), |us| format!("{us:.1} µs")),
+        target: None,
+    }];
+    let redis_set = redis_set.rps;
     for run in runs {
         let b = &run.burst;
         let incomplete = if b.complete {
@@ -587,8 +620,15 @@ mod tests {
             run(Setup::Replicated, 2, Wait::No, 6_000.0, 9_000.0),
             run(Setup::Replicated, 2, Wait::Queue, 3_000.0, 4_500.0),
         ];
-        let rows = rows(&runs, 100_000.0);
-        assert_eq!(rows.len(), 4);
+        let set = Load {
+            rps: 100_000.0,
+            server_cpu_us: Some(8.04),
+            ..Load::default()
+        };
+        let rows = rows(&runs, &set);
+        assert_eq!(rows.len(), 5);
+        assert_eq!(rows[0].value, "8.0 µs");
+        let rows = &rows[1..];
         assert!(rows[0].value.starts_with("9000/s, 0.09 x redis SET"));
         assert!(
             rows[0]

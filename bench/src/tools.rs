@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kvq_testkit::TestRedis;
 
 /// Throughput and latency of one load run.
 #[derive(Debug, Clone, Default)]
@@ -19,11 +20,16 @@ pub struct Load {
     pub errors: u64,
     /// Requests completed.
     pub requests: u64,
+    /// CPU the server used per request, µs, where it was measured.
+    pub server_cpu_us: Option<f64>,
 }
 
-/// `redis-benchmark` GET and SET against `port`: 50 clients, no pipelining,
-/// 100-byte values.
-pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)> {
+/// `redis-benchmark` GET and SET against `server`: 50 clients, no
+/// pipelining, 100-byte values. The server's CPU per request is measured
+/// over both tests together (a GET and a SET cost Redis about the same).
+pub fn redis_benchmark(server: &TestRedis, requests: u64) -> anyhow::Result<(Load, Load)> {
+    let port = server.port();
+    let cpu_before = server.cpu_seconds();
     let output = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", "50", "-n", &requests.to_string(), "-d", "100"])
@@ -36,6 +42,8 @@ pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)>
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let server_cpu_us =
+        Some((server.cpu_seconds() - cpu_before) * 1e6 / (2 * requests.max(1)) as f64);
     let text = String::from_utf8_lossy(&output.stdout);
     let mut get = None;
     let mut set = None;
@@ -52,6 +60,7 @@ pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)>
                 p99_ms: fields[6].parse().ok()?,
                 errors: 0,
                 requests: 0,
+                server_cpu_us,
             })
         };
         match fields[0] {
