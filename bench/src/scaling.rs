@@ -16,6 +16,7 @@
 //!   `WAIT`, then `KVQ_KV_REDIS_WAIT_REPLICAS=1`, then
 //!   `KVQ_QUEUE_REDIS_WAIT_REPLICAS=1`.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use kvq_shared::keys;
@@ -333,7 +334,9 @@ async fn setup_runs(
                 worker.wait_exit(Duration::from_secs(30)).await;
             }
         }
-        partitions_settled(queue_server, workers).await;
+        let owned = partitions_settled(queue_server, workers).await;
+        let owned: Vec<String> = owned.iter().map(usize::to_string).collect();
+        println!("   queue partitions per worker: {}", owned.join(", "));
 
         let mut meters: Vec<(&'static str, String, Meter)> =
             vec![("API", "kvq-api".to_owned(), Meter::Pid(procs.api.pid()))];
@@ -454,14 +457,25 @@ const SETTLED_FOR: Duration = Duration::from_millis(1_300);
 /// Waits until `workers` workers heartbeat, every queue partition is leased
 /// to one of them, and the leases have not changed for [`SETTLED_FOR`]: the
 /// hand-overs after a worker joins are over before the burst starts.
-async fn partitions_settled(queue: &TestRedis, workers: usize) {
+/// Answers how many partitions each worker owns, most first.
+async fn partitions_settled(queue: &TestRedis, workers: usize) -> Vec<usize> {
     let started = Instant::now();
     let mut seen: Option<(Vec<String>, Instant)> = None;
     loop {
         match (leases(queue, workers), &seen) {
             (Some(now), Some((before, since))) if now == *before => {
                 if since.elapsed() >= SETTLED_FOR {
-                    return;
+                    let mut owned: Vec<usize> = now
+                        .iter()
+                        .fold(HashMap::<&str, usize>::new(), |mut owned, lease| {
+                            *owned.entry(owner(lease).unwrap_or_default()).or_default() += 1;
+                            owned
+                        })
+                        .into_values()
+                        .collect();
+                    owned.resize(workers, 0);
+                    owned.sort_by(|a, b| b.cmp(a));
+                    return owned;
                 }
             }
             (now, _) => seen = now.map(|leases| (leases, Instant::now())),
@@ -488,14 +502,18 @@ fn leases(queue: &TestRedis, workers: usize) -> Option<Vec<String>> {
     for p in 0..partitions {
         let lease: Option<String> = queue.try_cmd(&["GET", &keys::lease_key("kvq", p)]).ok()?;
         let lease = lease?;
-        // `<worker>:<generation>:<nonce>`
-        let owner = lease.rsplitn(3, ':').nth(2)?;
+        let owner = owner(&lease)?;
         if !live.iter().any(|w| w == owner) {
             return None;
         }
         leases.push(lease);
     }
     Some(leases)
+}
+
+/// The worker a lease (`<worker>:<generation>:<nonce>`) names.
+fn owner(lease: &str) -> Option<&str> {
+    lease.rsplitn(3, ':').nth(2)
 }
 
 /// The results table's rows: each run, applied writes as a ratio to
