@@ -11,7 +11,7 @@
 //! cargo build --release --bins && target/release/kvq-bench [--quick] [--out bench/results]
 //! ```
 //!
-//! `--quick` runs every measurement small (about 75 s) as a smoke test.
+//! `--quick` runs every measurement small (about 75–90 s) as a smoke test.
 //! `--memory` runs only the API's memory under the worst write bodies
 //! (`KVQ_BIN_DIR` points it at other binaries, to compare builds);
 //! `--scaling` only the scaling runs (workers, Redis Cluster, `WAIT`) and
