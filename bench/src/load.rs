@@ -6,11 +6,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use kvq_shared::Config;
+use kvq_shared::config::RedisTarget;
+use kvq_shared::connection::{Conn, Connector, query_all};
 use kvq_shared::keys;
 use kvq_testkit::{KvqProcess, TestRedis};
 use reqwest::Client;
 use serde_json::json;
 use tokio::sync::Mutex;
+
+/// A 100-byte value, as redis-benchmark's `-d 100`.
+pub const VALUE_100_BYTES: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
 
 /// A client for load: keep-alive pool, short timeouts.
 pub fn client() -> Client {
@@ -38,15 +44,84 @@ pub async fn start_api(env: &[(String, String)], port: u16) -> (KvqProcess, Stri
     (api, base)
 }
 
-/// Number of keys the KV Redis' bucket indexes hold: one per live key (no
-/// key of the bench has a TTL), so it grows by one per applied create.
-async fn indexed(kv: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let mut pipe = redis::pipe();
-    for bucket in 0..keys::BUCKETS {
-        pipe.cmd("ZCARD").arg(keys::index_key("kvq", bucket));
-    }
-    let counts: Vec<u64> = pipe.query_async(kv).await?;
-    Ok(counts.iter().sum())
+/// Starts `kvq-worker` with `env` (and a free health port) and waits until
+/// its `/healthz` answers 200.
+pub async fn start_worker(env: &[(String, String)]) -> KvqProcess {
+    let health = kvq_testkit::free_port();
+    let mut env = env.to_vec();
+    env.push((
+        "KVQ_WORKER_HEALTH_BIND".to_owned(),
+        format!("127.0.0.1:{health}"),
+    ));
+    let worker = KvqProcess::spawn("kvq-worker", &env);
+    let probe = client();
+    kvq_testkit::eventually(Duration::from_secs(20), "kvq-worker to be up", || async {
+        let r = probe
+            .get(format!("http://127.0.0.1:{health}/healthz"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    worker
+}
+
+/// wrk script: POST creates of fresh keys under `tag`, unique across wrk's
+/// threads.
+pub fn post_script(tag: &str) -> String {
+    format!(
+        r#"local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local counter = 0
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+request = function()
+  counter = counter + 1
+  return wrk.format(nil, "/v1/kv", nil,
+    '{{"key":"{tag}/' .. id .. '/' .. counter .. '","value":"{VALUE_100_BYTES}"}}')
+end
+"#
+    )
+}
+
+/// A connection to the data Redis that kvq's processes started with `env`
+/// write to, in its mode (one server, a cluster, a sentinel set), made from
+/// the same settings as theirs.
+pub fn kv_conn(env: &[(String, String)]) -> anyhow::Result<Conn> {
+    let config = Config::from_lookup(|name| {
+        env.iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    })?;
+    let target = RedisTarget {
+        wait_replicas: 0,
+        ..config.kv_redis
+    };
+    Ok(Connector::new(&target, Duration::from_secs(10))?.connect()?)
+}
+
+/// Number of keys the data Redis' bucket indexes hold: one per live key (no
+/// key of the bench has a TTL), so it grows by one per applied create. Each
+/// index is asked on the server that holds it: one pipeline on one server,
+/// each index on its slot's master on a cluster.
+async fn indexed(kv: &Conn) -> anyhow::Result<u64> {
+    let cmds = (0..keys::BUCKETS)
+        .map(|bucket| {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(keys::index_key("kvq", bucket));
+            cmd
+        })
+        .collect();
+    let counts = query_all(kv, cmds).await?;
+    counts
+        .iter()
+        .map(|count| Ok(redis::from_redis_value_ref::<u64>(count)?))
+        .sum()
 }
 
 /// The result of a burst.
@@ -69,15 +144,12 @@ pub struct Burst {
 /// costs the shared cores far less per request than an HTTP client library.
 pub async fn burst(
     base: &str,
-    kv_url: &str,
+    kv: &Conn,
     script: &str,
     duration: Duration,
     deadline: Duration,
 ) -> anyhow::Result<Burst> {
-    let mut kv = redis::Client::open(kv_url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    let before = indexed(&mut kv).await?;
+    let before = indexed(kv).await?;
     let started = Instant::now();
     let url = format!("{base}/v1/kv");
     let script = script.to_owned();
@@ -96,7 +168,7 @@ pub async fn burst(
     let target = before + writes;
     let mut complete = false;
     while started.elapsed() < deadline {
-        if indexed(&mut kv).await? >= target {
+        if indexed(kv).await? >= target {
             complete = true;
             break;
         }
@@ -194,17 +266,14 @@ pub async fn visibility(base: &str, rate: u32, duration: Duration) -> anyhow::Re
 /// builds a backlog), then waits until all are applied.
 pub async fn paced(
     base: &str,
-    kv_url: &str,
+    kv: &Conn,
     tag: &str,
     writes: u64,
     rate: u32,
     deadline: Duration,
 ) -> anyhow::Result<bool> {
     let http = client();
-    let mut kv = redis::Client::open(kv_url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    let before = indexed(&mut kv).await?;
+    let before = indexed(kv).await?;
     let started = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_secs(1) / rate);
     let mut tasks = Vec::new();
@@ -225,7 +294,7 @@ pub async fn paced(
     }
     let target = before + accepted;
     while started.elapsed() < deadline {
-        if indexed(&mut kv).await? >= target {
+        if indexed(kv).await? >= target {
             return Ok(accepted == writes);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

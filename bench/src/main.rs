@@ -2,21 +2,27 @@
 //!
 //! Starts its own stack on 127.0.0.1 (two fresh redis-servers, the release
 //! `kvq-api`, one then two `kvq-worker`s), runs each measurement for a bounded
-//! time, stops everything, and prints a markdown table; with `--out DIR` it
-//! also writes `DIR/results.md` and `DIR/chart.svg`.
+//! time, then the scaling runs on stacks of their own (1, 2, 4 workers; the
+//! data on one server and on a Redis Cluster; `WAIT 1`), stops everything,
+//! and prints a markdown table; with `--out DIR` it also writes
+//! `DIR/results.md` and `DIR/chart.svg`.
 //!
 //! ```text
 //! cargo build --release --bins && target/release/kvq-bench [--quick] [--out bench/results]
 //! ```
 //!
-//! `--quick` runs every measurement small (under a minute) as a smoke test.
+//! `--quick` runs every measurement small (about 75–90 s) as a smoke test.
 //! `--memory` runs only the API's memory under the worst write bodies
-//! (`KVQ_BIN_DIR` points it at other binaries, to compare builds).
+//! (`KVQ_BIN_DIR` points it at other binaries, to compare builds);
+//! `--scaling` only the scaling runs (workers, Redis Cluster, `WAIT`) and
+//! redis-benchmark SET to compare them with.
 //!
 //! # Layout
 //! - `tools`: `wrk` and `redis-benchmark` runs and their output.
 //! - `load`: bursts timed until applied, steady-rate visibility, and the
 //!   data Redis' CPU per list page.
+//! - `scaling`: bursts with 1, 2, 4 workers, on one data server and on a
+//!   3-master cluster, with and without `WAIT 1`, and their CPU per write.
 //! - `memory`: the API's peak and settled RSS under the worst write bodies.
 //! - `report`: the table and the chart.
 
@@ -25,13 +31,14 @@
 mod load;
 mod memory;
 mod report;
+mod scaling;
 mod tools;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use kvq_testkit::{KvqProcess, TestRedis};
+use kvq_testkit::TestRedis;
 use report::{Bar, Row};
 use tools::Load;
 
@@ -52,13 +59,14 @@ struct Plan {
     /// How long the API's memory may take to settle after a flood of
     /// large bodies.
     settle: Duration,
+    /// Worker processes and Redis topologies, and `WAIT`.
+    scaling: scaling::Plan,
 }
 
 /// List pages of a non-matching prefix whose data-Redis CPU is averaged.
 const LIST_PAGES: u32 = 50;
 
 const RETENTION_SECONDS: u64 = 5;
-const VALUE_100_BYTES: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyz";
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -78,6 +86,11 @@ async fn main() -> anyhow::Result<()> {
             memory_jobs: 2_000,
             list_keys: 5_000,
             settle: Duration::from_secs(3),
+            scaling: scaling::Plan {
+                burst: Duration::from_secs(1),
+                workers: vec![1, 4],
+                wait_workers: 1,
+            },
         }
     } else {
         Plan {
@@ -88,12 +101,24 @@ async fn main() -> anyhow::Result<()> {
             memory_jobs: 20_000,
             list_keys: 100_000,
             settle: Duration::from_secs(15),
+            scaling: scaling::Plan {
+                burst: Duration::from_secs(3),
+                workers: vec![1, 2, 4],
+                wait_workers: 2,
+            },
         }
     };
     let started = Instant::now();
     let rows = if args.iter().any(|a| a == "--memory") {
         let (kv, queue) = (TestRedis::start(), TestRedis::start());
         memory_rows(&worst_bodies(&kv, &queue, plan.settle).await?)
+    } else if args.iter().any(|a| a == "--scaling") {
+        let redis = TestRedis::start();
+        step("redis-benchmark GET/SET on a fresh Redis (the yardstick)");
+        let (_, redis_set) = tools::redis_benchmark(&redis, plan.redis_requests)?;
+        drop(redis);
+        let runs = scaling::run(&plan.scaling).await?;
+        scaling::rows(&runs, &redis_set)
     } else {
         run(&plan, out.as_ref()).await?
     };
@@ -116,7 +141,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     let queue = TestRedis::start();
 
     step("redis-benchmark GET/SET on the KV Redis (50 clients, no pipelining, 100 B)");
-    let (redis_get, redis_set) = tools::redis_benchmark(kv.port(), plan.redis_requests)?;
+    let (redis_get, redis_set) = tools::redis_benchmark(&kv, plan.redis_requests)?;
     let _: () = kv.cmd(&["FLUSHALL"]);
 
     // Logs at warn (per-job info lines would cost throughput), so ports are
@@ -134,10 +159,11 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         ("RUST_LOG".to_owned(), "warn".to_owned()),
     ];
     let (api, base) = load::start_api(&env, port).await;
-    let mut workers = vec![start_worker(&env).await];
+    let kv_conn = load::kv_conn(&env)?;
+    let mut workers = vec![load::start_worker(&env).await];
 
     step("kvq GET of a 100-byte value (wrk, 50 connections)");
-    let body = serde_json::json!({"key": "bench/get", "value": VALUE_100_BYTES});
+    let body = serde_json::json!({"key": "bench/get", "value": load::VALUE_100_BYTES});
     let http = load::client();
     let response = http
         .post(format!("{base}/v1/kv"))
@@ -168,7 +194,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         &format!("{base}/v1/kv"),
         50,
         plan.wrk,
-        Some(&post_script("accept")),
+        Some(&load::post_script("accept")),
     )?;
     let _: () = kv.cmd(&["FLUSHALL"]);
     let _: () = queue.cmd(&["FLUSHALL"]);
@@ -179,7 +205,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
             "end to end: {} s of writes (wrk), {n} worker(s), timed until all applied",
             plan.burst.as_secs()
         ));
-        workers.push(start_worker(&env).await);
+        workers.push(load::start_worker(&env).await);
         let mut pids = vec![
             ("kvq-api".to_owned(), api.pid()),
             ("KV Redis".to_owned(), kv.pid().unwrap_or(0)),
@@ -195,8 +221,8 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
             .collect();
         let burst = load::burst(
             &base,
-            &kv.url(),
-            &post_script(&format!("burst{n}")),
+            &kv_conn,
+            &load::post_script(&format!("burst{n}")),
             plan.burst,
             Duration::from_secs(120),
         )
@@ -212,13 +238,10 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         println!("   CPU per write, us: {}", cpu.join(", "));
         bursts.push(burst);
     }
-    // What ordering costs the KV Redis: the API's HINCRBY for `seq`, and the
-    // apply script (which also checks `seq`).
+    // What the apply script costs the KV Redis (the accept path no longer
+    // touches it).
     let stats: String = kv.cmd(&["INFO", "commandstats"]);
-    for line in stats
-        .lines()
-        .filter(|l| l.starts_with("cmdstat_hincrby:") || l.starts_with("cmdstat_evalsha:"))
-    {
+    for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha:")) {
         println!("   KV Redis {line}");
     }
     let alive = workers
@@ -235,7 +258,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     let baseline = used_memory(&queue);
     let all_applied = load::paced(
         &base,
-        &kv.url(),
+        &kv_conn,
         "mem",
         plan.memory_jobs,
         1_000,
@@ -260,6 +283,8 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         .fold(0.0_f64, f64::max);
 
     drop(api);
+    drop(workers);
+    let scaling = scaling::run(&plan.scaling).await?;
     let figures = worst_bodies(&kv, &queue, plan.settle).await?;
     let mut rows = rows(
         &redis_get,
@@ -273,6 +298,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         &listing,
         (api_rss, worker_rss),
     );
+    rows.extend(scaling::rows(&scaling, &redis_set));
     rows.extend(memory_rows(&figures));
     if let Some(dir) = out {
         std::fs::create_dir_all(dir)?;
@@ -286,32 +312,12 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
                 &kvq_accept,
                 &bursts,
                 &visible,
+                &scaling,
             ),
         )?;
         println!("wrote {}/results.md and chart.svg", dir.display());
     }
     Ok(rows)
-}
-
-async fn start_worker(env: &[(String, String)]) -> KvqProcess {
-    let health = kvq_testkit::free_port();
-    let mut env = env.to_vec();
-    env.push((
-        "KVQ_WORKER_HEALTH_BIND".to_owned(),
-        format!("127.0.0.1:{health}"),
-    ));
-    let worker = KvqProcess::spawn("kvq-worker", &env);
-    let probe = load::client();
-    kvq_testkit::eventually(Duration::from_secs(20), "kvq-worker to be up", || async {
-        let r = probe
-            .get(format!("http://127.0.0.1:{health}/healthz"))
-            .send()
-            .await
-            .ok()?;
-        (r.status() == 200).then_some(())
-    })
-    .await;
-    worker
 }
 
 /// The API's memory under the worst write bodies, each shape against a
@@ -360,27 +366,6 @@ fn used_memory(redis: &TestRedis) -> u64 {
         .find_map(|l| l.strip_prefix("used_memory:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// wrk script: POST creates of fresh keys under `tag`, unique across wrk's
-/// threads.
-fn post_script(tag: &str) -> String {
-    format!(
-        r#"local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-local counter = 0
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-request = function()
-  counter = counter + 1
-  return wrk.format(nil, "/v1/kv", nil,
-    '{{"key":"{tag}/' .. id .. '/' .. counter .. '","value":"{VALUE_100_BYTES}"}}')
-end
-"#
-    )
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -534,6 +519,7 @@ fn chart(
     kvq_accept: &Load,
     bursts: &[load::Burst],
     visible: &load::Visibility,
+    scaling: &[scaling::Run],
 ) -> String {
     let per_s = |label: &str, value: f64, reference: bool| Bar {
         label: label.into(),
@@ -574,6 +560,10 @@ fn chart(
         &[
             ("throughput (higher is better)", throughput),
             ("latency (lower is better)", latency),
+            (
+                "applied writes/s: workers, Redis Cluster, WAIT",
+                scaling::bars(scaling),
+            ),
         ],
     )
 }

@@ -5,6 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use kvq_testkit::TestRedis;
 
 /// Throughput and latency of one load run.
 #[derive(Debug, Clone, Default)]
@@ -19,11 +20,16 @@ pub struct Load {
     pub errors: u64,
     /// Requests completed.
     pub requests: u64,
+    /// CPU the server used per request, µs, where it was measured.
+    pub server_cpu_us: Option<f64>,
 }
 
-/// `redis-benchmark` GET and SET against `port`: 50 clients, no pipelining,
-/// 100-byte values.
-pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)> {
+/// `redis-benchmark` GET and SET against `server`: 50 clients, no
+/// pipelining, 100-byte values. The server's CPU per request is measured
+/// over both tests together (a GET and a SET cost Redis about the same).
+pub fn redis_benchmark(server: &TestRedis, requests: u64) -> anyhow::Result<(Load, Load)> {
+    let port = server.port();
+    let cpu_before = server.cpu_seconds();
     let output = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-c", "50", "-n", &requests.to_string(), "-d", "100"])
@@ -36,6 +42,8 @@ pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)>
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    let server_cpu_us =
+        Some((server.cpu_seconds() - cpu_before) * 1e6 / (2 * requests.max(1)) as f64);
     let text = String::from_utf8_lossy(&output.stdout);
     let mut get = None;
     let mut set = None;
@@ -52,6 +60,7 @@ pub fn redis_benchmark(port: u16, requests: u64) -> anyhow::Result<(Load, Load)>
                 p99_ms: fields[6].parse().ok()?,
                 errors: 0,
                 requests: 0,
+                server_cpu_us,
             })
         };
         match fields[0] {
@@ -141,20 +150,29 @@ fn duration_ms(text: &str) -> anyhow::Result<f64> {
 
 /// CPU time (user + system) a process has used so far, seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the parenthesised command name; utime and stime are the
-    // 14th and 15th fields, in clock ticks (100 per second on Linux).
+    let ticks = stat_ticks(&format!("/proc/{pid}/stat"));
+    (ticks[11] + ticks[12]) / 100.0
+}
+
+/// CPU time (user + system) of this process' children that have ended and
+/// been waited for, seconds: the `wrk` and `redis-benchmark` runs so far.
+pub fn children_cpu_seconds() -> f64 {
+    let ticks = stat_ticks("/proc/self/stat");
+    (ticks[13] + ticks[14]) / 100.0
+}
+
+/// The first 15 fields of a `/proc/…/stat` after the parenthesised command
+/// name (0 is the state, the 3rd field), as numbers: times are in clock
+/// ticks (100 per second on Linux); all 0 for a process that is gone.
+fn stat_ticks(path: &str) -> [f64; 15] {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // utime, stime, cutime and cstime are the 14th to 17th fields.
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
+    let mut fields = [0.0; 15];
+    for (field, text) in fields.iter_mut().zip(after.split_whitespace()) {
+        *field = text.parse().unwrap_or(0.0);
+    }
+    fields
 }
 
 /// Peak resident set size (VmHWM) of a process, MiB.
