@@ -20,6 +20,7 @@
 //! runtime that sends it, so a server down at start is an error per
 //! command (a 503), not a failed start.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,10 @@ use crate::error::StoreError;
 /// How often a sentinel connection asks the sentinels for the master at
 /// most, while its commands fail.
 pub const SENTINEL_RECHECK: Duration = Duration::from_millis(250);
+
+/// Connections a [`Connector::connect`] with `WAIT` spreads its commands
+/// over: writes waiting for replicas at once.
+pub const WAIT_CONNECTIONS: usize = 16;
 
 /// How long a `WAIT` for replicas may take at most: it holds its
 /// connection (and the commands behind it) for that long when the replicas
@@ -158,8 +163,22 @@ impl Connector {
     /// A lazily connected, multiplexed connection whose commands time out
     /// after the connector's timeout. Its I/O runs on the runtime that first
     /// uses it, so give each thread-per-core runtime its own.
+    ///
+    /// With `KVQ_*_REDIS_WAIT_REPLICAS` set, it is [`WAIT_CONNECTIONS`]
+    /// connections used in turn: `WAIT` holds the connection it is sent on
+    /// (and every command queued behind it) for a replication round trip,
+    /// so one connection would carry one write per round trip.
     pub fn connect(&self) -> Result<Conn, StoreError> {
-        self.connect_with_timeout(self.timeout)
+        if self.wait_replicas == 0 {
+            return self.connect_with_timeout(self.timeout);
+        }
+        let conns = (0..WAIT_CONNECTIONS)
+            .map(|_| self.connect_with_timeout(self.timeout))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Conn::Pool(Arc::new(Pool {
+            conns,
+            next: AtomicUsize::new(0),
+        })))
     }
 
     /// [`Connector::connect`] with another response timeout: a connection of
@@ -286,12 +305,31 @@ pub enum Conn {
     Cluster(Arc<ClusterConn>),
     /// The master Sentinel names.
     Sentinel(Arc<SentinelConn>),
+    /// Connections of one of the kinds above, used in turn.
+    Pool(Arc<Pool>),
+}
+
+/// Connections used in turn, one command or pipeline each.
+pub struct Pool {
+    conns: Vec<Conn>,
+    next: AtomicUsize,
+}
+
+impl Pool {
+    fn pick(&self) -> Conn {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len().max(1);
+        self.conns[i].clone()
+    }
 }
 
 impl Conn {
     /// Whether commands of one pipeline must share a hash slot.
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Conn::Cluster(_))
+        match self {
+            Conn::Cluster(_) => true,
+            Conn::Pool(pool) => pool.conns.first().is_some_and(Conn::is_cluster),
+            Conn::Single(_) | Conn::Sentinel(_) => false,
+        }
     }
 
     /// `PING`: the server, the master, or any cluster master that answers
@@ -315,6 +353,7 @@ impl Conn {
                 .await
                 .map(drop)
             }
+            Conn::Pool(pool) => Box::pin(pool.pick().ping()).await,
             other => redis::cmd("PING").query_async(&mut other.clone()).await,
         }
     }
@@ -335,6 +374,10 @@ impl ConnectionLike for Conn {
                     sentinel.check(&addr, e);
                 }
                 answer
+            }),
+            Conn::Pool(pool) => Box::pin(async move {
+                let mut conn = pool.pick();
+                conn.req_packed_command(cmd).await
             }),
         }
     }
@@ -359,6 +402,10 @@ impl ConnectionLike for Conn {
                 }
                 answer
             }),
+            Conn::Pool(pool) => Box::pin(async move {
+                let mut conn = pool.pick();
+                conn.req_packed_commands(pipeline, offset, count).await
+            }),
         }
     }
 
@@ -367,6 +414,7 @@ impl ConnectionLike for Conn {
             Conn::Single(conn) => conn.get_db(),
             Conn::Cluster(_) => 0,
             Conn::Sentinel(sentinel) => sentinel.current().map_or(0, |(_, conn)| conn.get_db()),
+            Conn::Pool(pool) => pool.conns.first().map_or(0, Conn::get_db),
         }
     }
 }
