@@ -5,6 +5,7 @@
 
 mod attacks;
 mod auth;
+mod cluster;
 mod crashes;
 mod errors;
 mod guarantees;
@@ -19,5 +20,4 @@ mod memory;
 mod openapi;
 mod resilience;
 mod stalls;
-mod topology;
 mod writepath;
