@@ -10,7 +10,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::connection::{Conn, query_all};
+use crate::connection::{Conn, WaitReplicas, query_all};
 use crate::error::StoreError;
 use crate::keys;
 
@@ -732,19 +732,52 @@ impl JobRecords {
     /// Claims an `Idempotency-Key` scope (see [`keys::idempotency_key`]) for
     /// a request with `fingerprint` that would queue job `job_id`, or tells
     /// what the scope's first request did.
+    ///
+    /// With `wait` (`KVQ_QUEUE_REDIS_WAIT_REPLICAS`), the claim counts only
+    /// once that many replicas have it, as an accepted job does: on a
+    /// cluster the claim's slot may live on another master than the job's
+    /// partition, and a claim lost in a failover would let a repeat of an
+    /// answered write queue it again under a new id. A claim not confirmed
+    /// in time is an error; nothing was queued yet.
     pub async fn claim_idempotency(
         &self,
         scope: &str,
         fingerprint: &str,
         job_id: &str,
+        wait: Option<WaitReplicas>,
     ) -> Result<Claim, StoreError> {
-        let answer: Vec<String> = CLAIM_IDEMPOTENCY
+        let mut invocation = CLAIM_IDEMPOTENCY.prepare_invoke();
+        invocation
             .key(keys::idempotency_key(&self.namespace, scope))
             .arg(fingerprint)
             .arg(job_id)
-            .arg(IDEMPOTENCY_TTL.as_secs())
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(IDEMPOTENCY_TTL.as_secs());
+        let mut conn = self.conn.clone();
+        let answer: Vec<String> = match wait {
+            None => invocation.invoke_async(&mut conn).await?,
+            Some(wait) => {
+                // The script and WAIT in one round trip, on the claim's node.
+                let mut pipe = redis::pipe();
+                pipe.invoke_script(&invocation);
+                wait.add_to(&mut pipe);
+                let (answer, confirmed): (Vec<String>, i64) =
+                    match pipe.query_async(&mut conn).await {
+                        // A restarted Redis has forgotten the script: load it, once.
+                        Err(e)
+                            if e.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            CLAIM_IDEMPOTENCY.load_async(&mut conn).await?;
+                            pipe.query_async(&mut conn).await?
+                        }
+                        answer => answer?,
+                    };
+                if confirmed < i64::from(wait.replicas) {
+                    return Err(wait.short(confirmed));
+                }
+                answer
+            }
+        };
         match answer.as_slice() {
             [kind] if kind == "new" => Ok(Claim::New),
             [kind] if kind == "reused" => Ok(Claim::Reused),

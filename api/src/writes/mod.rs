@@ -122,7 +122,7 @@ pub(crate) async fn submit(
         let fingerprint = idempotency::fingerprint(&write);
         match state
             .records
-            .claim_idempotency(scope, &fingerprint, &job_id)
+            .claim_idempotency(scope, &fingerprint, &job_id, state.queue.wait())
             .await
             .map_err(ApiError::BackendUnavailable)?
         {

@@ -23,6 +23,20 @@ async fn page(
     limit: usize,
     cursor: &str,
 ) -> (Vec<String>, Option<String>) {
+    try_page(stack, prefix, limit, cursor)
+        .await
+        .unwrap_or_else(|(status, body)| {
+            panic!("prefix {prefix:?} cursor {cursor}: {status} {body}")
+        })
+}
+
+/// One page, or the status and body of a refusal.
+pub(crate) async fn try_page(
+    stack: &Stack,
+    prefix: &str,
+    limit: usize,
+    cursor: &str,
+) -> Result<(Vec<String>, Option<String>), (u16, Value)> {
     let response = stack
         .request(
             Method::GET,
@@ -34,45 +48,60 @@ async fn page(
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 200, "prefix {prefix:?} cursor {cursor}");
-    let body: Value = response.json().await.unwrap();
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status != 200 {
+        return Err((status, body));
+    }
     let keys = body["keys"]
         .as_array()
         .unwrap()
         .iter()
         .map(|k| k.as_str().unwrap().to_owned())
         .collect();
-    (keys, body["next_cursor"].as_str().map(str::to_owned))
+    Ok((keys, body["next_cursor"].as_str().map(str::to_owned)))
 }
 
-/// Every page of a listing, checking each: at most `limit` keys, sorted,
-/// after the previous page's, and empty only as the last page.
-async fn list_all(stack: &Stack, prefix: &str, limit: usize) -> Vec<String> {
+/// Every page of a listing, checking each (see [`add_page`]).
+pub(crate) async fn list_all(stack: &Stack, prefix: &str, limit: usize) -> Vec<String> {
     let mut listed: Vec<String> = Vec::new();
     let mut cursor = String::new();
     loop {
         let (keys, next) = page(stack, prefix, limit, &cursor).await;
-        let what = format!("prefix {prefix:?} limit {limit} after {:?}", listed.last());
-        assert!(keys.len() <= limit, "{what}: {} keys", keys.len());
-        assert!(
-            !keys.is_empty() || next.is_none(),
-            "{what}: an empty page before the end"
-        );
-        let mut in_order = listed.last().into_iter().chain(&keys);
-        let mut previous = in_order.next();
-        for key in in_order {
-            assert!(
-                previous.is_none_or(|p| p < key),
-                "{what}: {previous:?} then {key:?}"
-            );
-            previous = Some(key);
-        }
-        listed.extend(keys);
+        add_page(&mut listed, keys, next.is_some(), prefix, limit);
         match next {
             Some(next) => cursor = next,
             None => return listed,
         }
     }
+}
+
+/// Adds a page to the keys `listed` so far, checking it: at most `limit`
+/// keys, sorted, after the previous page's, and empty only as the last
+/// page (`more`: it has a `next_cursor`).
+pub(crate) fn add_page(
+    listed: &mut Vec<String>,
+    keys: Vec<String>,
+    more: bool,
+    prefix: &str,
+    limit: usize,
+) {
+    let what = format!("prefix {prefix:?} limit {limit} after {:?}", listed.last());
+    assert!(keys.len() <= limit, "{what}: {} keys", keys.len());
+    assert!(
+        !keys.is_empty() || !more,
+        "{what}: an empty page before the end"
+    );
+    let mut in_order = listed.last().into_iter().chain(&keys);
+    let mut previous = in_order.next();
+    for key in in_order {
+        assert!(
+            previous.is_none_or(|p| p < key),
+            "{what}: {previous:?} then {key:?}"
+        );
+        previous = Some(key);
+    }
+    listed.extend(keys);
 }
 
 /// Sends a write and waits (`Prefer: wait`) until it is applied.

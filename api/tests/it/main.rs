@@ -5,6 +5,7 @@
 
 mod attacks;
 mod auth;
+mod cluster;
 mod crashes;
 mod errors;
 mod guarantees;
@@ -20,5 +21,4 @@ mod openapi;
 mod reshard;
 mod resilience;
 mod stalls;
-mod topology;
 mod writepath;

@@ -170,6 +170,11 @@ impl JobQueue {
         }
     }
 
+    /// Replicas each accepted job (and `Idempotency-Key` claim) must reach.
+    pub fn wait(&self) -> Option<WaitReplicas> {
+        self.wait
+    }
+
     /// A new job id for a write to `key`, naming the key's partition.
     pub fn new_job_id(&self, key: &str) -> String {
         keys::new_job_id(keys::partition(key, self.partitions))
