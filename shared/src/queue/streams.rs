@@ -876,7 +876,11 @@ impl<T: QueuedJob> Partition<T> {
                         Err(_) => self.drop_ready(),
                     }
                 }
-                Some(entries) = entries_rx.recv(), if room => {
+                entries = entries_rx.recv(), if room => {
+                    let Some(entries) = entries else {
+                        // The reader failed (see `read`).
+                        break Exit::Done;
+                    };
                     for entry in entries {
                         self.on_entry(entry);
                     }
@@ -1206,9 +1210,8 @@ async fn read(
     mut reads: Reads,
     block: Duration,
     tx: mpsc::Sender<Vec<StreamId>>,
-    mut stopped: watch::Receiver<bool>,
+    stopped: watch::Receiver<bool>,
 ) {
-    let mut delay = Duration::from_millis(50);
     while !*stopped.borrow() {
         let Ok(permit) = tx.reserve().await else {
             return;
@@ -1225,7 +1228,6 @@ async fn read(
             .await;
         match reply {
             Ok(reply) => {
-                delay = Duration::from_millis(50);
                 let entries: Vec<StreamId> = reply
                     .into_iter()
                     .flat_map(|r| r.keys)
@@ -1240,14 +1242,15 @@ async fn read(
                     permit.send(entries);
                 }
             }
+            // The partition starts again from its committed position (its
+            // owner ends it and takes it again): the Redis server that failed
+            // may have been replaced by a replica that lacks the last writes
+            // (a failover), among them the final records of jobs this owner
+            // holds as done. Read again, such jobs run again, are recognised
+            // as applied by their ids, and are recorded again.
             Err(err) => {
-                drop(permit);
-                tracing::warn!(stream = %stream, error = %err, "reading jobs failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    _ = stopped.changed() => return,
-                }
-                delay = (delay * 2).min(Duration::from_secs(2));
+                tracing::warn!(stream = %stream, error = %err, "reading jobs failed; the partition starts again from its last commit");
+                return;
             }
         }
     }
