@@ -207,13 +207,17 @@ impl JobQueue {
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
         let ns = &self.namespace;
         let record = keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?;
-        let mut invocation = ACCEPT.prepare_invoke();
-        invocation
-            .key(record)
-            .key(keys::stream_key(ns, p))
-            .key(keys::cancelled_key(ns, p, attempt))
-            .key(keys::queued_key(ns, p, &job.id))
-            .key(keys::last_seq_key(ns, p))
+        // EVALSHA built as one command: the job's JSON, up to the value
+        // limit, is copied once into it (a script invocation copies it
+        // twice), which is what bounds the API's memory per write.
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(ACCEPT.get_hash())
+            .arg(5)
+            .arg(record)
+            .arg(keys::stream_key(ns, p))
+            .arg(keys::cancelled_key(ns, p, attempt))
+            .arg(keys::queued_key(ns, p, &job.id))
+            .arg(keys::last_seq_key(ns, p))
             .arg(self.records.retention_secs())
             .arg(&job.id)
             .arg(job.op.as_str())
@@ -229,17 +233,26 @@ impl JobQueue {
                 0
             });
         let mut conn = self.conn.clone();
+        let no_script = |e: &redis::RedisError| {
+            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+        };
         let Some(wait) = self.wait else {
-            let answer: Vec<String> = invocation.invoke_async(&mut conn).await?;
+            let answer: Vec<String> = match cmd.query_async(&mut conn).await {
+                // A restarted Redis has forgotten the script: load it, once.
+                Err(e) if no_script(&e) => {
+                    ACCEPT.load_async(&mut conn).await?;
+                    cmd.query_async(&mut conn).await?
+                }
+                answer => answer?,
+            };
             return Accepted::parse(&answer);
         };
         // The script and WAIT in one round trip, on the partition's node.
         let mut pipe = redis::pipe();
-        pipe.invoke_script(&invocation);
+        pipe.add_command(cmd);
         wait.add_to(&mut pipe);
         let (answer, confirmed): (Vec<String>, i64) = match pipe.query_async(&mut conn).await {
-            // A restarted Redis has forgotten the script: load it, once.
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            Err(e) if no_script(&e) => {
                 ACCEPT.load_async(&mut conn).await?;
                 pipe.query_async(&mut conn).await?
             }
