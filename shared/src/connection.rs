@@ -28,7 +28,10 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use redis::{
+    Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult,
+    Script, Value,
+};
 use tokio::sync::OnceCell;
 
 use crate::config::{RedisMode, RedisTarget, RedisUrl};
@@ -62,10 +65,26 @@ enum Kind {
     Sentinel(Arc<SentinelSettings>),
 }
 
-/// A cluster's client and seed nodes.
+/// A cluster's seed nodes.
 struct ClusterSettings {
-    client: ClusterClient,
     seeds: Vec<RedisUrl>,
+}
+
+/// A client of the cluster at `seeds` whose commands time out after
+/// `response` (retries and redirections included), and whose connections
+/// after `timeout` or 2 s, whichever is shorter.
+fn cluster_client(
+    seeds: &[RedisUrl],
+    timeout: Duration,
+    response: Duration,
+) -> RedisResult<ClusterClient> {
+    ClusterClientBuilder::new(seeds.iter().map(RedisUrl::expose))
+        .connection_timeout(timeout.min(Duration::from_secs(2)))
+        .response_timeout(response)
+        .retries(6)
+        .min_retry_wait(20)
+        .max_retry_wait(500)
+        .build()
 }
 
 /// What a sentinel connection needs to find its master.
@@ -115,17 +134,10 @@ impl Connector {
                 Kind::Single(Box::new(redis::Client::open(url.expose())?))
             }
             RedisMode::Cluster => {
-                let client = ClusterClientBuilder::new(target.urls.iter().map(RedisUrl::expose))
-                    .connection_timeout(timeout.min(Duration::from_secs(2)))
-                    .response_timeout(timeout)
-                    .retries(6)
-                    .min_retry_wait(20)
-                    .max_retry_wait(500)
-                    .build()?;
-                Kind::Cluster(Arc::new(ClusterSettings {
-                    client,
-                    seeds: target.urls.clone(),
-                }))
+                let seeds = target.urls.clone();
+                // Checks the seeds (no connection yet).
+                cluster_client(&seeds, timeout, timeout)?;
+                Kind::Cluster(Arc::new(ClusterSettings { seeds }))
             }
             RedisMode::Sentinel => {
                 let first = target
@@ -192,11 +204,7 @@ impl Connector {
                 manager_config(timeout, connect_timeout),
             )?),
             Kind::Cluster(cluster) => Conn::Cluster(Arc::new(ClusterConn {
-                client: if timeout == self.timeout {
-                    cluster.client.clone()
-                } else {
-                    self.cluster_client_with_timeout(timeout)?
-                },
+                client: cluster_client(&cluster.seeds, self.timeout, timeout)?,
                 conn: OnceCell::new(),
             })),
             Kind::Sentinel(settings) => Conn::Sentinel(Arc::new(SentinelConn {
@@ -206,19 +214,6 @@ impl Connector {
                 resolving: tokio::sync::Mutex::new(None),
             })),
         })
-    }
-
-    fn cluster_client_with_timeout(&self, timeout: Duration) -> RedisResult<ClusterClient> {
-        let Kind::Cluster(cluster) = &self.kind else {
-            unreachable!("only called for a cluster");
-        };
-        ClusterClientBuilder::new(cluster.seeds.iter().map(RedisUrl::expose))
-            .connection_timeout(self.timeout.min(Duration::from_secs(2)))
-            .response_timeout(timeout)
-            .retries(6)
-            .min_retry_wait(20)
-            .max_retry_wait(500)
-            .build()
     }
 
     /// A Pub/Sub connection: to the server, to the current master, or to
@@ -275,12 +270,19 @@ pub struct WaitReplicas {
 }
 
 impl WaitReplicas {
-    /// Adds `WAIT` to `pipe`, after its writes: one more answer, the number of
-    /// replicas that confirmed them (on the node the pipeline goes to).
-    pub fn add_to(&self, pipe: &mut Pipeline) {
+    /// Runs `pipe`, whose commands call `script`, then `WAIT`, in one round
+    /// trip to the node the pipeline goes to ([`query_loading`]): answers
+    /// the pipeline's answer and the number of replicas that confirmed it.
+    pub async fn query<T: FromRedisValue>(
+        &self,
+        conn: &Conn,
+        mut pipe: Pipeline,
+        script: &Script,
+    ) -> RedisResult<(T, i64)> {
         pipe.cmd("WAIT")
             .arg(self.replicas)
             .arg(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX));
+        query_loading(conn, &pipe, script).await
     }
 
     /// The error for a write that fewer replicas than asked confirmed in
@@ -544,4 +546,22 @@ pub async fn query_all(conn: &Conn, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         pipe.add_command(cmd);
     }
     pipe.query_async(&mut conn.clone()).await
+}
+
+/// Runs `pipe`, whose commands call `script`: a server that has forgotten
+/// the script (restarted, or a replica promoted: scripts are not
+/// replicated) gets it loaded, once, and the pipeline again.
+pub async fn query_loading<T: FromRedisValue>(
+    conn: &Conn,
+    pipe: &Pipeline,
+    script: &Script,
+) -> RedisResult<T> {
+    let mut conn = conn.clone();
+    match pipe.query_async(&mut conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.load_async(&mut conn).await?;
+            pipe.query_async(&mut conn).await
+        }
+        answer => answer,
+    }
 }

@@ -759,19 +759,8 @@ impl JobRecords {
                 // The script and WAIT in one round trip, on the claim's node.
                 let mut pipe = redis::pipe();
                 pipe.invoke_script(&invocation);
-                wait.add_to(&mut pipe);
                 let (answer, confirmed): (Vec<String>, i64) =
-                    match pipe.query_async(&mut conn).await {
-                        // A restarted Redis has forgotten the script: load it, once.
-                        Err(e)
-                            if e.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            CLAIM_IDEMPOTENCY.load_async(&mut conn).await?;
-                            pipe.query_async(&mut conn).await?
-                        }
-                        answer => answer?,
-                    };
+                    wait.query(&self.conn, pipe, &CLAIM_IDEMPOTENCY).await?;
                 if confirmed < i64::from(wait.replicas) {
                     return Err(wait.short(confirmed));
                 }

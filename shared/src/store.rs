@@ -13,7 +13,7 @@
 use redis::{AsyncCommands, Script};
 use serde_json::value::RawValue;
 
-use crate::connection::{Conn, WaitReplicas};
+use crate::connection::{Conn, WaitReplicas, query_loading};
 use crate::error::StoreError;
 use crate::jobs::{ApplyJob, Outcome};
 use crate::keys;
@@ -161,15 +161,8 @@ impl KvStore {
         // The script and WAIT in one round trip, on the key's node.
         let mut pipe = redis::pipe();
         pipe.invoke_script(&invocation);
-        wait.add_to(&mut pipe);
-        let (answer, confirmed): (Vec<String>, i64) = match pipe.query_async(&mut conn).await {
-            // A restarted Redis has forgotten the script: load it, once.
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.apply_script.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            answer => answer?,
-        };
+        let (answer, confirmed): (Vec<String>, i64) =
+            wait.query(&self.conn, pipe, &self.apply_script).await?;
         let applied = Self::applied(answer)?;
         // A fenced job changed nothing: there is nothing to replicate.
         if confirmed < i64::from(wait.replicas) && !matches!(applied, Applied::Fenced(_)) {
@@ -271,7 +264,7 @@ impl KvStore {
         per_bucket: usize,
     ) -> Result<Vec<(Vec<String>, Option<String>)>, StoreError> {
         let ns = &self.namespace;
-        let mut conn = self.conn.clone();
+        let conn = self.conn.clone();
         let answers: Vec<Vec<Vec<u8>>> = if conn.is_cluster() {
             // Buckets are slots spread over the masters: one script call
             // each, all at once.
@@ -303,16 +296,7 @@ impl KvStore {
                     .arg(per_bucket)
                     .arg(per_bucket + LIST_EXAMINE_SLACK);
             }
-            match pipe.query_async(&mut conn).await {
-                // A restarted Redis has forgotten the script: load it, once.
-                Err(e)
-                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                {
-                    self.list_script.load_async(&mut conn).await?;
-                    pipe.query_async(&mut conn).await?
-                }
-                answers => answers?,
-            }
+            query_loading(&conn, &pipe, &self.list_script).await?
         };
         let text = |bytes: Vec<u8>| {
             String::from_utf8(bytes)

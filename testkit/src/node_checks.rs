@@ -14,10 +14,7 @@ const POLL: Duration = Duration::from_millis(100);
 
 /// The `field:value` lines of an `INFO`-like answer of `node`.
 pub(crate) fn info(node: &TestRedis, args: &[&str]) -> Result<HashMap<String, String>, String> {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
+    let cmd = crate::redis_server::command(args);
     let text: String = cmd
         .query(&mut node.quick_conn().map_err(|e| e.to_string())?)
         .map_err(|e| format!("node {}: {e}", node.port()))?;

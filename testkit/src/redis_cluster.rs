@@ -397,10 +397,7 @@ impl TestCluster {
 
     /// [`TestCluster::cmd`] that may fail.
     pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
+        let cmd = crate::redis_server::command(args);
         cmd.query(&mut self.try_conn()?)
     }
 

@@ -349,10 +349,7 @@ fn sentinel_state(
     sentinel: &TestRedis,
     args: &[&str],
 ) -> Result<Vec<std::collections::HashMap<String, String>>, String> {
-    let mut cmd = redis::cmd(args[0]);
-    for a in &args[1..] {
-        cmd.arg(*a);
-    }
+    let cmd = crate::redis_server::command(args);
     let mut conn = sentinel.quick_conn().map_err(|e| e.to_string())?;
     let value: redis::Value = cmd
         .query(&mut conn)

@@ -276,10 +276,7 @@ impl TestRedis {
 
     /// Runs a command that may fail (e.g. on a key not made yet).
     pub fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
+        let cmd = crate::redis_server::command(args);
         cmd.query(&mut self.try_conn()?)
     }
 
@@ -364,6 +361,15 @@ impl Drop for TestRedis {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The command `args` (name first), for the test's own checks.
+pub(crate) fn command(args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd
 }
 
 /// A loopback port that was free a moment ago.

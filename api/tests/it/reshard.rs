@@ -15,6 +15,8 @@ use kvq_testkit::{Stack, TestCluster, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use crate::list::list_all;
+
 /// Keys written, and writes per key.
 const KEYS: usize = 48;
 const WRITES_PER_KEY: u64 = 40;
@@ -210,32 +212,6 @@ async fn writes_during_a_resharding_of_both_clusters_apply_once_in_order() {
     );
 
     // Listing across the resharded cluster: every key once, in order.
-    let mut listed = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let path = match &cursor {
-            Some(c) => format!("/v1/kv?prefix=reshard/&limit=7&cursor={c}"),
-            None => "/v1/kv?prefix=reshard/&limit=7".to_owned(),
-        };
-        let page: Value = stack
-            .request(Method::GET, &path)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        listed.extend(
-            page["keys"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|k| k.as_str().unwrap().to_owned()),
-        );
-        match page["next_cursor"].as_str() {
-            Some(next) => cursor = Some(next.to_owned()),
-            None => break,
-        }
-    }
+    let listed = list_all(&stack, "reshard/", 7).await;
     assert_eq!(listed, names, "every key once, sorted");
 }

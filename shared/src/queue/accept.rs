@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::Script;
 
 use crate::config::Config;
-use crate::connection::{Conn, WaitReplicas, query_all};
+use crate::connection::{Conn, WaitReplicas, query_all, query_loading};
 use crate::error::StoreError;
 use crate::jobs::{ApplyJob, JobRecords};
 use crate::keys;
@@ -232,32 +232,14 @@ impl JobQueue {
             } else {
                 0
             });
-        let mut conn = self.conn.clone();
-        let no_script = |e: &redis::RedisError| {
-            e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
         let Some(wait) = self.wait else {
-            let answer: Vec<String> = match cmd.query_async(&mut conn).await {
-                // A restarted Redis has forgotten the script: load it, once.
-                Err(e) if no_script(&e) => {
-                    ACCEPT.load_async(&mut conn).await?;
-                    cmd.query_async(&mut conn).await?
-                }
-                answer => answer?,
-            };
+            let (answer,): (Vec<String>,) = query_loading(&self.conn, &pipe, &ACCEPT).await?;
             return Accepted::parse(&answer);
         };
         // The script and WAIT in one round trip, on the partition's node.
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        wait.add_to(&mut pipe);
-        let (answer, confirmed): (Vec<String>, i64) = match pipe.query_async(&mut conn).await {
-            Err(e) if no_script(&e) => {
-                ACCEPT.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            answer => answer?,
-        };
+        let (answer, confirmed): (Vec<String>, i64) = wait.query(&self.conn, pipe, &ACCEPT).await?;
         let accepted = Accepted::parse(&answer)?;
         // A job queued before (a repeat) counts as accepted only once
         // replicated, like a new one.

@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::StreamsConfig;
-use crate::connection::{Conn, Connector};
+use crate::connection::{Conn, Connector, query_loading};
 use crate::error::StoreError;
 use crate::keys;
 
@@ -581,7 +581,7 @@ impl<T: QueuedJob> Coordinator<T> {
     /// for each lost. One pipeline, or on a cluster one call per partition,
     /// all at once (partitions are slots spread over the masters).
     async fn renew(&self, order: &[u16], lease_ms: u64) -> RedisResult<Vec<Option<i64>>> {
-        let mut conn = self.shared.conn.clone();
+        let conn = self.shared.conn.clone();
         let invocations: Vec<_> = order
             .iter()
             .map(|p| {
@@ -604,14 +604,7 @@ impl<T: QueuedJob> Coordinator<T> {
         for invocation in &invocations {
             pipe.invoke_script(invocation);
         }
-        let renewed: Vec<i64> = match pipe.query_async(&mut conn).await {
-            // A restarted Redis has forgotten the script: load it, once.
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                RENEW.load_async(&mut conn).await?;
-                pipe.query_async(&mut conn).await?
-            }
-            renewed => renewed?,
-        };
+        let renewed: Vec<i64> = query_loading(&conn, &pipe, &RENEW).await?;
         Ok(renewed.into_iter().map(Some).collect())
     }
 
