@@ -35,7 +35,12 @@ impl AppState {
     ) -> Result<Self, StoreError> {
         let queue_conn = queue.connect()?;
         Ok(Self {
-            kv: KvStore::new(kv.connect()?, &config.namespace, kv.wait()),
+            kv: KvStore::new(
+                kv.connect()?,
+                &config.namespace,
+                kv.wait(),
+                config.redis_timeout,
+            ),
             records: JobRecords::new(queue_conn.clone(), config),
             queue: JobQueue::new(queue_conn, config, queue.wait()),
             config: config.clone(),

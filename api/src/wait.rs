@@ -1,5 +1,6 @@
 //! `Prefer: wait=N` (RFC 7240): holding a write's answer until its job is
-//! final. Workers publish each finished job's id on `{ns}:done`; one
+//! final. Workers publish finished jobs' ids on `{ns}:done` (one notice per
+//! group of record writes, ids space-separated); one
 //! subscription per API process wakes the requests waiting for that id, so a
 //! waiting request reads its job record once when woken (and at most once a
 //! second as a fallback, should a notice be missed), never in a tight loop.
@@ -72,8 +73,11 @@ impl Waiters {
         pubsub.subscribe(channel).await?;
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
-            if let Ok(id) = message.get_payload::<String>() {
-                self.notify(&id);
+            // A notice names every job of a group of record writes.
+            if let Ok(ids) = message.get_payload::<String>() {
+                for id in ids.split_ascii_whitespace() {
+                    self.notify(id);
+                }
             }
         }
         Ok(())

@@ -6,12 +6,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::connection::{Conn, WaitReplicas, query_all};
 use crate::error::StoreError;
+use crate::group::{Flush, GroupCommit, Limits};
 use crate::keys;
 
 /// How long an `Idempotency-Key` token is remembered.
@@ -455,17 +458,60 @@ pub struct JobRecords {
     namespace: String,
     retention: Duration,
     partitions: u16,
+    /// The worker's record writes are group-committed ([`crate::group`]):
+    /// those waiting go in one pipeline, with one notice naming every job
+    /// that ended; one lane per partition on a cluster, one on one server.
+    writes: GroupCommit<RecordWriter>,
+}
+
+/// Record writes one pipeline carries at most.
+const MAX_WRITE_GROUP: usize = 128;
+
+/// What writing records needs, shared with the group-commit tasks.
+struct RecordWriter {
+    conn: Conn,
+    namespace: String,
+    retention_secs: i64,
+}
+
+/// One record write of the worker's.
+struct RecordWrite {
+    p: u16,
+    job_id: String,
+    key: String,
+    fields: Vec<(&'static str, String)>,
+    clear: &'static [&'static str],
+    /// Whether the job ended: its id goes in the group's notice.
+    announce: bool,
+    /// When a job whose retries ran out died: it joins the dead letters.
+    dead_at: Option<i64>,
 }
 
 impl JobRecords {
     /// Job records under `KVQ_NAMESPACE`, kept for `KVQ_JOB_RETENTION_SECONDS`
     /// once written, over `KVQ_QUEUE_PARTITIONS` partitions.
     pub fn new(conn: Conn, config: &crate::Config) -> Self {
+        let lanes = if conn.is_cluster() {
+            usize::from(config.queue_partitions)
+        } else {
+            1
+        };
+        let writer = RecordWriter {
+            conn: conn.clone(),
+            namespace: config.namespace.clone(),
+            retention_secs: i64::try_from(config.job_retention.as_secs()).unwrap_or(i64::MAX),
+        };
+        let limits = Limits {
+            items: MAX_WRITE_GROUP,
+            bytes: 1_048_576,
+            stale_after: config.redis_timeout,
+        };
         Self {
             conn,
             namespace: config.namespace.clone(),
             retention: config.job_retention,
             partitions: config.queue_partitions,
+            writes: GroupCommit::new(writer, lanes, limits),
         }
     }
 
@@ -498,51 +544,27 @@ impl JobRecords {
         ]
     }
 
+    /// Writes a job's record with the next group of record writes (see
+    /// [`RecordWriter`]).
     async fn write(
         &self,
         job_id: &str,
-        fields: &[(&str, String)],
-        clear: &[&str],
+        fields: Vec<(&'static str, String)>,
+        clear: &'static [&'static str],
         announce: bool,
         dead_at: Option<i64>,
     ) -> Result<(), StoreError> {
         let (p, key) = self.key_of(job_id)?;
-        // No MULTI: each command is idempotent, and a retry repeats them all.
-        let mut pipe = redis::pipe();
-        pipe.hset_multiple(&key, fields)
-            .ignore()
-            .expire(&key, self.retention_secs())
-            .ignore();
-        if !clear.is_empty() {
-            pipe.hdel(&key, clear).ignore();
-        }
-        if let Some(now) = dead_at {
-            // Dead letters live as long as their records; older ones are
-            // dropped from the set whenever a job dies.
-            let dead = keys::dead_set(&self.namespace, p);
-            let cutoff = now.saturating_sub(self.retention_secs().saturating_mul(1000));
-            pipe.zadd(&dead, job_id, now)
-                .ignore()
-                .zrembyscore(&dead, "-inf", format!("({cutoff}"))
-                .ignore();
-        }
-        let mut conn = self.conn.clone();
-        let channel = keys::done_channel(&self.namespace);
-        // A cluster routes PUBLISH by its channel's slot: on its own there,
-        // after the record it announces.
-        let publish_apart = announce && conn.is_cluster();
-        if announce && !publish_apart {
-            pipe.publish(&channel, job_id).ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
-        // The notice is best effort there: a `Prefer: wait` request that
-        // misses it answers 202 when its time runs out. Failing the job's
-        // record for it would stall every partition's jobs while the
-        // channel's one master fails over.
-        if publish_apart && let Err(e) = conn.publish::<_, _, ()>(&channel, job_id).await {
-            tracing::warn!(job_id, error = %e, "could not announce the job's end");
-        }
-        Ok(())
+        let write = RecordWrite {
+            p,
+            job_id: job_id.to_owned(),
+            key,
+            fields,
+            clear,
+            announce,
+            dead_at,
+        };
+        self.writes.submit(usize::from(p), write).await
     }
 
     /// Marks a job `running` for its `attempt`-th start (1-based).
@@ -551,7 +573,7 @@ impl JobRecords {
         let mut fields = Self::base_fields(job, attempt, now);
         fields.push(("status", JobStatus::Running.as_str().to_owned()));
         let clear: &[&str] = if attempt > 1 { &["finished_at"] } else { &[] };
-        self.write(&job.id, &fields, clear, false, None).await
+        self.write(&job.id, fields, clear, false, None).await
     }
 
     /// Records how a job's `attempt`-th run, started at `started_at`, ended,
@@ -586,7 +608,7 @@ impl JobRecords {
                 serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             fields.push((PAYLOAD, payload));
         }
-        self.write(&job.id, &fields, &[], true, dead_at).await
+        self.write(&job.id, fields, &[], true, dead_at).await
     }
 
     /// Takes job `id` out of the dead letters and returns what it queued and
@@ -788,6 +810,82 @@ impl JobRecords {
             return Ok(None);
         }
         JobRecord::from_hash(hash).map(Some)
+    }
+}
+
+impl Flush for RecordWriter {
+    type Item = RecordWrite;
+    type Answer = Result<(), StoreError>;
+
+    fn flush(&self, _: usize, writes: Vec<RecordWrite>) -> BoxFuture<'_, Vec<Self::Answer>> {
+        async move {
+            let written = self.write_group(&writes).await;
+            writes.iter().map(|_| written.clone()).collect()
+        }
+        .boxed()
+    }
+
+    fn bytes(write: &RecordWrite) -> usize {
+        write.fields.iter().map(|(_, v)| v.len()).sum()
+    }
+
+    fn unsent(_: RecordWrite, why: &str) -> Self::Answer {
+        Err(StoreError::Queue(format!("not recorded: {why}")))
+    }
+
+    fn lost() -> Self::Answer {
+        Err(StoreError::Timeout(Duration::ZERO))
+    }
+}
+
+impl RecordWriter {
+    /// `writes` (of one partition on a cluster) in one pipeline, then one
+    /// notice naming every job that ended, space-separated.
+    async fn write_group(&self, writes: &[RecordWrite]) -> Result<(), StoreError> {
+        // No MULTI: each command is idempotent, and a retry repeats them all.
+        let mut pipe = redis::pipe();
+        for write in writes {
+            pipe.hset_multiple(&write.key, &write.fields)
+                .ignore()
+                .expire(&write.key, self.retention_secs)
+                .ignore();
+            if !write.clear.is_empty() {
+                pipe.hdel(&write.key, write.clear).ignore();
+            }
+            if let Some(now) = write.dead_at {
+                // Dead letters live as long as their records; older ones
+                // are dropped from the set whenever a job dies.
+                let dead = keys::dead_set(&self.namespace, write.p);
+                let cutoff = now.saturating_sub(self.retention_secs.saturating_mul(1000));
+                pipe.zadd(&dead, &write.job_id, now)
+                    .ignore()
+                    .zrembyscore(&dead, "-inf", format!("({cutoff}"))
+                    .ignore();
+            }
+        }
+        let ended: Vec<&str> = writes
+            .iter()
+            .filter(|w| w.announce)
+            .map(|w| w.job_id.as_str())
+            .collect();
+        let notice = ended.join(" ");
+        let mut conn = self.conn.clone();
+        let channel = keys::done_channel(&self.namespace);
+        // A cluster routes PUBLISH by its channel's slot: on its own there,
+        // after the records it announces.
+        let publish_apart = !ended.is_empty() && conn.is_cluster();
+        if !ended.is_empty() && !publish_apart {
+            pipe.publish(&channel, &notice).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        // The notice is best effort there: a `Prefer: wait` request that
+        // misses it answers 202 when its time runs out. Failing the jobs'
+        // records for it would stall every partition's jobs while the
+        // channel's one master fails over.
+        if publish_apart && let Err(e) = conn.publish::<_, _, ()>(&channel, &notice).await {
+            tracing::warn!(jobs = ended.len(), error = %e, "could not announce the jobs' end");
+        }
+        Ok(())
     }
 }
 

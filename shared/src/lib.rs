@@ -21,6 +21,7 @@
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod group;
 pub mod jobs;
 pub mod keys;
 pub mod queue;

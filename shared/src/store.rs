@@ -10,11 +10,16 @@
 //! the key's bucket's index (a sorted set of its keys, read by
 //! `scripts/list.lua`) and expiry set up to date, in the same slot.
 
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use redis::{AsyncCommands, Script};
 use serde_json::value::RawValue;
 
 use crate::connection::{Conn, WaitReplicas, query_loading};
 use crate::error::StoreError;
+use crate::group::{Flush, GroupCommit, Limits};
 use crate::jobs::{ApplyJob, Outcome};
 use crate::keys;
 
@@ -67,23 +72,72 @@ pub enum Applied {
 #[derive(Clone)]
 pub struct KvStore {
     conn: Conn,
+    namespace: String,
+    list_script: Script,
+    /// Applies are group-committed ([`crate::group`]): the jobs waiting go
+    /// in one call of the apply script, one lane per hash slot on a
+    /// cluster, one lane on one server.
+    applies: GroupCommit<Applier>,
+}
+
+/// Jobs one apply script call applies at most.
+const MAX_APPLY_GROUP: usize = 64;
+
+/// Bytes of values one apply call carries, about (its first job always
+/// goes).
+const MAX_APPLY_BYTES: usize = 1_048_576;
+
+/// What applying needs, shared with the group-commit tasks.
+struct Applier {
+    conn: Conn,
     /// Replicas each applied write must reach (`KVQ_KV_REDIS_WAIT_REPLICAS`).
     wait: Option<WaitReplicas>,
-    namespace: String,
-    apply_script: Script,
-    list_script: Script,
+    script: Script,
+}
+
+/// A job's part of an apply script call: its 5 keys and 10 arguments.
+struct ApplyArgs {
+    keys: [String; 5],
+    op: &'static str,
+    id: String,
+    value: String,
+    ttl_ms: u64,
+    if_match: String,
+    now_ms: i64,
+    generation: u64,
+    seq: u64,
+    key: String,
+    prefix: String,
 }
 
 impl KvStore {
     /// The store under `namespace` on `conn`; with `wait`, an applied write
     /// counts only once that many replicas have it.
-    pub fn new(conn: Conn, namespace: &str, wait: Option<WaitReplicas>) -> Self {
+    ///
+    /// `timeout` is the Redis response timeout: an apply that waited that
+    /// long for its group to be sent (the data Redis stalls) is not sent,
+    /// and answers a timeout.
+    pub fn new(conn: Conn, namespace: &str, wait: Option<WaitReplicas>, timeout: Duration) -> Self {
+        let lanes = if conn.is_cluster() {
+            usize::from(keys::BUCKETS)
+        } else {
+            1
+        };
+        let applier = Applier {
+            conn: conn.clone(),
+            wait,
+            script: Script::new(include_str!("scripts/apply.lua")),
+        };
+        let limits = Limits {
+            items: MAX_APPLY_GROUP,
+            bytes: MAX_APPLY_BYTES,
+            stale_after: timeout,
+        };
         Self {
             conn,
-            wait,
             namespace: namespace.to_owned(),
-            apply_script: Script::new(include_str!("scripts/apply.lua")),
             list_script: Script::new(include_str!("scripts/list.lua")),
+            applies: GroupCommit::new(applier, lanes, limits),
         }
     }
 
@@ -129,60 +183,32 @@ impl KvStore {
 
     /// Applies `job` atomically and exactly once (see the module's doc):
     /// answers what it did, what it did the first time (a redelivery), or
-    /// that a newer owner of its partition has applied in its bucket.
+    /// that a newer owner of its partition has applied in its bucket. The
+    /// jobs applied at the same time go together, in one script call.
     #[tracing::instrument(skip_all, fields(job_id = %job.id, seq = job.seq))]
     pub async fn apply(&self, job: &ApplyJob, now_ms: i64) -> Result<Applied, StoreError> {
-        let ttl_ms = job.ttl_seconds.unwrap_or(0).saturating_mul(1000);
         let bucket = keys::bucket(&job.key);
-        let mut invocation = self.apply_script.prepare_invoke();
-        invocation
-            .key(keys::value_key(&self.namespace, &job.key))
-            .key(keys::meta_key(&self.namespace, &job.key))
-            .key(keys::index_key(&self.namespace, bucket))
-            .key(keys::expiry_key(&self.namespace, bucket))
-            .key(keys::fence_key(&self.namespace, bucket))
-            .arg(job.op.as_str())
-            .arg(&job.id)
-            .arg(job.value.as_ref().map_or("null", |v| v.get()))
-            .arg(ttl_ms)
-            .arg(job.if_match.map(|v| v.to_string()).unwrap_or_default())
-            .arg(now_ms)
-            .arg(job.generation)
-            .arg(REMEMBERED_OUTCOMES)
-            .arg(job.seq)
-            .arg(&job.key)
-            .arg(keys::value_key_prefix(&self.namespace, bucket))
-            .arg(if self.wait.is_some() { "1" } else { "" });
-        let mut conn = self.conn.clone();
-        let Some(wait) = self.wait else {
-            let answer: Vec<String> = invocation.invoke_async(&mut conn).await?;
-            return Self::applied(answer);
+        let ns = &self.namespace;
+        let args = ApplyArgs {
+            keys: [
+                keys::value_key(ns, &job.key),
+                keys::meta_key(ns, &job.key),
+                keys::index_key(ns, bucket),
+                keys::expiry_key(ns, bucket),
+                keys::fence_key(ns, bucket),
+            ],
+            op: job.op.as_str(),
+            id: job.id.clone(),
+            value: job.value.as_ref().map_or("null", |v| v.get()).to_owned(),
+            ttl_ms: job.ttl_seconds.unwrap_or(0).saturating_mul(1000),
+            if_match: job.if_match.map(|v| v.to_string()).unwrap_or_default(),
+            now_ms,
+            generation: job.generation,
+            seq: job.seq,
+            key: job.key.clone(),
+            prefix: keys::value_key_prefix(ns, bucket),
         };
-        // The script and WAIT in one round trip, on the key's node.
-        let mut pipe = redis::pipe();
-        pipe.invoke_script(&invocation);
-        let (answer, confirmed): (Vec<String>, i64) =
-            wait.query(&self.conn, pipe, &self.apply_script).await?;
-        let applied = Self::applied(answer)?;
-        // A fenced job changed nothing: there is nothing to replicate.
-        if confirmed < i64::from(wait.replicas) && !matches!(applied, Applied::Fenced(_)) {
-            return Err(wait.short(confirmed));
-        }
-        Ok(applied)
-    }
-
-    /// The apply script's answer.
-    fn applied(answer: Vec<String>) -> Result<Applied, StoreError> {
-        let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
-        let outcome = |s: &str| Outcome::parse(s).ok_or_else(corrupt);
-        match answer.as_slice() {
-            [kind, detail] if kind == "done" => Ok(Applied::Done(outcome(detail)?)),
-            [kind, detail] if kind == "dup" => Ok(Applied::Duplicate(outcome(detail)?)),
-            [kind, fence] if kind == "fenced" => {
-                Ok(Applied::Fenced(fence.parse().map_err(|_| corrupt())?))
-            }
-            _ => Err(corrupt()),
-        }
+        self.applies.submit(usize::from(bucket), args).await
     }
 
     /// Lists live user keys starting with `prefix`, in byte order, after
@@ -314,6 +340,119 @@ impl KvStore {
                 Ok((keys, more_after))
             })
             .collect()
+    }
+}
+
+impl Flush for Applier {
+    type Item = ApplyArgs;
+    type Answer = Result<Applied, StoreError>;
+
+    fn flush(
+        &self,
+        _: usize,
+        jobs: Vec<ApplyArgs>,
+    ) -> BoxFuture<'_, Vec<Result<Applied, StoreError>>> {
+        async move {
+            match self.apply_group(&jobs).await {
+                Ok(applied) => applied,
+                Err(e) => jobs.iter().map(|_| Err(e.clone())).collect(),
+            }
+        }
+        .boxed()
+    }
+
+    fn bytes(job: &ApplyArgs) -> usize {
+        job.value.len()
+    }
+
+    fn unsent(_: ApplyArgs, why: &str) -> Result<Applied, StoreError> {
+        Err(StoreError::Queue(format!("not applied: {why}")))
+    }
+
+    fn lost() -> Result<Applied, StoreError> {
+        Err(StoreError::Timeout(Duration::ZERO))
+    }
+}
+
+impl Applier {
+    /// One call of the apply script for `jobs` (all of one slot on a
+    /// cluster), and `WAIT` with it if configured: each job's answer.
+    async fn apply_group(
+        &self,
+        jobs: &[ApplyArgs],
+    ) -> Result<Vec<Result<Applied, StoreError>>, StoreError> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(5 * jobs.len());
+        for job in jobs {
+            cmd.arg(&job.keys[..]);
+        }
+        cmd.arg(REMEMBERED_OUTCOMES)
+            .arg(if self.wait.is_some() { "1" } else { "" })
+            .arg(jobs.len());
+        for job in jobs {
+            cmd.arg(job.op)
+                .arg(&job.id)
+                .arg(&job.value)
+                .arg(job.ttl_ms)
+                .arg(&job.if_match)
+                .arg(job.now_ms)
+                .arg(job.generation)
+                .arg(job.seq)
+                .arg(&job.key)
+                .arg(&job.prefix);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        // With WAIT: the script and WAIT in one round trip, on the slot's
+        // node, and how many replicas confirmed if fewer than asked.
+        let (answers, short): (Vec<Vec<String>>, Option<i64>) = match self.wait {
+            None => {
+                let (answers,) = query_loading(&self.conn, &pipe, &self.script).await?;
+                (answers, None)
+            }
+            Some(wait) => {
+                let (answers, confirmed): (_, i64) =
+                    wait.query(&self.conn, pipe, &self.script).await?;
+                (
+                    answers,
+                    (confirmed < i64::from(wait.replicas)).then_some(confirmed),
+                )
+            }
+        };
+        if answers.len() != jobs.len() {
+            return Err(StoreError::Corrupt(format!(
+                "the apply script answered {} jobs of {}",
+                answers.len(),
+                jobs.len()
+            )));
+        }
+        Ok(answers
+            .iter()
+            .map(|answer| {
+                let applied = applied(answer)?;
+                match (short, self.wait) {
+                    // A fenced job changed nothing: nothing to replicate.
+                    (Some(confirmed), Some(wait)) if !matches!(applied, Applied::Fenced(_)) => {
+                        Err(wait.short(confirmed))
+                    }
+                    _ => Ok(applied),
+                }
+            })
+            .collect())
+    }
+}
+
+/// The apply script's answer for one job.
+fn applied(answer: &[String]) -> Result<Applied, StoreError> {
+    let corrupt = || StoreError::Corrupt(format!("apply answer {answer:?}"));
+    let outcome = |s: &str| Outcome::parse(s).ok_or_else(corrupt);
+    match answer {
+        [kind, detail] if kind == "done" => Ok(Applied::Done(outcome(detail)?)),
+        [kind, detail] if kind == "dup" => Ok(Applied::Duplicate(outcome(detail)?)),
+        [kind, fence] if kind == "fenced" => {
+            Ok(Applied::Fenced(fence.parse().map_err(|_| corrupt())?))
+        }
+        _ => Err(corrupt()),
     }
 }
 

@@ -36,7 +36,12 @@ impl Worker {
         let queue_client = Connector::new(&config.queue_redis, config.redis_timeout)?;
         let queue_conn = queue_client.connect()?;
         let applier = Arc::new(Applier {
-            kv: KvStore::new(kv.connect()?, &config.namespace, kv.wait()),
+            kv: KvStore::new(
+                kv.connect()?,
+                &config.namespace,
+                kv.wait(),
+                config.redis_timeout,
+            ),
             records: JobRecords::new(queue_conn.clone(), &config),
             max_attempts: config.worker_max_attempts,
             metrics: Arc::default(),

@@ -72,12 +72,17 @@ async fn queue(
     how: Queueing,
     idempotent: bool,
 ) -> Result<Queued, ApiError> {
-    let attempt = uuid::Uuid::new_v4().to_string();
-    let found = match state.queue.accept(&job, &attempt, how, idempotent).await {
+    let (attempt, accepted) = state.queue.accept(&job, how, idempotent).await;
+    let found = match accepted {
         Ok(found) => found,
         // Queued on the master only: it applies unless the master fails
         // before a replica has it.
         Err(e @ StoreError::NotReplicated { .. }) => return Err(ApiError::OutcomeUnknown(e)),
+        // The answer was lost with no attempt to settle (never but at
+        // shutdown).
+        Err(e) if e.may_have_run() && attempt.is_empty() => {
+            return Err(ApiError::OutcomeUnknown(e));
+        }
         Err(e) if e.may_have_run() => {
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
             settle(state, &job, &attempt, how).await?

@@ -1,14 +1,17 @@
 //! The producer side of the queue: [`JobQueue`] accepts jobs, at most once
 //! per job id, and settles accepts whose answer did not arrive.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use redis::Script;
 
 use crate::config::Config;
 use crate::connection::{Conn, WaitReplicas, query_all, query_loading};
 use crate::error::StoreError;
+use crate::group::{Flush, GroupCommit, Limits};
 use crate::jobs::{ApplyJob, JobRecords};
 use crate::keys;
 
@@ -16,46 +19,69 @@ use crate::keys;
 /// command can linger in a connection.
 const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Queues a job unless its attempt was cancelled or (a new job) a job with
-/// its id exists, giving it its `seq`: its stream entry's id, the
-/// partition's previous `seq` + 1 or the Redis server's time in µs,
-/// whichever is larger. KEYS (one partition, one slot): the job record, the
-/// stream, the attempt's cancel mark, the job's queued mark, the
-/// partition's last `seq`. ARGV: retention (s), id, op, key, enqueued_at,
-/// request id, attempt, the job as JSON, `new` or `again` (a dead job
-/// queued again: its record exists, and what its last run left is
+/// Queues a group of jobs of one partition, in order, unless the group's
+/// attempt was cancelled; each job is queued unless (a new job) a job with
+/// its id exists. Each queued job gets its `seq`: its stream entry's id,
+/// the previous `seq` + 1 or the Redis server's time in µs, whichever is
+/// larger, so a key's jobs get increasing `seq`s in the group's order. All
+/// or nothing: the group is one script.
+///
+/// KEYS (one partition, one slot): the stream, the attempt's cancel mark,
+/// the partition's last `seq`, then per job its record and its queued mark.
+/// ARGV: retention (s), attempt, the number of jobs, then per job: id, op,
+/// key, enqueued_at, request id, the job as JSON, `new` or `again` (a dead
+/// job queued again: its record exists, and what its last run left is
 /// cleared), and how long to keep the queued mark (s; 0 for none: only
 /// jobs with an `Idempotency-Key` need one, as their key may outlive the
-/// record). Answers `queued` + seq, `cancelled`, or `exists` + the existing
-/// job's op, key and seq (as its first accept gave them: the queued mark
-/// first, which a dead job's retry does not change).
+/// record). Answers, per job, `queued` + seq, `cancelled`, or `exists` +
+/// the existing job's op, key and seq (as its first accept gave them: the
+/// queued mark first, which a dead job's retry does not change).
 static ACCEPT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
-if redis.call('EXISTS', KEYS[3]) == 1 then return {'cancelled'} end
-if ARGV[9] == 'new' then
-  local found = redis.call('HMGET', KEYS[4], 'op', 'key', 'seq')
-  if not found[1] then found = redis.call('HMGET', KEYS[1], 'op', 'key', 'seq') end
-  if found[1] then return {'exists', found[1], found[2], found[3]} end
-else
-  redis.call('HDEL', KEYS[1], 'result', 'error', 'started_at', 'finished_at', 'payload', 'died_at')
+local n = tonumber(ARGV[3])
+local out = {}
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  for i = 1, n do out[i] = {'cancelled'} end
+  return out
 end
 local t = redis.call('TIME')
-local seq = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local last = tonumber(redis.call('GET', KEYS[5]) or '0')
-if seq <= last then seq = last + 1 end
-seq = string.format('%.0f', seq)
-redis.call('SET', KEYS[5], seq)
-redis.call('HSET', KEYS[1], 'id', ARGV[2], 'op', ARGV[3], 'key', ARGV[4], 'seq', seq,
-  'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[5], 'request_id', ARGV[6],
-  'attempt', ARGV[7])
-redis.call('EXPIRE', KEYS[1], ARGV[1])
-if tonumber(ARGV[10]) > 0 then
-  redis.call('HSET', KEYS[4], 'op', ARGV[3], 'key', ARGV[4], 'seq', seq, 'attempt', ARGV[7])
-  redis.call('EXPIRE', KEYS[4], ARGV[10])
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local last = tonumber(redis.call('GET', KEYS[3]) or '0')
+local moved = false
+for i = 0, n - 1 do
+  local record, mark = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local a = 4 + 8 * i
+  local id, op, key = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local found
+  if ARGV[a + 6] == 'new' then
+    found = redis.call('HMGET', mark, 'op', 'key', 'seq')
+    if not found[1] then found = redis.call('HMGET', record, 'op', 'key', 'seq') end
+  else
+    redis.call('HDEL', record, 'result', 'error', 'started_at', 'finished_at', 'payload', 'died_at')
+  end
+  if found and found[1] then
+    out[i + 1] = {'exists', found[1], found[2], found[3]}
+  else
+    local seq = now
+    if seq <= last then seq = last + 1 end
+    last = seq
+    moved = true
+    seq = string.format('%.0f', seq)
+    redis.call('HSET', record, 'id', id, 'op', op, 'key', key, 'seq', seq,
+      'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[a + 3],
+      'request_id', ARGV[a + 4], 'attempt', ARGV[2])
+    redis.call('EXPIRE', record, ARGV[1])
+    if tonumber(ARGV[a + 7]) > 0 then
+      redis.call('HSET', mark, 'op', op, 'key', key, 'seq', seq, 'attempt', ARGV[2])
+      redis.call('EXPIRE', mark, ARGV[a + 7])
+    end
+    redis.call('XADD', KEYS[1], seq .. '-0', 'id', id, 'job', ARGV[a + 5])
+    out[i + 1] = {'queued', seq}
+  end
 end
-redis.call('XADD', KEYS[2], seq .. '-0', 'id', ARGV[2], 'job', ARGV[8])
-return {'queued', seq}
+if moved then redis.call('SET', KEYS[3], string.format('%.0f', last)) end
+return out
 ",
     )
 });
@@ -146,33 +172,94 @@ fn bad_id(id: &str) -> StoreError {
     StoreError::Corrupt(format!("{id:?} is no job id of kvq's"))
 }
 
-/// The producer side of kvq's queue: records and pushes jobs.
-#[derive(Clone)]
-pub struct JobQueue {
+/// Jobs one accept script queues at most.
+pub const MAX_GROUP_JOBS: usize = 128;
+
+/// Bytes of job JSON one group commit gathers at most (its first job always
+/// goes, however large).
+const MAX_GROUP_BYTES: usize = 1_048_576;
+
+/// A job ready for the accept script: its JSON made once.
+#[derive(Debug)]
+pub struct Prepared {
+    partition: u16,
+    id: String,
+    op: crate::jobs::Op,
+    key: String,
+    enqueued_at: i64,
+    request_id: String,
+    json: String,
+    how: Queueing,
+    /// How long its queued mark lives (s); 0 for none.
+    mark_for: u64,
+}
+
+impl Prepared {
+    /// The job's partition.
+    pub fn partition(&self) -> u16 {
+        self.partition
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// What one accept attempt answered: the attempt's id (to settle it with
+/// [`JobQueue::cancel`] when the answer is an error that may hide a queued
+/// job), and the answer.
+pub type AcceptAnswer = (Arc<str>, Result<Accepted, StoreError>);
+
+/// What accepting needs, shared with the group-commit tasks.
+struct Core {
     conn: Conn,
     /// Replicas each accepted job must reach (`KVQ_QUEUE_REDIS_WAIT_REPLICAS`).
     wait: Option<WaitReplicas>,
     namespace: String,
+    retention_secs: i64,
+}
+
+/// The producer side of kvq's queue: records and pushes jobs.
+///
+/// Single writes are group-committed ([`crate::group`]), one lane per
+/// partition: the jobs waiting for a partition, up to [`MAX_GROUP_JOBS`] and
+/// about 1 MiB, are queued with one script call (and one `WAIT`) while the
+/// next group gathers. A job's accept answers once its own group is in the
+/// queue Redis.
+#[derive(Clone)]
+pub struct JobQueue {
+    core: Arc<Core>,
+    groups: GroupCommit<Arc<Core>>,
     partitions: u16,
-    records: JobRecords,
 }
 
 impl JobQueue {
     /// The queue on the queue Redis reached through `conn`; with `wait`, a
     /// job counts as accepted only once that many replicas have it.
     pub fn new(conn: Conn, config: &Config, wait: Option<WaitReplicas>) -> Self {
-        Self {
-            records: JobRecords::new(conn.clone(), config),
+        let records = JobRecords::new(conn.clone(), config);
+        let core = Arc::new(Core {
             conn,
             wait,
             namespace: config.namespace.clone(),
+            retention_secs: records.retention_secs(),
+        });
+        let limits = Limits {
+            items: MAX_GROUP_JOBS,
+            bytes: MAX_GROUP_BYTES,
+            stale_after: config.redis_timeout,
+        };
+        Self {
+            groups: GroupCommit::new(core.clone(), usize::from(config.queue_partitions), limits),
+            core,
             partitions: config.queue_partitions,
         }
     }
 
     /// Replicas each accepted job (and `Idempotency-Key` claim) must reach.
     pub fn wait(&self) -> Option<WaitReplicas> {
-        self.wait
+        self.core.wait
     }
 
     /// A new job id for a write to `key`, naming the key's partition.
@@ -190,65 +277,62 @@ impl JobQueue {
         Ok(p)
     }
 
-    /// Records `job` as `queued` and appends it to its partition's stream,
-    /// giving it its `seq`, in one script, one round trip, unless this attempt was cancelled ([`JobQueue::cancel`]) or, for
-    /// a new job, a job with its id is there already. `attempt` names this
-    /// try of the job, so that cancelling one try never blocks another (a
-    /// retry of the same `Idempotency-Key`).
-    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-    pub async fn accept(
+    /// `job`, ready to be queued (its JSON made once): as a new job or a
+    /// dead one queued again; an `idempotent` job (one with an
+    /// `Idempotency-Key`) is remembered as queued for as long as its key
+    /// lives, even when its record expires sooner.
+    pub fn prepare(
         &self,
         job: &ApplyJob,
-        attempt: &str,
         how: Queueing,
         idempotent: bool,
-    ) -> Result<Accepted, StoreError> {
-        let p = self.partition_of(&job.id, &job.key)?;
+    ) -> Result<Prepared, StoreError> {
+        let partition = self.partition_of(&job.id, &job.key)?;
         let json = serde_json::to_string(job).map_err(|e| StoreError::Queue(e.to_string()))?;
-        let ns = &self.namespace;
-        let record = keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?;
-        // EVALSHA built as one command: the job's JSON, up to the value
-        // limit, is copied once into it (a script invocation copies it
-        // twice), which is what bounds the API's memory per write.
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(ACCEPT.get_hash())
-            .arg(5)
-            .arg(record)
-            .arg(keys::stream_key(ns, p))
-            .arg(keys::cancelled_key(ns, p, attempt))
-            .arg(keys::queued_key(ns, p, &job.id))
-            .arg(keys::last_seq_key(ns, p))
-            .arg(self.records.retention_secs())
-            .arg(&job.id)
-            .arg(job.op.as_str())
-            .arg(&job.key)
-            .arg(job.enqueued_at)
-            .arg(&job.request_id)
-            .arg(attempt)
-            .arg(json)
-            .arg(how.as_str())
-            .arg(if idempotent {
+        Ok(Prepared {
+            partition,
+            id: job.id.clone(),
+            op: job.op,
+            key: job.key.clone(),
+            enqueued_at: job.enqueued_at,
+            request_id: job.request_id.clone(),
+            json,
+            how,
+            mark_for: if idempotent {
                 crate::jobs::IDEMPOTENCY_TTL.as_secs()
             } else {
                 0
-            });
-        let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        let Some(wait) = self.wait else {
-            let (answer,): (Vec<String>,) = query_loading(&self.conn, &pipe, &ACCEPT).await?;
-            return Accepted::parse(&answer);
-        };
-        // The script and WAIT in one round trip, on the partition's node.
-        let (answer, confirmed): (Vec<String>, i64) = wait.query(&self.conn, pipe, &ACCEPT).await?;
-        let accepted = Accepted::parse(&answer)?;
-        // A job queued before (a repeat) counts as accepted only once
-        // replicated, like a new one.
-        if !matches!(accepted, Accepted::Cancelled) && confirmed < i64::from(wait.replicas) {
-            return Err(wait.short(confirmed));
-        }
-        Ok(accepted)
+            },
+        })
     }
 
+    /// Queues `job` with the next group commit of its partition: records it
+    /// as `queued` and appends it to the stream, giving it its `seq`, unless
+    /// its group's attempt was cancelled ([`JobQueue::cancel`]) or, for a
+    /// new job, a job with its id is there already. Answers the attempt's
+    /// id with the answer, so that an answer lost in transit can be settled.
+    #[tracing::instrument(skip_all, fields(job_id = %job.id))]
+    pub async fn accept(&self, job: &ApplyJob, how: Queueing, idempotent: bool) -> AcceptAnswer {
+        let prepared = match self.prepare(job, how, idempotent) {
+            Ok(prepared) => prepared,
+            Err(e) => return (Arc::from(""), Err(e)),
+        };
+        let p = usize::from(prepared.partition);
+        self.groups.submit(p, prepared).await
+    }
+
+    /// Queues `jobs`, all of partition `p`, in order, with one script call
+    /// (all or nothing) under `attempt`, and answers what each found; with
+    /// `WAIT` configured, only once that many replicas have them. At most
+    /// [`MAX_GROUP_JOBS`] jobs.
+    pub async fn accept_group(
+        &self,
+        p: u16,
+        attempt: &str,
+        jobs: &[&Prepared],
+    ) -> Result<Vec<Accepted>, StoreError> {
+        self.core.accept_group(p, attempt, jobs).await
+    }
     /// Settles an attempt whose [`JobQueue::accept`] got no answer: tells
     /// whether the job is queued (for a new job, by this attempt or
     /// another), or else cancels the attempt for good, so that the accept,
@@ -260,7 +344,7 @@ impl JobQueue {
         attempt: &str,
         how: Queueing,
     ) -> Result<Accepted, StoreError> {
-        let ns = &self.namespace;
+        let ns = &self.core.namespace;
         let p = keys::job_partition(job_id).ok_or_else(|| bad_id(job_id))?;
         let record = keys::job_key(ns, job_id).ok_or_else(|| bad_id(job_id))?;
         let answer: Vec<String> = CANCEL
@@ -270,7 +354,7 @@ impl JobQueue {
             .arg(attempt)
             .arg(CANCELLED_FOR.as_secs())
             .arg(how.as_str())
-            .invoke_async(&mut self.conn.clone())
+            .invoke_async(&mut self.core.conn.clone())
             .await?;
         Accepted::parse(&answer)
     }
@@ -282,10 +366,10 @@ impl JobQueue {
     pub async fn depths(&self) -> Result<(u64, u64), StoreError> {
         let mut cmds = Vec::new();
         for p in 0..self.partitions {
-            cmds.push(redis::Cmd::xlen(keys::stream_key(&self.namespace, p)));
-            cmds.push(redis::Cmd::zcard(keys::dead_set(&self.namespace, p)));
+            cmds.push(redis::Cmd::xlen(keys::stream_key(&self.core.namespace, p)));
+            cmds.push(redis::Cmd::zcard(keys::dead_set(&self.core.namespace, p)));
         }
-        let counts = query_all(&self.conn, cmds)
+        let counts = query_all(&self.core.conn, cmds)
             .await?
             .into_iter()
             .map(redis::FromRedisValue::from_redis_value)
@@ -298,6 +382,121 @@ impl JobQueue {
 
     /// Answers `PING` on the queue Redis.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        Ok(self.conn.ping().await?)
+        Ok(self.core.conn.ping().await?)
+    }
+}
+
+impl Flush for Arc<Core> {
+    type Item = Prepared;
+    type Answer = AcceptAnswer;
+
+    fn flush(&self, lane: usize, jobs: Vec<Prepared>) -> BoxFuture<'_, Vec<AcceptAnswer>> {
+        async move {
+            let attempt: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
+            let p = u16::try_from(lane).unwrap_or(u16::MAX);
+            let refs: Vec<&Prepared> = jobs.iter().collect();
+            let answer = self.accept_group(p, &attempt, &refs).await;
+            match answer {
+                Ok(found) if found.len() == jobs.len() => found
+                    .into_iter()
+                    .map(|found| (attempt.clone(), Ok(found)))
+                    .collect(),
+                Ok(found) => {
+                    let e = StoreError::Corrupt(format!(
+                        "the accept script answered {} jobs of {}",
+                        found.len(),
+                        jobs.len()
+                    ));
+                    jobs.iter()
+                        .map(|_| (attempt.clone(), Err(e.clone())))
+                        .collect()
+                }
+                Err(e) => jobs
+                    .iter()
+                    .map(|_| (attempt.clone(), Err(e.clone())))
+                    .collect(),
+            }
+        }
+        .boxed()
+    }
+
+    fn bytes(job: &Prepared) -> usize {
+        job.json.len()
+    }
+
+    fn unsent(_: Prepared, why: &str) -> AcceptAnswer {
+        (
+            Arc::from(""),
+            Err(StoreError::Queue(format!("nothing queued: {why}"))),
+        )
+    }
+
+    fn lost() -> AcceptAnswer {
+        // Sent or not: the caller cannot settle it (no attempt to cancel).
+        (Arc::from(""), Err(StoreError::Timeout(Duration::ZERO)))
+    }
+}
+
+impl Core {
+    async fn accept_group(
+        &self,
+        p: u16,
+        attempt: &str,
+        jobs: &[&Prepared],
+    ) -> Result<Vec<Accepted>, StoreError> {
+        if jobs.iter().any(|job| job.partition != p) || jobs.len() > MAX_GROUP_JOBS {
+            return Err(StoreError::Queue(format!(
+                "a group of {} jobs not all of partition {p}",
+                jobs.len()
+            )));
+        }
+        let ns = &self.namespace;
+        // EVALSHA built as one command: each job's JSON, up to the value
+        // limit, is copied once into it (a script invocation copies it
+        // twice), which is what bounds the API's memory per write.
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(ACCEPT.get_hash())
+            .arg(3 + 2 * jobs.len())
+            .arg(keys::stream_key(ns, p))
+            .arg(keys::cancelled_key(ns, p, attempt))
+            .arg(keys::last_seq_key(ns, p));
+        for job in jobs {
+            cmd.arg(keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?)
+                .arg(keys::queued_key(ns, p, &job.id));
+        }
+        cmd.arg(self.retention_secs).arg(attempt).arg(jobs.len());
+        for job in jobs {
+            cmd.arg(&job.id)
+                .arg(job.op.as_str())
+                .arg(&job.key)
+                .arg(job.enqueued_at)
+                .arg(&job.request_id)
+                .arg(&job.json)
+                .arg(job.how.as_str())
+                .arg(job.mark_for);
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd);
+        let parse = |answers: Vec<Vec<String>>| {
+            answers
+                .iter()
+                .map(|answer| Accepted::parse(answer))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        let Some(wait) = self.wait else {
+            let (answers,): (Vec<Vec<String>>,) = query_loading(&self.conn, &pipe, &ACCEPT).await?;
+            return parse(answers);
+        };
+        // The script and WAIT in one round trip, on the partition's node.
+        let (answers, confirmed): (Vec<Vec<String>>, i64) =
+            wait.query(&self.conn, pipe, &ACCEPT).await?;
+        let accepted = parse(answers)?;
+        // A job queued before (a repeat) counts as accepted only once
+        // replicated, like a new one.
+        let cancelled = accepted.iter().all(|a| matches!(a, Accepted::Cancelled));
+        if !cancelled && confirmed < i64::from(wait.replicas) {
+            return Err(wait.short(confirmed));
+        }
+        Ok(accepted)
     }
 }

@@ -57,7 +57,7 @@ use crate::config::Config;
 mod accept;
 mod streams;
 
-pub use accept::{Accepted, JobQueue, Queueing};
+pub use accept::{AcceptAnswer, Accepted, JobQueue, MAX_GROUP_JOBS, Prepared, Queueing};
 pub use streams::{Fenced, Finish, FinishLayer, QueuedJob, StreamsBackend};
 
 /// Queue settings.

@@ -368,14 +368,9 @@ impl Queue {
             enqueued_at: now_ms(),
         };
         self.log.with(|s| s.plans.insert(job.id.clone(), plan));
-        let attempt = attempt_id(&job.id);
         // The queue Redis may be restarting: accept is idempotent by job id.
         let seq = kvq_testkit::eventually(DEADLINE, "an accept", || async {
-            match self
-                .queue
-                .accept(&job, &attempt, Queueing::New, false)
-                .await
-            {
+            match self.queue.accept(&job, Queueing::New, false).await.1 {
                 Ok(Accepted::Queued(seq)) | Ok(Accepted::Exists { seq, .. }) => Some(seq),
                 Ok(Accepted::Cancelled) => panic!("nothing cancels in these tests"),
                 Err(_) => None,
@@ -501,11 +496,6 @@ pub(crate) async fn wait_for<T>(
     mut check: impl FnMut() -> Option<T>,
 ) -> T {
     kvq_testkit::eventually(deadline, what, || std::future::ready(check())).await
-}
-
-/// An accept attempt id derived from the job id (one attempt per job).
-fn attempt_id(id: &str) -> String {
-    format!("attempt-{id}")
 }
 
 /// A worker running in its own runtime.
