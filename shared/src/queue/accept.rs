@@ -204,6 +204,16 @@ impl Prepared {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The job's operation.
+    pub fn op(&self) -> crate::jobs::Op {
+        self.op
+    }
+
+    /// The job's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 /// What one accept attempt answered: the attempt's id (to settle it with
