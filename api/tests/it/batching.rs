@@ -605,6 +605,121 @@ async fn a_queue_redis_stalled_while_applied_jobs_are_recorded_counts_no_attempt
 }
 
 // ---------------------------------------------------------------------------
+// 3c. The queue Redis refusing writes partway through an accept pipeline.
+
+/// The queue Redis' `used_memory`, bytes.
+fn used_memory(redis: &RedisRole) -> u64 {
+    let info: String = redis.cmd(&["INFO", "memory"]);
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("used_memory in INFO memory")
+}
+
+#[tokio::test]
+async fn a_queue_redis_refusing_writes_partway_through_a_group_answers_backend_unavailable_only_for_writes_not_queued()
+ {
+    let mut stack = Stack::builder()
+        .workers(0)
+        .env("KVQ_REDIS_TIMEOUT_MS", "500")
+        .start()
+        .await;
+    let http = client();
+    // Eight times: the queue Redis' memory is capped 256 KiB above what it
+    // uses (`noeviction`: room for a few hundred more jobs), and 64
+    // clients send 600 creates to keys of every partition at once, so that
+    // a group of accepts spanning many partitions meets the cap partway:
+    // the accept calls before it queue their jobs, those after it are
+    // refused (out of memory, an error Redis answers: nothing queued).
+    let mut answers: Vec<(Write, Answer)> = Vec::new();
+    for round in 0..8 {
+        let cap = used_memory(&stack.queue) + 256 * 1024;
+        let _: () = stack.queue.cmd(&[
+            "CONFIG",
+            "SET",
+            "maxmemory-policy",
+            "noeviction",
+            "maxmemory",
+            &cap.to_string(),
+        ]);
+        let writes: Vec<Write> = (0..600)
+            .map(|i| Write {
+                key: format!("oom{round}/{i}"),
+                op: "create",
+                value: round * 1_000 + i,
+                if_match: None,
+            })
+            .collect();
+        let round_answers: Vec<(Write, Answer)> = futures::stream::iter(writes)
+            .map(|write| {
+                let (http, base) = (&http, stack.base());
+                async move {
+                    let answer = send(http, base, &write).await;
+                    (write, answer)
+                }
+            })
+            .buffer_unordered(64)
+            .collect()
+            .await;
+        answers.extend(round_answers);
+    }
+    let _: () = stack.queue.cmd(&["CONFIG", "SET", "maxmemory", "0"]);
+    let refused = answers
+        .iter()
+        .filter(|(_, a)| *a == Answer::Unavailable)
+        .count();
+    assert!(refused > 0, "the cap refused no write");
+
+    // A worker applies what was queued; each job is traced to its request.
+    stack.start_worker().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = final_records(&stack, job_ids(&stack), deadline).await;
+    let job_of: HashMap<&str, &Value> = records
+        .values()
+        .map(|job| (job["request_id"].as_str().unwrap_or_default(), job))
+        .collect();
+    let lies: Vec<String> = answers
+        .iter()
+        .filter(|(_, a)| *a == Answer::Unavailable)
+        .filter_map(|(w, _)| {
+            job_of
+                .get(request_id(w).as_str())
+                .map(|job| format!("{}: {job}", w.key))
+        })
+        .collect();
+    let unknown: Vec<&Write> = answers
+        .iter()
+        .filter(|(_, a)| *a == Answer::Unknown)
+        .map(|(w, _)| w)
+        .collect();
+    let unknown_queued = unknown
+        .iter()
+        .filter(|w| job_of.contains_key(request_id(w).as_str()))
+        .count();
+    eprintln!(
+        "{} writes: {} answered 202, {refused} backend_unavailable ({} of them queued), {} outcome_unknown ({unknown_queued} of them queued)",
+        answers.len(),
+        answers
+            .iter()
+            .filter(|(_, a)| matches!(a, Answer::Accepted { .. }))
+            .count(),
+        lies.len(),
+        unknown.len()
+    );
+    assert!(
+        lies.is_empty(),
+        "{} of {refused} writes answered 503 backend_unavailable (certainly not queued) were queued and applied; the first: {}",
+        lies.len(),
+        lies[0]
+    );
+    for (write, answer) in &answers {
+        if let Answer::Accepted { id, .. } = answer {
+            assert_eq!(records[id]["status"], "succeeded", "{write:?}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // 4. `Prefer: wait` answered by group notices.
 
 /// What a `Prefer: wait` write was answered, and when.
