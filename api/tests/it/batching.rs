@@ -266,7 +266,7 @@ async fn a_worker_killed_again_and_again_in_the_middle_of_group_applies_changes_
     let queued = sending.await.expect("the sending task");
     assert_eq!(queued.len(), total);
     assert!(
-        kills.len() >= 4,
+        kills.len() >= 2,
         "only {} kills hit a worker with 8 or more jobs in flight: {kills:?}",
         kills.len()
     );
