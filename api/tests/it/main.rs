@@ -5,6 +5,7 @@
 
 mod attacks;
 mod auth;
+mod batch;
 mod batching;
 mod cluster;
 mod crashes;

@@ -204,6 +204,16 @@ impl Prepared {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The job's operation.
+    pub fn op(&self) -> crate::jobs::Op {
+        self.op
+    }
+
+    /// The job's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 /// What one accept attempt answered: the attempt's id (to settle it with
@@ -446,10 +456,7 @@ impl Flush for Arc<Core> {
     }
 
     fn unsent(_: Prepared, why: &str) -> AcceptAnswer {
-        (
-            Arc::from(""),
-            Err(StoreError::Queue(format!("nothing queued: {why}"))),
-        )
+        (Arc::from(""), Err(StoreError::Unsent(why.to_owned())))
     }
 
     fn lost() -> AcceptAnswer {
