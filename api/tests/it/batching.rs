@@ -963,3 +963,178 @@ async fn prefer_wait_requests_are_each_answered_their_own_outcome_soon_after_the
         .collect();
     assert_eq!(assert_equals_replay(&stack, &queued, &records).await, 480);
 }
+
+// ---------------------------------------------------------------------------
+// 5. A batch of 1,000 mixed writes alongside single writes to its keys.
+
+/// The batch API's form of `write`.
+fn batch_write(write: &Write) -> Value {
+    let mut json = serde_json::json!({"op": write.op, "key": write.key});
+    if write.op != "delete" {
+        json["value"] = write.value.into();
+    }
+    if let Some(version) = write.if_match {
+        json["if_match"] = version.into();
+    }
+    json
+}
+
+/// 1,000 mixed writes to 100 keys `<prefix>/<k>` sent as one batch, 1 s
+/// into 1,000 mixed single writes to the same keys (32 clients, one every
+/// 3 ms); then, `kills` times, the worker with the most jobs in flight is
+/// killed with SIGKILL (and a new one started), the first as soon as the
+/// batch is answered, while its jobs are being applied. Every job, of the
+/// batch or not, must report what a one-by-one replay of its key's writes
+/// in seq order gives, and every key must read as the replay leaves it.
+async fn a_batch_alongside_single_writes_equals_a_replay(
+    stack: &mut Stack,
+    prefix: &str,
+    seed: u64,
+    kills: usize,
+) {
+    let mut rng = Rng(seed);
+    let batch = mixed_writes(&mut rng, prefix, 100, 1_000, 1);
+    let singles = mixed_writes(&mut rng, prefix, 100, 1_000, 100_001);
+    let base = stack.base().to_owned();
+    let sending = tokio::spawn(async move {
+        let http = client();
+        let start = tokio::time::Instant::now();
+        futures::stream::iter(singles.into_iter().enumerate())
+            .map(|(i, write)| {
+                let (http, base) = (http.clone(), base.clone());
+                async move {
+                    tokio::time::sleep_until(start + Duration::from_millis(3 * i as u64)).await;
+                    match send(&http, &base, &write).await {
+                        Answer::Accepted { id, seq } => (write, seq, id),
+                        other => panic!("{write:?} was answered {other:?}"),
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<Queued>>()
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let response = client()
+        .post(format!("{}/v1/batch", stack.base()))
+        .json(&serde_json::json!({"writes": batch.iter().map(batch_write).collect::<Vec<_>>()}))
+        .send()
+        .await
+        .expect("the API answers the batch");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 202, "the batch: {body}");
+
+    // Killed while the batch's jobs are applied.
+    let mut killed_with = Vec::new();
+    for _ in 0..kills {
+        let (victim, in_flight) = kvq_testkit::eventually(
+            Duration::from_secs(10),
+            "a worker with 8 jobs in flight",
+            || async {
+                let mut busiest: Option<(usize, i64)> = None;
+                for index in 0..stack.workers.len() {
+                    let n = stack
+                        .worker_metric(index, "kvq_worker_jobs_in_flight")
+                        .await
+                        .unwrap_or(0);
+                    if n >= 8 && busiest.is_none_or(|(_, m)| n > m) {
+                        busiest = Some((index, n));
+                    }
+                }
+                busiest
+            },
+        )
+        .await;
+        let queued_then = stack.queue.pending_jobs();
+        let worker = stack.workers.remove(victim);
+        worker.signal("KILL");
+        drop(worker);
+        killed_with.push((in_flight, queued_then));
+        stack.start_worker().await;
+    }
+
+    // One job per write, in the batch's order; a key's writes in the
+    // batch get increasing seqs in the batch's order.
+    let jobs = body["jobs"].as_array().expect("the batch's jobs");
+    assert_eq!(jobs.len(), batch.len());
+    let mut queued: Vec<Queued> = Vec::new();
+    let mut last_seq: HashMap<&str, u64> = HashMap::new();
+    for (write, job) in batch.iter().zip(jobs) {
+        assert_eq!(
+            (job["op"].as_str(), job["key"].as_str()),
+            (Some(write.op), Some(write.key.as_str())),
+            "the batch's jobs are not in its order: {job}"
+        );
+        let seq = job["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no integer seq: {job}"));
+        if let Some(before) = last_seq.insert(&write.key, seq) {
+            assert!(
+                before < seq,
+                "{}: a later write of the batch got seq {seq}, an earlier one {before}",
+                write.key
+            );
+        }
+        let id = job["job_id"].as_str().expect("a job id").to_owned();
+        queued.push((write.clone(), seq, id));
+    }
+    queued.extend(sending.await.expect("the sending task"));
+
+    // The batch's jobs and the single writes' jobs, interleaved by seq.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = final_records(stack, queued.iter().map(|q| q.2.clone()), deadline).await;
+    assert_eq!(assert_equals_replay(stack, &queued, &records).await, 2_000);
+    // How often a key's batch writes and single writes alternate in seq
+    // order (the replay interleaved them).
+    let batch_ids: HashSet<&str> = queued[..1_000].iter().map(|q| q.2.as_str()).collect();
+    let mut by_key: HashMap<&str, Vec<(u64, bool)>> = HashMap::new();
+    for (write, seq, id) in &queued {
+        by_key
+            .entry(write.key.as_str())
+            .or_default()
+            .push((*seq, batch_ids.contains(id.as_str())));
+    }
+    let switches: usize = by_key
+        .values_mut()
+        .map(|jobs| {
+            jobs.sort_unstable();
+            jobs.windows(2).filter(|w| w[0].1 != w[1].1).count()
+        })
+        .sum();
+    eprintln!(
+        "{prefix}: 1,000 batch writes and 1,000 single writes to 100 keys equal their replay ({switches} switches between batch and single writes in the keys' seq order); killed with (jobs in flight, jobs queued): {killed_with:?}"
+    );
+    assert!(
+        switches >= 100,
+        "the batch did not interleave with the single writes: {switches} switches"
+    );
+    for (in_flight, queued_then) in &killed_with {
+        assert!(
+            *queued_then >= 100,
+            "a worker was killed with {in_flight} jobs in flight but only {queued_then} queued: the batch was applied already"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_1000_mixed_writes_alongside_single_writes_equals_a_one_by_one_replay() {
+    let mut stack = Stack::builder()
+        .workers(2)
+        .env("KVQ_WORKER_CONCURRENCY", "32")
+        .start()
+        .await;
+    a_batch_alongside_single_writes_equals_a_replay(&mut stack, "batch", 0xBA7C_0000_0006, 0).await;
+}
+
+#[tokio::test]
+async fn a_batch_alongside_single_writes_with_a_worker_killed_mid_batch_equals_a_one_by_one_replay()
+{
+    let mut stack = Stack::builder()
+        .workers(2)
+        .env("KVQ_WORKER_CONCURRENCY", "32")
+        .start()
+        .await;
+    a_batch_alongside_single_writes_equals_a_replay(&mut stack, "kbatch", 0xBA7C_0000_0007, 2)
+        .await;
+}
