@@ -13,6 +13,8 @@
 //! queued it, whatever that request was answered.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -180,6 +182,18 @@ fn calls(redis: &RedisRole, command: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// What the data Redis remembers job `job` (a record) did to its key, if
+/// it was applied (the outcomes of a key's last 64 jobs are kept).
+fn applied_as(stack: &Stack, job: &Value) -> Option<String> {
+    let key = job["key"].as_str().unwrap_or_default();
+    let id = job["id"].as_str().unwrap_or_default();
+    stack.kv.cmd(&[
+        "HGET",
+        &kvq_shared::keys::meta_key("kvq", key),
+        &format!("r:{id}"),
+    ])
+}
+
 /// A counter of every running worker's `/metrics`, summed.
 async fn workers_metric(stack: &Stack, name: &str) -> i64 {
     let mut total = 0;
@@ -199,45 +213,54 @@ async fn a_worker_killed_again_and_again_in_the_middle_of_group_applies_changes_
         .env("KVQ_WORKER_CONCURRENCY", "32")
         .start()
         .await;
-    // 6,000 mixed writes to 200 keys (30 each), sent from 64 clients as
-    // fast as the API takes them, so that the workers run 32 jobs at once
-    // and their applies go in large groups.
+    // Mixed writes to 200 keys, sent from 64 clients, up to 4,000 a
+    // second (more than two workers apply), so that the workers run 32
+    // jobs at once and their applies go in large groups; until the kills
+    // below are over (80,000 at most: 20 s).
     let mut rng = Rng(0xBA7C_0000_0001);
-    let writes = mixed_writes(&mut rng, "gkill", 200, 6_000, 1);
-    let total = writes.len();
+    let writes = mixed_writes(&mut rng, "gkill", 200, 80_000, 1);
+    let stop = Arc::new(AtomicBool::new(false));
     let base = stack.base().to_owned();
-    let sending = tokio::spawn(async move {
-        let http = client();
-        futures::stream::iter(writes)
-            .map(|write| {
-                let (http, base) = (http.clone(), base.clone());
-                async move {
-                    match send(&http, &base, &write).await {
-                        Answer::Accepted { id, seq } => (write, seq, id),
-                        other => panic!("{write:?} was answered {other:?}"),
+    let sending = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let http = client();
+            let start = tokio::time::Instant::now();
+            futures::stream::iter(writes.into_iter().enumerate())
+                .take_while(|_| std::future::ready(!stop.load(Ordering::SeqCst)))
+                .map(|(i, write)| {
+                    let (http, base) = (http.clone(), base.clone());
+                    async move {
+                        tokio::time::sleep_until(start + Duration::from_micros(250 * i as u64))
+                            .await;
+                        match send(&http, &base, &write).await {
+                            Answer::Accepted { id, seq } => (write, seq, id),
+                            other => panic!("{write:?} was answered {other:?}"),
+                        }
                     }
-                }
-            })
-            .buffer_unordered(64)
-            .collect::<Vec<Queued>>()
-            .await
-    });
+                })
+                .buffer_unordered(64)
+                .collect::<Vec<Queued>>()
+                .await
+        })
+    };
     let evalsha_before = calls(&stack.kv, "evalsha");
 
-    // At a random moment every 0.15 to 0.75 s, the worker with the most
-    // jobs in flight (8 at least: groups are being applied) is killed with
-    // SIGKILL, and a new one started; until the writes are all sent and
-    // 6 workers were killed, or the queue is empty.
+    // 6 times, at a random moment 0.15 to 0.75 s after the last, the
+    // worker with the most jobs in flight (8 at least: groups are being
+    // applied) is killed with SIGKILL, and a new one started.
     let started = Instant::now();
     let mut kills: Vec<i64> = Vec::new();
     let mut redelivered = 0;
-    loop {
-        if sending.is_finished() && (kills.len() >= 6 || stack.queue.pending_jobs() == 0) {
-            break;
+    while kills.len() < 6 {
+        if sending.is_finished() {
+            let sent = sending.await.expect("the sending task").len();
+            panic!("all {sent} writes were sent after {} kills", kills.len());
         }
         assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "the writes were not sent, or the queue not drained, within 180 s"
+            started.elapsed() < Duration::from_secs(120),
+            "only {} kills within 120 s",
+            kills.len()
         );
         tokio::time::sleep(Duration::from_millis(150 + rng.below(600))).await;
         let mut busiest: Option<(usize, i64)> = None;
@@ -263,13 +286,9 @@ async fn a_worker_killed_again_and_again_in_the_middle_of_group_applies_changes_
         stack.start_worker().await;
         kills.push(in_flight);
     }
+    stop.store(true, Ordering::SeqCst);
     let queued = sending.await.expect("the sending task");
-    assert_eq!(queued.len(), total);
-    assert!(
-        kills.len() >= 2,
-        "only {} kills hit a worker with 8 or more jobs in flight: {kills:?}",
-        kills.len()
-    );
+    let total = queued.len();
 
     // Every job ends well within a minute after the last kill (a killed
     // worker's partitions move once its lease runs out), with the
@@ -281,8 +300,7 @@ async fn a_worker_killed_again_and_again_in_the_middle_of_group_applies_changes_
     redelivered += workers_metric(&stack, "kvq_worker_redeliveries_total").await;
     let groups = calls(&stack.kv, "evalsha") - evalsha_before;
     eprintln!(
-        "{} kills, jobs in flight at each: {kills:?}; {redelivered} jobs redelivered after being applied; {total} jobs in {groups} apply calls ({:.1} a call)",
-        kills.len(),
+        "6 kills, jobs in flight at each: {kills:?}; {redelivered} jobs redelivered after being applied; {total} jobs in {groups} apply calls ({:.1} a call)",
         total as f64 / groups.max(1) as f64
     );
     assert!(
@@ -527,9 +545,10 @@ async fn a_data_redis_stalled_past_the_timeout_during_group_applies_applies_ever
         .collect();
     assert!(
         dead.is_empty() && retried == 0,
-        "after two 3 s stalls of the data Redis, which answered no error, {retried} runs were counted as attempts and {} of {total} jobs ended dead; the first: {}",
+        "after two 3 s stalls of the data Redis, which answered no error, {retried} runs were counted as attempts and {} of {total} jobs ended dead; the first: {} (its write applied, as {:?})",
         dead.len(),
-        dead.first().map(|j| j.to_string()).unwrap_or_default()
+        dead.first().map(|j| j.to_string()).unwrap_or_default(),
+        dead.first().and_then(|j| applied_as(&stack, j))
     );
     assert_eq!(assert_equals_replay(&stack, &queued, &records).await, total);
 }
@@ -566,18 +585,21 @@ async fn a_queue_redis_stalled_while_applied_jobs_are_recorded_counts_no_attempt
         .buffer_unordered(32)
         .collect()
         .await;
-    // Two workers work it off; twice, with 32 jobs or more in flight
-    // between them (applied or being applied, to be recorded in the queue
-    // Redis), the queue Redis stalls for 3 s, longer than the 0.5 s Redis
-    // timeout.
+    // Two workers work it off. Three times, with 32 jobs or more in
+    // flight between them, the data Redis holds its writes for 0.4 s
+    // (less than the 0.5 s Redis timeout), so that the applies in flight
+    // wait together; 0.2 s in, the queue Redis stalls for 3 s, so that
+    // once they are applied, their records wait on a stalled queue Redis.
     stack.start_workers_with_env(2, &[]).await;
     let mut stalled_with = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let in_flight =
             kvq_testkit::eventually(Duration::from_secs(30), "32 jobs in flight", || async {
                 stack.jobs_in_flight().await.filter(|n| *n >= 32)
             })
             .await;
+        let _: () = stack.kv.cmd(&["CLIENT", "PAUSE", "400", "WRITE"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let _: () = stack.queue.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]);
         stalled_with.push(in_flight);
         // The stall is over once the queue Redis answers the test.
@@ -597,9 +619,10 @@ async fn a_queue_redis_stalled_while_applied_jobs_are_recorded_counts_no_attempt
         .collect();
     assert!(
         dead.is_empty() && retried == 0,
-        "after two 3 s stalls of the queue Redis, which answered no error, {retried} runs were counted as attempts and {} of {total} jobs ended dead; the first: {}",
+        "after three 3 s stalls of the queue Redis, which answered no error, {retried} runs were counted as attempts and {} of {total} jobs ended dead; the first: {} (its write applied, as {:?})",
         dead.len(),
-        dead.first().map(|j| j.to_string()).unwrap_or_default()
+        dead.first().map(|j| j.to_string()).unwrap_or_default(),
+        dead.first().and_then(|j| applied_as(&stack, j))
     );
     assert_eq!(assert_equals_replay(&stack, &queued, &records).await, total);
 }
@@ -939,4 +962,179 @@ async fn prefer_wait_requests_are_each_answered_their_own_outcome_soon_after_the
         })
         .collect();
     assert_eq!(assert_equals_replay(&stack, &queued, &records).await, 480);
+}
+
+// ---------------------------------------------------------------------------
+// 5. A batch of 1,000 mixed writes alongside single writes to its keys.
+
+/// The batch API's form of `write`.
+fn batch_write(write: &Write) -> Value {
+    let mut json = serde_json::json!({"op": write.op, "key": write.key});
+    if write.op != "delete" {
+        json["value"] = write.value.into();
+    }
+    if let Some(version) = write.if_match {
+        json["if_match"] = version.into();
+    }
+    json
+}
+
+/// 1,000 mixed writes to 100 keys `<prefix>/<k>` sent as one batch, 1 s
+/// into 1,000 mixed single writes to the same keys (32 clients, one every
+/// 3 ms); then, `kills` times, the worker with the most jobs in flight is
+/// killed with SIGKILL (and a new one started), the first as soon as the
+/// batch is answered, while its jobs are being applied. Every job, of the
+/// batch or not, must report what a one-by-one replay of its key's writes
+/// in seq order gives, and every key must read as the replay leaves it.
+async fn a_batch_alongside_single_writes_equals_a_replay(
+    stack: &mut Stack,
+    prefix: &str,
+    seed: u64,
+    kills: usize,
+) {
+    let mut rng = Rng(seed);
+    let batch = mixed_writes(&mut rng, prefix, 100, 1_000, 1);
+    let singles = mixed_writes(&mut rng, prefix, 100, 1_000, 100_001);
+    let base = stack.base().to_owned();
+    let sending = tokio::spawn(async move {
+        let http = client();
+        let start = tokio::time::Instant::now();
+        futures::stream::iter(singles.into_iter().enumerate())
+            .map(|(i, write)| {
+                let (http, base) = (http.clone(), base.clone());
+                async move {
+                    tokio::time::sleep_until(start + Duration::from_millis(3 * i as u64)).await;
+                    match send(&http, &base, &write).await {
+                        Answer::Accepted { id, seq } => (write, seq, id),
+                        other => panic!("{write:?} was answered {other:?}"),
+                    }
+                }
+            })
+            .buffer_unordered(32)
+            .collect::<Vec<Queued>>()
+            .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let response = client()
+        .post(format!("{}/v1/batch", stack.base()))
+        .json(&serde_json::json!({"writes": batch.iter().map(batch_write).collect::<Vec<_>>()}))
+        .send()
+        .await
+        .expect("the API answers the batch");
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 202, "the batch: {body}");
+
+    // Killed while the batch's jobs are applied.
+    let mut killed_with = Vec::new();
+    for _ in 0..kills {
+        let (victim, in_flight) = kvq_testkit::eventually(
+            Duration::from_secs(10),
+            "a worker with 8 jobs in flight",
+            || async {
+                let mut busiest: Option<(usize, i64)> = None;
+                for index in 0..stack.workers.len() {
+                    let n = stack
+                        .worker_metric(index, "kvq_worker_jobs_in_flight")
+                        .await
+                        .unwrap_or(0);
+                    if n >= 8 && busiest.is_none_or(|(_, m)| n > m) {
+                        busiest = Some((index, n));
+                    }
+                }
+                busiest
+            },
+        )
+        .await;
+        let queued_then = stack.queue.pending_jobs();
+        let worker = stack.workers.remove(victim);
+        worker.signal("KILL");
+        drop(worker);
+        killed_with.push((in_flight, queued_then));
+        stack.start_worker().await;
+    }
+
+    // One job per write, in the batch's order; a key's writes in the
+    // batch get increasing seqs in the batch's order.
+    let jobs = body["jobs"].as_array().expect("the batch's jobs");
+    assert_eq!(jobs.len(), batch.len());
+    let mut queued: Vec<Queued> = Vec::new();
+    let mut last_seq: HashMap<&str, u64> = HashMap::new();
+    for (write, job) in batch.iter().zip(jobs) {
+        assert_eq!(
+            (job["op"].as_str(), job["key"].as_str()),
+            (Some(write.op), Some(write.key.as_str())),
+            "the batch's jobs are not in its order: {job}"
+        );
+        let seq = job["seq"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no integer seq: {job}"));
+        if let Some(before) = last_seq.insert(&write.key, seq) {
+            assert!(
+                before < seq,
+                "{}: a later write of the batch got seq {seq}, an earlier one {before}",
+                write.key
+            );
+        }
+        let id = job["job_id"].as_str().expect("a job id").to_owned();
+        queued.push((write.clone(), seq, id));
+    }
+    queued.extend(sending.await.expect("the sending task"));
+
+    // The batch's jobs and the single writes' jobs, interleaved by seq.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let records = final_records(stack, queued.iter().map(|q| q.2.clone()), deadline).await;
+    assert_eq!(assert_equals_replay(stack, &queued, &records).await, 2_000);
+    // How often a key's batch writes and single writes alternate in seq
+    // order (the replay interleaved them).
+    let batch_ids: HashSet<&str> = queued[..1_000].iter().map(|q| q.2.as_str()).collect();
+    let mut by_key: HashMap<&str, Vec<(u64, bool)>> = HashMap::new();
+    for (write, seq, id) in &queued {
+        by_key
+            .entry(write.key.as_str())
+            .or_default()
+            .push((*seq, batch_ids.contains(id.as_str())));
+    }
+    let switches: usize = by_key
+        .values_mut()
+        .map(|jobs| {
+            jobs.sort_unstable();
+            jobs.windows(2).filter(|w| w[0].1 != w[1].1).count()
+        })
+        .sum();
+    eprintln!(
+        "{prefix}: 1,000 batch writes and 1,000 single writes to 100 keys equal their replay ({switches} switches between batch and single writes in the keys' seq order); killed with (jobs in flight, jobs queued): {killed_with:?}"
+    );
+    assert!(
+        switches >= 100,
+        "the batch did not interleave with the single writes: {switches} switches"
+    );
+    for (in_flight, queued_then) in &killed_with {
+        assert!(
+            *queued_then >= 100,
+            "a worker was killed with {in_flight} jobs in flight but only {queued_then} queued: the batch was applied already"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_1000_mixed_writes_alongside_single_writes_equals_a_one_by_one_replay() {
+    let mut stack = Stack::builder()
+        .workers(2)
+        .env("KVQ_WORKER_CONCURRENCY", "32")
+        .start()
+        .await;
+    a_batch_alongside_single_writes_equals_a_replay(&mut stack, "batch", 0xBA7C_0000_0006, 0).await;
+}
+
+#[tokio::test]
+async fn a_batch_alongside_single_writes_with_a_worker_killed_mid_batch_equals_a_one_by_one_replay()
+{
+    let mut stack = Stack::builder()
+        .workers(2)
+        .env("KVQ_WORKER_CONCURRENCY", "32")
+        .start()
+        .await;
+    a_batch_alongside_single_writes_equals_a_replay(&mut stack, "kbatch", 0xBA7C_0000_0007, 2)
+        .await;
 }
