@@ -535,3 +535,22 @@ pub async fn list_cost(
         index_bytes_per_key: index_bytes as f64 / keys as f64,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_body_is_the_batch_apis_json_with_one_upsert_per_write() {
+        let body: serde_json::Value =
+            serde_json::from_str(&batch_body("batch/3/7", 1_000)).expect("valid JSON");
+        let writes = body["writes"].as_array().expect("a writes array");
+        assert_eq!(writes.len(), 1_000);
+        assert_eq!(
+            writes[999],
+            json!({"op": "upsert", "key": "batch/3/7/999", "value": VALUE_100_BYTES})
+        );
+        // Stored as serialized JSON, quotes included: 100 bytes.
+        assert_eq!(json!(VALUE_100_BYTES).to_string().len(), 100);
+    }
+}
