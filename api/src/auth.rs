@@ -462,6 +462,10 @@ mod tests {
         );
         assert_eq!(required_role(&Method::PUT, "/v1/kv/a"), Some(Role::Writer));
         assert_eq!(required_role(&Method::POST, "/v1/kv"), Some(Role::Writer));
+        assert_eq!(
+            required_role(&Method::POST, "/v1/batch"),
+            Some(Role::Writer)
+        );
         assert_eq!(required_role(&Method::GET, "/v1/jobs"), Some(Role::Admin));
         assert_eq!(
             required_role(&Method::POST, "/v1/jobs/x/retry"),

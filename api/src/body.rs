@@ -1,4 +1,5 @@
-//! Write bodies (`POST /v1/kv`, `PUT /v1/kv/{key}`), read within bounds of
+//! Write bodies (`POST /v1/kv`, `PUT /v1/kv/{key}`, and batches,
+//! `POST /v1/batch`, within their own larger limit), read within bounds of
 //! size and of memory.
 //!
 //! [`JsonBody`] replaces `web::Json` for the writes. Before it reads a
@@ -45,16 +46,19 @@ const FIRST_RESERVATION: usize = 64 * 1024;
 pub struct BodyBudget {
     capacity: usize,
     body_limit: usize,
+    batch_limit: usize,
     used: AtomicUsize,
 }
 
 impl BodyBudget {
     /// A budget of `capacity` bytes for bodies of at most `body_limit`
-    /// bytes each.
-    pub fn new(capacity: usize, body_limit: usize) -> Arc<Self> {
+    /// bytes each, and batch bodies ([`BatchBody`]) of at most
+    /// `batch_limit`.
+    pub fn new(capacity: usize, body_limit: usize, batch_limit: usize) -> Arc<Self> {
         Arc::new(Self {
             capacity,
             body_limit,
+            batch_limit,
             used: AtomicUsize::new(0),
         })
     }
@@ -72,6 +76,11 @@ impl BodyBudget {
     /// The largest body one request may send.
     pub fn body_limit(&self) -> usize {
         self.body_limit
+    }
+
+    /// The largest batch body (`POST /v1/batch`).
+    pub fn batch_limit(&self) -> usize {
+        self.batch_limit
     }
 
     fn take(&self, bytes: usize) -> bool {
@@ -150,7 +159,26 @@ impl FromRequest for JsonBody {
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let req = req.clone();
         let payload = payload.take();
-        Box::pin(async move { read(&req, payload).await })
+        Box::pin(async move { read(&req, payload, BodyBudget::body_limit).await })
+    }
+}
+
+/// A batch's whole JSON body (`POST /v1/batch`), read as [`JsonBody`] is
+/// but within the batch body limit ([`BodyBudget::batch_limit`]).
+pub struct BatchBody(pub JsonBody);
+
+impl FromRequest for BatchBody {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let payload = payload.take();
+        Box::pin(async move {
+            read(&req, payload, BodyBudget::batch_limit)
+                .await
+                .map(BatchBody)
+        })
     }
 }
 
@@ -161,12 +189,17 @@ fn is_json(req: &HttpRequest) -> bool {
         if mime.subtype() == mime::JSON || mime.suffix() == Some(mime::JSON))
 }
 
-async fn read(req: &HttpRequest, mut payload: Payload) -> Result<JsonBody, ApiError> {
+/// Reads a body of at most `limit(budget)` bytes.
+async fn read(
+    req: &HttpRequest,
+    mut payload: Payload,
+    limit: fn(&BodyBudget) -> usize,
+) -> Result<JsonBody, ApiError> {
     let Some(budget) = req.app_data::<web::Data<BodyBudget>>() else {
         return Err(ApiError::Overloaded("no body budget is set up".into()));
     };
     let budget = budget.clone().into_inner();
-    let limit = budget.body_limit();
+    let limit = limit(&budget);
     let drain_cap = limit.saturating_mul(DRAIN_FACTOR);
     if !is_json(req) {
         drain(&mut payload, drain_cap).await;
@@ -268,7 +301,7 @@ mod tests {
 
     #[test]
     fn the_budget_is_never_overdrawn_and_comes_back_on_drop() {
-        let budget = BodyBudget::new(100, 60);
+        let budget = BodyBudget::new(100, 60, 100);
         let first = budget.reserve(60).expect("fits");
         assert!(budget.reserve(41).is_none());
         let mut second = budget.reserve(40).expect("fits");

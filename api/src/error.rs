@@ -103,12 +103,24 @@ pub enum ApiError {
     /// A Redis the request needs did not answer.
     #[error("a backend is unavailable, retry later")]
     BackendUnavailable(#[source] StoreError),
+    /// One part of a batch's body is bad (`POST /v1/batch`): the error it
+    /// would get on its own, and where it is, as a JSON Pointer into the
+    /// body (`/writes/17/key`), which the problem's `pointer` member and
+    /// its `detail` carry.
+    #[error("{pointer}: {error}")]
+    InBatch {
+        /// Where in the body, e.g. `/writes/17/key`.
+        pointer: String,
+        /// What is wrong there.
+        error: Box<ApiError>,
+    },
 }
 
 impl ApiError {
     /// The stable machine code.
     pub fn code(&self) -> &str {
         match self {
+            ApiError::InBatch { error, .. } => error.code(),
             ApiError::JobFailed { code, .. } => code.as_str(),
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Forbidden(_) => "forbidden",
@@ -136,6 +148,7 @@ impl ApiError {
 
     fn title(&self) -> &str {
         match self {
+            ApiError::InBatch { error, .. } => error.title(),
             ApiError::InvalidKey(_) => "Invalid key",
             ApiError::MalformedJson(_) => "Malformed JSON",
             ApiError::InvalidBody(_) => "Invalid request body",
@@ -182,6 +195,11 @@ pub struct Problem<'a> {
     pub detail: String,
     /// The stable machine code: `invalid_key`, `not_found`, ...
     pub code: &'a str,
+    /// Where in the request body the problem is, as a JSON Pointer
+    /// (RFC 6901), for a batch's bad write: `/writes/17/key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "/writes/17/key")]
+    pub pointer: Option<&'a str>,
 }
 
 /// Seconds a client should wait before retrying a 503.
@@ -190,6 +208,7 @@ pub const RETRY_AFTER_SECONDS: u64 = 1;
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
+            ApiError::InBatch { error, .. } => error.status_code(),
             ApiError::InvalidKey(_) | ApiError::MalformedJson(_) | ApiError::InvalidRequest(_) => {
                 StatusCode::BAD_REQUEST
             }
@@ -227,6 +246,10 @@ impl ResponseError for ApiError {
             status: status.as_u16(),
             detail: self.to_string(),
             code: self.code(),
+            pointer: match self {
+                ApiError::InBatch { pointer, .. } => Some(pointer),
+                _ => None,
+            },
         };
         let mut response = HttpResponse::build(status);
         response.insert_header((

@@ -17,7 +17,7 @@ use std::sync::LazyLock;
 use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
-use utoipa::openapi::schema::SchemaType;
+use utoipa::openapi::schema::{AdditionalProperties, SchemaType};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{
     ContentBuilder, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, ResponseBuilder, Schema,
@@ -25,7 +25,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{health, jobs, kv, legacy};
+use crate::routes::{batch, health, jobs, kv, legacy};
 
 /// The document: every path, its schemas, the bearer scheme.
 #[derive(OpenApi)]
@@ -43,6 +43,7 @@ use crate::routes::{health, jobs, kv, legacy};
         kv::read,
         kv::update,
         kv::delete,
+        batch::batch,
         jobs::get_job,
         jobs::list_jobs,
         jobs::retry_job,
@@ -55,9 +56,9 @@ use crate::routes::{health, jobs, kv, legacy};
         crate::metrics::render,
         openapi_json,
     ),
-    modifiers(&Security, &HeaderParams),
+    modifiers(&Security, &HeaderParams, &ClosedBatchWrites),
     tags(
-        (name = "kv", description = "Keys: queued writes, direct reads"),
+        (name = "kv", description = "Keys: queued writes (one by one, or up to 1,000 in a batch), direct reads"),
         (name = "jobs", description = "The status of queued writes; dead letters and their retry"),
         (name = "legacy", description = "The original service's routes, answering as it did (`KVQ_LEGACY_ROUTES=false` turns them off)"),
         (name = "health", description = "Liveness and readiness; no token needed"),
@@ -158,6 +159,30 @@ impl Modify for HeaderParams {
                         schema.schema_type = SchemaType::Type(Type::String);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A batch write ([`crate::routes::batch::BatchWrite`]) is one of four
+/// objects, by `op`; the macro leaves each open to other properties
+/// (`deny_unknown_fields` on an enum does not reach its variants), which
+/// the API refuses, so they are closed here.
+struct ClosedBatchWrites;
+
+impl Modify for ClosedBatchWrites {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let Some(RefOr::T(Schema::OneOf(one_of))) = doc
+            .components
+            .as_mut()
+            .and_then(|components| components.schemas.get_mut("BatchWrite"))
+        else {
+            return;
+        };
+        for item in &mut one_of.items {
+            if let RefOr::T(Schema::Object(object)) = item {
+                object.additional_properties =
+                    Some(Box::new(AdditionalProperties::FreeForm(false)));
             }
         }
     }

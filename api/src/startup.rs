@@ -47,6 +47,7 @@ impl Application {
         let body_budget = web::Data::from(BodyBudget::new(
             config.max_body_bytes_in_flight,
             config.max_body_bytes(),
+            config.max_batch_body_bytes(),
         ));
         let (client_timeout, keep_alive) = (config.http_client_timeout, config.http_keep_alive);
         let listener = TcpListener::bind(config.bind)?;
@@ -95,6 +96,7 @@ impl Application {
                 .configure(routes::health::configure)
                 .configure(crate::metrics::configure)
                 .configure(routes::kv::configure)
+                .configure(routes::batch::configure)
                 .configure(routes::jobs::configure)
                 .configure(crate::openapi::configure)
                 .configure(|cfg| {

@@ -165,6 +165,11 @@ impl RedisTarget {
 /// punctuation): a body may be `KVQ_MAX_VALUE_BYTES` + this.
 pub const BODY_OVERHEAD_BYTES: usize = 64 * 1024;
 
+/// The largest batch body (`POST /v1/batch`), unless one write's body
+/// limit is larger; never more than `KVQ_MAX_BODY_BYTES_IN_FLIGHT`. See
+/// [`Config::max_batch_body_bytes`].
+pub const BATCH_BODY_BYTES: usize = 16 * 1_048_576;
+
 /// `KVQ_MAX_BODY_BYTES_IN_FLIGHT` when unset (or one body limit, if that is
 /// larger). A 1 MiB write costs the API about 4 MiB while it is read,
 /// checked and queued (the body, the value's compact copy, the job's JSON
@@ -396,6 +401,16 @@ impl Config {
     /// The largest write body: the value limit + [`BODY_OVERHEAD_BYTES`].
     pub fn max_body_bytes(&self) -> usize {
         self.max_value_bytes + BODY_OVERHEAD_BYTES
+    }
+
+    /// The largest batch body: [`BATCH_BODY_BYTES`] (16 MiB), or one
+    /// write's body limit if that is larger (so a batch may carry any one
+    /// write a single route takes), but at most
+    /// `KVQ_MAX_BODY_BYTES_IN_FLIGHT`, which must be able to hold it.
+    pub fn max_batch_body_bytes(&self) -> usize {
+        BATCH_BODY_BYTES
+            .max(self.max_body_bytes())
+            .min(self.max_body_bytes_in_flight)
     }
 }
 
@@ -674,6 +689,16 @@ mod tests {
         }
         let c = config(&[("KVQ_AUTH_MAX_TOKEN_LIFETIME", "30m")]).expect("ok");
         assert_eq!(c.auth_max_token_lifetime, Some(Duration::from_secs(1800)));
+    }
+
+    #[test]
+    fn a_batch_body_is_16_mib_within_the_budget() {
+        let c = config(&[]).expect("defaults");
+        assert_eq!(c.max_batch_body_bytes(), 16 * 1_048_576);
+        let c = config(&[("KVQ_MAX_BODY_BYTES_IN_FLIGHT", "4194304")]).expect("4 MiB");
+        assert_eq!(c.max_batch_body_bytes(), 4_194_304);
+        let c = config(&[("KVQ_MAX_VALUE_BYTES", "67108864")]).expect("64 MiB values");
+        assert_eq!(c.max_batch_body_bytes(), c.max_body_bytes());
     }
 
     #[test]

@@ -279,10 +279,15 @@ impl WaitReplicas {
         mut pipe: Pipeline,
         script: &Script,
     ) -> RedisResult<(T, i64)> {
+        self.append(&mut pipe);
+        query_loading(conn, &pipe, script).await
+    }
+
+    /// Appends this `WAIT` to `pipe`.
+    pub fn append(&self, pipe: &mut Pipeline) {
         pipe.cmd("WAIT")
             .arg(self.replicas)
             .arg(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX));
-        query_loading(conn, &pipe, script).await
     }
 
     /// The error for a write that fewer replicas than asked confirmed in

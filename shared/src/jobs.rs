@@ -811,6 +811,37 @@ impl JobRecords {
         }
         JobRecord::from_hash(hash).map(Some)
     }
+
+    /// Reads many jobs' records with one pipeline (on a cluster, each read
+    /// on its own, all at once), in the order of `job_ids`; `None` for an
+    /// unknown or expired one.
+    #[tracing::instrument(skip_all, fields(jobs = job_ids.len()))]
+    pub async fn get_many(&self, job_ids: &[&str]) -> Result<Vec<Option<JobRecord>>, StoreError> {
+        let keys: Vec<Option<String>> = job_ids
+            .iter()
+            .map(|id| keys::job_key(&self.namespace, id))
+            .collect();
+        let cmds = keys.iter().flatten().map(redis::Cmd::hgetall).collect();
+        let mut replies = query_all(&self.conn, cmds).await?.into_iter();
+        let mut records = Vec::with_capacity(job_ids.len());
+        for key in &keys {
+            if key.is_none() {
+                records.push(None);
+                continue;
+            }
+            let reply = replies
+                .next()
+                .ok_or_else(|| StoreError::Corrupt("a job record read went unanswered".into()))?;
+            let hash: HashMap<String, String> = redis::FromRedisValue::from_redis_value(reply)
+                .map_err(|e| StoreError::Corrupt(format!("a job record: {e}")))?;
+            records.push(if hash.is_empty() {
+                None
+            } else {
+                Some(JobRecord::from_hash(hash)?)
+            });
+        }
+        Ok(records)
+    }
 }
 
 impl Flush for RecordWriter {

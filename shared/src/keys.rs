@@ -90,6 +90,20 @@ pub fn new_job_id(partition: u16) -> String {
     uuid::Uuid::from_bytes(bytes).to_string()
 }
 
+/// The job id of write `index` of a batch (`POST /v1/batch`) whose base
+/// id is `base` (a [`new_job_id`], which the batch's `Idempotency-Key`
+/// keeps), for a key of partition `partition`: `base` with bytes 13 and 14
+/// replaced by the index and its last byte by the partition. A repeat of
+/// the batch derives the same ids from the same base; the writes of one
+/// batch get distinct ids; the base's millisecond and its other 50 random
+/// bits tell batches apart. `None` if `base` is not a UUID.
+pub fn batch_job_id(base: &str, index: u16, partition: u16) -> Option<String> {
+    let mut bytes = *uuid::Uuid::try_parse(base).ok()?.as_bytes();
+    bytes[13..15].copy_from_slice(&index.to_be_bytes());
+    bytes[15] = u8::try_from(partition).ok()?;
+    Some(uuid::Uuid::from_bytes(bytes).to_string())
+}
+
 /// The partition a job id names (see [`new_job_id`]), or `None` if `id` is
 /// no job id of kvq's.
 pub fn job_partition(id: &str) -> Option<u16> {
@@ -282,6 +296,32 @@ mod tests {
         assert_eq!(job_partition("01234567-89ab-7def-8123-4567890123ff"), None);
         assert_eq!(job_partition("not-a-uuid"), None);
         assert_eq!(job_key("kvq", "not-a-uuid"), None);
+    }
+
+    #[test]
+    fn a_batchs_job_ids_are_distinct_repeatable_and_name_their_partitions() {
+        let base = new_job_id(3);
+        let ids: Vec<String> = (0..1_000u16)
+            .map(|i| batch_job_id(&base, i, i % 64).expect("a UUID"))
+            .collect();
+        let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            let index = u16::try_from(i).expect("small");
+            assert_eq!(batch_job_id(&base, index, index % 64).as_ref(), Some(id));
+            assert_eq!(job_partition(id), Some(index % 64));
+            let uuid = uuid::Uuid::try_parse(id).expect("a UUID");
+            assert_eq!(uuid.get_version_num(), 7, "{id}");
+            assert_eq!(
+                &uuid.as_bytes()[..13],
+                &uuid::Uuid::try_parse(&base).expect("a UUID").as_bytes()[..13]
+            );
+        }
+        assert_ne!(
+            batch_job_id(&new_job_id(3), 0, 3),
+            batch_job_id(&base, 0, 3)
+        );
+        assert_eq!(batch_job_id("not-a-uuid", 0, 0), None);
     }
 
     #[test]

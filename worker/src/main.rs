@@ -6,6 +6,14 @@ use std::process::ExitCode;
 use kvq_shared::{Config, telemetry};
 use kvq_worker::startup::Worker;
 
+/// mimalloc: with glibc's malloc, allocation was about a third of the
+/// worker's CPU (BENCHMARKS.md, "Batching through the write path"). The
+/// API keeps glibc's, whose `mmap_threshold` tunable (the Dockerfile sets
+/// it) hands large freed bodies back to the system at once, which its
+/// memory bounds rely on.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     kvq_shared::store::install_tls_provider();

@@ -72,7 +72,27 @@ pub struct UpdateBody<'a> {
 /// Reads `ttl_seconds` as JSON Schema reads `integer`: any whole number,
 /// which JSON may also write as `60.0` or `6e1`. Anything else (a fraction,
 /// a negative number, a string) is a data error, answered 422.
-fn whole_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+pub(crate) fn whole_seconds<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    whole_number(deserializer, "a whole, non-negative number of seconds")
+}
+
+/// Reads a version (a batch write's `if_match`) as [`whole_seconds`] reads
+/// seconds.
+pub(crate) fn whole_version<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    whole_number(deserializer, "a whole, non-negative version")
+}
+
+/// Any whole, non-negative JSON number (`60`, `60.0`, `6e1`; saturating
+/// at `u64::MAX`), or `null`; anything else is a data error naming
+/// `expected`.
+fn whole_number<'de, D: Deserializer<'de>>(
+    deserializer: D,
+    expected: &'static str,
+) -> Result<Option<u64>, D::Error> {
     let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
         return Ok(None);
     };
@@ -84,7 +104,7 @@ fn whole_seconds<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u6
         Some(secs) if secs >= 0.0 && secs.fract() == 0.0 => Ok(Some(secs as u64)),
         _ => Err(de::Error::invalid_value(
             de::Unexpected::Other(&number.to_string()),
-            &"a whole, non-negative number of seconds",
+            &expected,
         )),
     }
 }
@@ -243,7 +263,9 @@ fn validation(input: &impl Validate) -> Result<(), String> {
     })
 }
 
-fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
+/// Checks a body's `validator` rules: 422 `invalid_body` naming each
+/// failed field.
+pub(crate) fn validate_body(body: &impl Validate) -> Result<(), ApiError> {
     validation(body).map_err(ApiError::InvalidBody)
 }
 

@@ -1,5 +1,6 @@
 //! One module per resource.
 
+pub mod batch;
 pub mod health;
 pub mod jobs;
 pub mod kv;

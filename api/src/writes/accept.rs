@@ -85,7 +85,7 @@ async fn queue(
         }
         Err(e) if e.may_have_run() => {
             tracing::warn!(job_id = %job.id, error = %e, "no answer to an accept; settling it");
-            settle(state, &job, &attempt, how).await?
+            settle(state, &job.id, &attempt, how).await?
         }
         Err(e) => return Err(ApiError::BackendUnavailable(e)),
     };
@@ -121,39 +121,40 @@ async fn queue(
 /// got no answer, as a multiple of the Redis timeout.
 const SETTLE_TIMEOUTS: u32 = 2;
 
-/// Learns what became of an accept attempt whose answer did not arrive:
-/// cancels it, retrying until the deadline. `Queued` or `Exists` means the
+/// Learns what became of an accept attempt whose answer did not arrive
+/// (for a group of jobs, ask about any one of them: a group lands whole or
+/// not at all): cancels it, retrying until the deadline. `Queued` or `Exists` means the
 /// job is there; `Cancelled` means this attempt never queues anything. Past
 /// the deadline the request gets `outcome_unknown`, and a task goes on
 /// trying in the background, so that once the queue Redis answers again a
 /// dead job being retried whose attempt never landed goes back among the
 /// dead letters.
-async fn settle(
+pub(crate) async fn settle(
     state: &AppState,
-    job: &ApplyJob,
+    job_id: &str,
     attempt: &str,
     how: Queueing,
 ) -> Result<Found, ApiError> {
     let deadline = tokio::time::Instant::now() + state.config.redis_timeout * SETTLE_TIMEOUTS;
     let mut delay = Duration::from_millis(50);
     loop {
-        match state.queue.cancel(&job.id, attempt, how).await {
+        match state.queue.cancel(job_id, attempt, how).await {
             Ok(found) => return Ok(found),
             Err(e) if tokio::time::Instant::now() + delay >= deadline => {
-                tracing::error!(job_id = %job.id, error = %e, "could not learn whether the job was queued; still trying");
+                tracing::error!(job_id = %job_id, error = %e, "could not learn whether the job was queued; still trying");
                 // Only ids: not the value, which could otherwise be held
                 // for as long as the queue Redis stalls.
                 tokio::spawn(settle_later(
                     state.queue.clone(),
                     state.records.clone(),
-                    job.id.clone(),
+                    job_id.to_owned(),
                     attempt.to_owned(),
                     how,
                 ));
                 return Err(ApiError::OutcomeUnknown(e));
             }
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %e, "could not settle an accept yet")
+                tracing::warn!(job_id = %job_id, error = %e, "could not settle an accept yet")
             }
         }
         tokio::time::sleep(delay).await;

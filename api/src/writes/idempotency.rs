@@ -7,7 +7,8 @@
 //! to another route, is another key and never replays anything.
 //!
 //! The first request's fingerprint (operation, key, value, TTL and
-//! `If-Match`: everything the job would do) is stored with it. A repeat with
+//! `If-Match`: everything the job would do; for a batch, that of every
+//! write, in order) is stored with it. A repeat with
 //! the same fingerprint answers the first answer again; a repeat with another
 //! fingerprint is refused with 422 `idempotency_key_reused`, since it is a
 //! different request that would otherwise be silently dropped.
@@ -79,6 +80,17 @@ pub fn fingerprint(write: &Write) -> String {
     hex(&hash.finalize())
 }
 
+/// The fingerprint of a batch (`POST /v1/batch`): hex SHA-256 of its
+/// writes' [`fingerprint`]s, in order.
+pub fn batch_fingerprint(writes: &[Write]) -> String {
+    let mut hash = Sha256::new();
+    field(&mut hash, b"batch");
+    for write in writes {
+        field(&mut hash, fingerprint(write).as_bytes());
+    }
+    hex(&hash.finalize())
+}
+
 /// Hashes one field, length first, so that no two field lists hash alike.
 fn field(hash: &mut Sha256, bytes: &[u8]) {
     hash.update((bytes.len() as u64).to_be_bytes());
@@ -109,5 +121,16 @@ mod tests {
         later.ttl_seconds = Some(60);
         assert_ne!(fingerprint(&write("1")), fingerprint(&later));
         assert_eq!(fingerprint(&write("1")).len(), 64);
+    }
+
+    #[test]
+    fn batch_fingerprints_follow_every_write_and_their_order() {
+        let batch = |values: &[&str]| {
+            batch_fingerprint(&values.iter().map(|v| write(v)).collect::<Vec<_>>())
+        };
+        assert_eq!(batch(&["1", "2"]), batch(&["1", "2"]));
+        assert_ne!(batch(&["1", "2"]), batch(&["2", "1"]));
+        assert_ne!(batch(&["1", "2"]), batch(&["1"]));
+        assert_ne!(batch(&["1"]), fingerprint(&write("1")));
     }
 }

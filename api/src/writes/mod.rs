@@ -1,5 +1,5 @@
-//! The write pipeline every write route shares (`/v1/kv`, the legacy
-//! routes, dead-letter retry): accept a validated [`Write`] into the queue,
+//! The write pipeline every write route shares (`/v1/kv`, `/v1/batch`, the
+//! legacy routes, dead-letter retry): accept a validated [`Write`] into the queue,
 //! honour `Idempotency-Key`, and answer (`202`, or with `Prefer: wait` the
 //! job's final outcome).
 //!
@@ -7,6 +7,7 @@
 //! - this module: [`Write`], the 202 body [`Accepted`], and [`submit`] /
 //!   [`enqueue`], the flow from a validated write to an answer;
 //! - [`accept`]: queues a job, which gives it its place in its key's order;
+//! - [`batch`]: queues many writes of one request (`POST /v1/batch`);
 //! - [`idempotency`]: `Idempotency-Key` scopes and request fingerprints;
 //! - [`outcome`]: the 202 answer, and `Prefer: wait`'s synchronous answers;
 //! - [`headers`]: the headers every write takes (`If-Match`, `Prefer`,
@@ -23,6 +24,7 @@ use crate::error::ApiError;
 use crate::state::AppState;
 
 pub mod accept;
+pub mod batch;
 pub mod headers;
 pub mod idempotency;
 pub mod outcome;

@@ -5,6 +5,7 @@
 
 mod attacks;
 mod auth;
+mod batch;
 mod cluster;
 mod crashes;
 mod errors;

@@ -15,6 +15,7 @@ use serde_json::Value;
 const SERVED: &[(&str, &str)] = &[
     ("/v1/kv", "/v1/kv"),
     ("/v1/kv/users/42/name", "/v1/kv/{key}"),
+    ("/v1/batch", "/v1/batch"),
     (
         "/v1/jobs/0198c3d2-0000-7000-8000-000000000000",
         "/v1/jobs/{id}",

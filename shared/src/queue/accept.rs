@@ -204,6 +204,16 @@ impl Prepared {
     pub fn id(&self) -> &str {
         &self.id
     }
+
+    /// The job's operation.
+    pub fn op(&self) -> crate::jobs::Op {
+        self.op
+    }
+
+    /// The job's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
 }
 
 /// What one accept attempt answered: the attempt's id (to settle it with
@@ -245,13 +255,21 @@ impl JobQueue {
             namespace: config.namespace.clone(),
             retention_secs: records.retention_secs(),
         });
+        let lanes = if core.conn.is_cluster() {
+            usize::from(config.queue_partitions)
+        } else {
+            1
+        };
         let limits = Limits {
             items: MAX_GROUP_JOBS,
             bytes: MAX_GROUP_BYTES,
             stale_after: config.redis_timeout,
         };
         Self {
-            groups: GroupCommit::new(core.clone(), usize::from(config.queue_partitions), limits),
+            // One lane per partition on a cluster (a partition is a slot);
+            // one on a single server, whose pipeline holds one call per
+            // partition.
+            groups: GroupCommit::new(core.clone(), lanes, limits),
             core,
             partitions: config.queue_partitions,
         }
@@ -390,32 +408,45 @@ impl Flush for Arc<Core> {
     type Item = Prepared;
     type Answer = AcceptAnswer;
 
-    fn flush(&self, lane: usize, jobs: Vec<Prepared>) -> BoxFuture<'_, Vec<AcceptAnswer>> {
+    /// One pipeline of one accept call per partition among `jobs` (on a
+    /// cluster, a lane is a partition: one call).
+    fn flush(&self, _: usize, jobs: Vec<Prepared>) -> BoxFuture<'_, Vec<AcceptAnswer>> {
         async move {
             let attempt: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
-            let p = u16::try_from(lane).unwrap_or(u16::MAX);
-            let refs: Vec<&Prepared> = jobs.iter().collect();
-            let answer = self.accept_group(p, &attempt, &refs).await;
-            match answer {
-                Ok(found) if found.len() == jobs.len() => found
-                    .into_iter()
-                    .map(|found| (attempt.clone(), Ok(found)))
-                    .collect(),
-                Ok(found) => {
-                    let e = StoreError::Corrupt(format!(
-                        "the accept script answered {} jobs of {}",
-                        found.len(),
-                        jobs.len()
-                    ));
-                    jobs.iter()
-                        .map(|_| (attempt.clone(), Err(e.clone())))
-                        .collect()
+            // The partitions in order of first appearance, each with its
+            // jobs in order.
+            let mut by_partition: Vec<(u16, Vec<usize>)> = Vec::new();
+            for (i, job) in jobs.iter().enumerate() {
+                match by_partition.iter_mut().find(|(p, _)| *p == job.partition) {
+                    Some((_, members)) => members.push(i),
+                    None => by_partition.push((job.partition, vec![i])),
                 }
-                Err(e) => jobs
-                    .iter()
-                    .map(|_| (attempt.clone(), Err(e.clone())))
-                    .collect(),
             }
+            let refs: Vec<(u16, Vec<&Prepared>)> = by_partition
+                .iter()
+                .map(|(p, members)| (*p, members.iter().map(|&i| &jobs[i]).collect()))
+                .collect();
+            let groups: Vec<(u16, &[&Prepared])> =
+                refs.iter().map(|(p, jobs)| (*p, jobs.as_slice())).collect();
+            let mut answers: Vec<AcceptAnswer> = jobs
+                .iter()
+                .map(|_| (attempt.clone(), Err(StoreError::Queue("unanswered".into()))))
+                .collect();
+            match self.accept_groups(&attempt, &groups).await {
+                Ok(found) => {
+                    for ((_, members), found) in by_partition.iter().zip(found) {
+                        for (&i, found) in members.iter().zip(found) {
+                            answers[i].1 = Ok(found);
+                        }
+                    }
+                }
+                Err(e) => {
+                    for answer in &mut answers {
+                        answer.1 = Err(e.clone());
+                    }
+                }
+            }
+            answers
         }
         .boxed()
     }
@@ -444,59 +475,97 @@ impl Core {
         attempt: &str,
         jobs: &[&Prepared],
     ) -> Result<Vec<Accepted>, StoreError> {
-        if jobs.iter().any(|job| job.partition != p) || jobs.len() > MAX_GROUP_JOBS {
-            return Err(StoreError::Queue(format!(
-                "a group of {} jobs not all of partition {p}",
-                jobs.len()
-            )));
-        }
+        let mut groups = self.accept_groups(attempt, &[(p, jobs)]).await?;
+        Ok(groups.pop().unwrap_or_default())
+    }
+
+    /// Queues each group of `groups` (its partition, and jobs of that
+    /// partition) with one call of the accept script, all in one pipeline
+    /// (and one `WAIT`), under `attempt`: what each group's jobs found.
+    /// On a cluster, `groups` must be of one partition (one slot).
+    async fn accept_groups(
+        &self,
+        attempt: &str,
+        groups: &[(u16, &[&Prepared])],
+    ) -> Result<Vec<Vec<Accepted>>, StoreError> {
         let ns = &self.namespace;
-        // EVALSHA built as one command: each job's JSON, up to the value
-        // limit, is copied once into it (a script invocation copies it
-        // twice), which is what bounds the API's memory per write.
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(ACCEPT.get_hash())
-            .arg(3 + 2 * jobs.len())
-            .arg(keys::stream_key(ns, p))
-            .arg(keys::cancelled_key(ns, p, attempt))
-            .arg(keys::last_seq_key(ns, p));
-        for job in jobs {
-            cmd.arg(keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?)
-                .arg(keys::queued_key(ns, p, &job.id));
-        }
-        cmd.arg(self.retention_secs).arg(attempt).arg(jobs.len());
-        for job in jobs {
-            cmd.arg(&job.id)
-                .arg(job.op.as_str())
-                .arg(&job.key)
-                .arg(job.enqueued_at)
-                .arg(&job.request_id)
-                .arg(&job.json)
-                .arg(job.how.as_str())
-                .arg(job.mark_for);
-        }
         let mut pipe = redis::pipe();
-        pipe.add_command(cmd);
-        let parse = |answers: Vec<Vec<String>>| {
-            answers
-                .iter()
-                .map(|answer| Accepted::parse(answer))
-                .collect::<Result<Vec<_>, _>>()
+        for (p, jobs) in groups {
+            let p = *p;
+            if jobs.iter().any(|job| job.partition != p) || jobs.len() > MAX_GROUP_JOBS {
+                return Err(StoreError::Queue(format!(
+                    "a group of {} jobs not all of partition {p}",
+                    jobs.len()
+                )));
+            }
+            // EVALSHA built as one command: each job's JSON, up to the value
+            // limit, is copied once into it (a script invocation copies it
+            // twice), which is what bounds the API's memory per write.
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(ACCEPT.get_hash())
+                .arg(3 + 2 * jobs.len())
+                .arg(keys::stream_key(ns, p))
+                .arg(keys::cancelled_key(ns, p, attempt))
+                .arg(keys::last_seq_key(ns, p));
+            for job in *jobs {
+                cmd.arg(keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?)
+                    .arg(keys::queued_key(ns, p, &job.id));
+            }
+            cmd.arg(self.retention_secs).arg(attempt).arg(jobs.len());
+            for job in *jobs {
+                cmd.arg(&job.id)
+                    .arg(job.op.as_str())
+                    .arg(&job.key)
+                    .arg(job.enqueued_at)
+                    .arg(&job.request_id)
+                    .arg(&job.json)
+                    .arg(job.how.as_str())
+                    .arg(job.mark_for);
+            }
+            pipe.add_command(cmd);
+        }
+        // With WAIT: the scripts and WAIT in one round trip, on the
+        // partitions' node.
+        if let Some(wait) = self.wait {
+            wait.append(&mut pipe);
+        }
+        let mut answers: Vec<redis::Value> = query_loading(&self.conn, &pipe, &ACCEPT).await?;
+        let corrupt = |what: &str| StoreError::Corrupt(format!("accept answers: {what}"));
+        let confirmed = match self.wait {
+            Some(_) => {
+                let last = answers.pop().ok_or_else(|| corrupt("no WAIT answer"))?;
+                Some(redis::from_redis_value::<i64>(last).map_err(|e| corrupt(&e.to_string()))?)
+            }
+            None => None,
         };
-        let Some(wait) = self.wait else {
-            let (answers,): (Vec<Vec<String>>,) = query_loading(&self.conn, &pipe, &ACCEPT).await?;
-            return parse(answers);
-        };
-        // The script and WAIT in one round trip, on the partition's node.
-        let (answers, confirmed): (Vec<Vec<String>>, i64) =
-            wait.query(&self.conn, pipe, &ACCEPT).await?;
-        let accepted = parse(answers)?;
+        if answers.len() != groups.len() {
+            return Err(corrupt("one per group expected"));
+        }
+        let mut found = Vec::with_capacity(groups.len());
+        for (answer, (_, jobs)) in answers.into_iter().zip(groups) {
+            let answer: Vec<Vec<String>> =
+                redis::from_redis_value(answer).map_err(|e| corrupt(&e.to_string()))?;
+            if answer.len() != jobs.len() {
+                return Err(corrupt("one per job expected"));
+            }
+            found.push(
+                answer
+                    .iter()
+                    .map(|a| Accepted::parse(a))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
         // A job queued before (a repeat) counts as accepted only once
         // replicated, like a new one.
-        let cancelled = accepted.iter().all(|a| matches!(a, Accepted::Cancelled));
-        if !cancelled && confirmed < i64::from(wait.replicas) {
-            return Err(wait.short(confirmed));
+        if let (Some(wait), Some(confirmed)) = (self.wait, confirmed) {
+            let cancelled = found
+                .iter()
+                .flatten()
+                .all(|a| matches!(a, Accepted::Cancelled));
+            if !cancelled && confirmed < i64::from(wait.replicas) {
+                return Err(wait.short(confirmed));
+            }
         }
-        Ok(accepted)
+        Ok(found)
     }
 }

@@ -25,16 +25,27 @@
 -- where outcome is '<created|updated|deleted>:<version>' or '<code>:0'.
 local remembered, rewrite = tonumber(ARGV[1]), ARGV[2] == '1'
 
+-- The fences read in this group, and the buckets to sweep.
+local fences, sweeps = {}, {}
+
 local function apply(k, a)
   local vkey, mkey = KEYS[k], KEYS[k + 1]
   local ixkey, exkey, member = KEYS[k + 2], KEYS[k + 3], ARGV[a + 8]
   local op, id = ARGV[a], ARGV[a + 1]
   -- Fencing: a job of an older owner than one that applied in this bucket
   -- changes nothing (its partition moved on without it).
-  local fence = tonumber(redis.call('GET', KEYS[k + 4]) or '0')
+  local fkey = KEYS[k + 4]
+  local fence = fences[fkey]
+  if not fence then
+    fence = tonumber(redis.call('GET', fkey) or '0')
+  end
   local gen = tonumber(ARGV[a + 6])
-  if gen < fence then return {'fenced', tostring(fence)} end
-  if gen > fence then redis.call('SET', KEYS[k + 4], ARGV[a + 6]) end
+  if gen < fence then
+    fences[fkey] = fence
+    return {'fenced', tostring(fence)}
+  end
+  if gen > fence then redis.call('SET', fkey, ARGV[a + 6]) end
+  fences[fkey] = math.max(gen, fence)
   -- Exactly once: a job applied before (redelivered after its owner died
   -- before committing) answers its first outcome and changes nothing.
   local meta = redis.call('HMGET', mkey, 'ver', 'n', 'r:' .. id)
@@ -94,20 +105,30 @@ local function apply(k, a)
   if old then redis.call('HDEL', mkey, 'r:' .. old) end
   redis.call('HSET', mkey, 'seq', ARGV[a + 7], 'ver', version, 't', ARGV[a + 5], 'n', n, slot, id,
     'r:' .. id, outcome)
-  -- Index upkeep (listing): drop a few keys of this bucket that expired (by
-  -- Redis' own expiry: EXISTS, not the clocks) from both sets, so the index
-  -- does not keep keys that expired long ago. Bounded work per apply.
-  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', exkey, '-inf', ARGV[a + 5], 'LIMIT', 0, 8)) do
-    if redis.call('EXISTS', ARGV[a + 9] .. gone) == 0 then
-      redis.call('ZREM', ixkey, gone)
-      redis.call('ZREM', exkey, gone)
-    end
+  -- Index upkeep, once per bucket and group, below: 8 more for this apply.
+  local sweep = sweeps[exkey]
+  if not sweep then
+    sweep = {ixkey = ixkey, prefix = ARGV[a + 9], now = ARGV[a + 5], count = 0}
+    sweeps[exkey] = sweep
   end
+  sweep.count = sweep.count + 8
   return {'done', outcome}
 end
 
 local out = {}
 for i = 0, tonumber(ARGV[3]) - 1 do
   out[i + 1] = apply(5 * i + 1, 10 * i + 4)
+end
+-- Index upkeep (listing): drop a few keys of each bucket written that
+-- expired (by Redis' own expiry: EXISTS, not the clocks) from both sets,
+-- so the index does not keep keys that expired long ago. Bounded work per
+-- apply: 8 keys.
+for exkey, sweep in pairs(sweeps) do
+  for _, gone in ipairs(redis.call('ZRANGEBYSCORE', exkey, '-inf', sweep.now, 'LIMIT', 0, sweep.count)) do
+    if redis.call('EXISTS', sweep.prefix .. gone) == 0 then
+      redis.call('ZREM', sweep.ixkey, gone)
+      redis.call('ZREM', exkey, gone)
+    end
+  end
 end
 return out
