@@ -16,6 +16,10 @@ pub enum StoreError {
     /// The queue library failed for a reason other than Redis.
     #[error("queue error: {0}")]
     Queue(String),
+    /// Not sent: it waited longer than the Redis timeout for its group to
+    /// be sent (the server is slow or stalls). Nothing ran; try again.
+    #[error("not sent: {0}")]
+    Unsent(String),
     /// Redis answered with data kvq did not write.
     #[error("unexpected data in redis: {0}")]
     Corrupt(String),
@@ -38,7 +42,9 @@ impl StoreError {
     /// errors), as opposed to a bug or corrupt data.
     pub fn is_transient(&self) -> bool {
         match self {
-            StoreError::Timeout(_) | StoreError::NotReplicated { .. } => true,
+            StoreError::Timeout(_) | StoreError::NotReplicated { .. } | StoreError::Unsent(_) => {
+                true
+            }
             StoreError::Redis(e) => {
                 e.is_io_error()
                     || e.is_timeout()
@@ -74,7 +80,7 @@ impl StoreError {
             StoreError::Redis(e) => {
                 !e.is_connection_refusal() && !matches!(e.kind(), redis::ErrorKind::Server(_))
             }
-            StoreError::Corrupt(_) | StoreError::Queue(_) => false,
+            StoreError::Corrupt(_) | StoreError::Queue(_) | StoreError::Unsent(_) => false,
         }
     }
 }

@@ -861,7 +861,7 @@ impl Flush for RecordWriter {
     }
 
     fn unsent(_: RecordWrite, why: &str) -> Self::Answer {
-        Err(StoreError::Queue(format!("not recorded: {why}")))
+        Err(StoreError::Unsent(why.to_owned()))
     }
 
     fn lost() -> Self::Answer {

@@ -366,7 +366,7 @@ impl Flush for Applier {
     }
 
     fn unsent(_: ApplyArgs, why: &str) -> Result<Applied, StoreError> {
-        Err(StoreError::Queue(format!("not applied: {why}")))
+        Err(StoreError::Unsent(why.to_owned()))
     }
 
     fn lost() -> Result<Applied, StoreError> {

@@ -6,6 +6,7 @@
 mod attacks;
 mod auth;
 mod batch;
+mod batching;
 mod cluster;
 mod crashes;
 mod errors;

@@ -139,7 +139,7 @@ fn write(key: &str, op: &'static str, value: i64) -> Write {
 
 /// Milliseconds since the Unix epoch of an RFC 3339 UTC time
 /// (`2026-01-02T03:04:05.678Z`), as job records and log lines give them.
-fn unix_ms(time: &str) -> i64 {
+pub(crate) fn unix_ms(time: &str) -> i64 {
     fn bad<T>(time: &str) -> T {
         panic!("not an RFC 3339 UTC time: {time:?}")
     }
@@ -167,7 +167,7 @@ fn unix_ms(time: &str) -> i64 {
 }
 
 /// The wall clock, in Unix milliseconds.
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     i64::try_from(since.as_millis()).unwrap()
 }

@@ -456,10 +456,7 @@ impl Flush for Arc<Core> {
     }
 
     fn unsent(_: Prepared, why: &str) -> AcceptAnswer {
-        (
-            Arc::from(""),
-            Err(StoreError::Queue(format!("nothing queued: {why}"))),
-        )
+        (Arc::from(""), Err(StoreError::Unsent(why.to_owned())))
     }
 
     fn lost() -> AcceptAnswer {
