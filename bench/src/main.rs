@@ -259,6 +259,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     ];
     let backlog_before = load::indexed(&kv_conn).await?;
     let cpu = tools::CpuMeter::start(&servers);
+    let commands = tools::Commands::start(&kv, &queue);
     let kvq_accept = tools::wrk(
         &format!("{base}/v1/kv"),
         50,
@@ -267,6 +268,10 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     )?;
     let accept_cpu = cpu.per_write(kvq_accept.requests);
     println!("   CPU per accepted write: {}", accept_cpu.describe());
+    println!(
+        "   {}",
+        commands.per_write(&kv, &queue, kvq_accept.requests)
+    );
 
     step(&format!(
         "drain: the {} writes just accepted, 2 workers started at once, timed until all applied",
@@ -277,6 +282,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         workers.push(load::spawn_worker(&env).0);
     }
     let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+    let commands = tools::Commands::start(&kv, &queue);
     let applied = load::applied(
         &kv_conn,
         backlog_before + kvq_accept.requests,
@@ -300,6 +306,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         if drain.complete { "" } else { ", NOT all" }
     );
     println!("   CPU per drained write: {}", drain.cpu.describe());
+    println!("   {}", commands.per_write(&kv, &queue, drain.writes));
     println!(
         "   CPU per write, its accept and its drain: {}",
         drain.accept_cpu.plus(&drain.cpu).describe()
@@ -322,6 +329,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         workers.push(load::start_worker(&env).await);
         scaling::partitions_settled(&queue, n).await;
         let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+        let commands = tools::Commands::start(&kv, &queue);
         let burst = load::burst(
             &base,
             &kv_conn,
@@ -337,6 +345,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
             burst.applied_per_s,
             burst_cpu.describe()
         );
+        println!("   {}", commands.per_write(&kv, &queue, burst.writes));
         bursts.push(burst);
     }
 
@@ -345,6 +354,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         plan.batch.as_secs()
     ));
     let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+    let commands = tools::Commands::start(&kv, &queue);
     let batched = load::batches(
         &base,
         &kv_conn,
@@ -364,16 +374,11 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
             batched.accepted_per_s,
             cpu.describe()
         );
+        println!("   {}", commands.per_write(&kv, &queue, batched.writes));
         (batched, cpu)
     });
     if batched.is_none() {
         println!("   skipped: this kvq-api has no POST /v1/batch");
-    }
-    // What the apply script costs the KV Redis (the accept path no longer
-    // touches it).
-    let stats: String = kv.cmd(&["INFO", "commandstats"]);
-    for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha:")) {
-        println!("   KV Redis {line}");
     }
     let alive = workers
         .iter_mut()
@@ -694,24 +699,34 @@ fn write_rows(redis_set: &Load, writes: &WritePath) -> Vec<Row> {
         target: None,
     });
     let cpu = "CPU per applied write, all kvq processes and Redis";
+    // The same CPU in units of what one redis-benchmark SET cost Redis in
+    // this run (the scaling rows' yardstick), which moves with the machine
+    // less than µs do.
+    let sets = |split: &tools::CpuSplit| match redis_set.server_cpu_us {
+        Some(us) if us > 0.0 => format!(" = {:.1} SETs' worth", split.total() / us),
+        _ => String::new(),
+    };
     rows.push(Row {
         what: format!("{cpu}: end to end, 2 workers"),
-        value: writes.burst_cpu.describe(),
+        value: format!("{}{}", writes.burst_cpu.describe(), sets(&writes.burst_cpu)),
         target: Some(("≤ 80 µs".into(), writes.burst_cpu.total() <= 80.0)),
     });
+    let with_accept = drain.accept_cpu.plus(&drain.cpu);
     rows.push(Row {
-        what: format!("{cpu}: the drain (its accept before it)"),
+        what: format!("{cpu}: the drain (and with the accept of its backlog)"),
         value: format!(
-            "{}; with its accept {}",
+            "{}{}; with its accept {}{}",
             drain.cpu.describe(),
-            drain.accept_cpu.plus(&drain.cpu).describe()
+            sets(&drain.cpu),
+            with_accept.describe(),
+            sets(&with_accept)
         ),
         target: None,
     });
     if let Some((_, batch_cpu)) = &writes.batched {
         rows.push(Row {
             what: format!("{cpu}: the batch API"),
-            value: batch_cpu.describe(),
+            value: format!("{}{}", batch_cpu.describe(), sets(batch_cpu)),
             target: None,
         });
     }

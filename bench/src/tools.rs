@@ -264,6 +264,76 @@ fn load_generator_seconds() -> f64 {
     cpu_seconds(std::process::id()) + children_cpu_seconds()
 }
 
+/// What the data and queue Redis had processed when a measurement began.
+pub struct Commands {
+    data: (u64, u64, u64),
+    queue: u64,
+}
+
+impl Commands {
+    /// Reads both servers' counts now.
+    pub fn start(data: &TestRedis, queue: &TestRedis) -> Self {
+        Self {
+            data: (commands(data), script_calls(data).0, script_calls(data).1),
+            queue: commands(queue),
+        }
+    }
+
+    /// Commands per write of `writes` since [`Commands::start`] (a script's
+    /// own calls count, as `INFO stats` counts them), and how many writes
+    /// one apply script call carried and how long it ran.
+    pub fn per_write(&self, data: &TestRedis, queue: &TestRedis, writes: u64) -> String {
+        let writes = writes.max(1) as f64;
+        let (calls, usec) = script_calls(data);
+        let calls = calls.saturating_sub(self.data.1);
+        let usec = usec.saturating_sub(self.data.2);
+        let scripts = if calls == 0 {
+            "no apply script".to_owned()
+        } else {
+            format!(
+                "apply script: {:.1} writes per call, {:.0} µs per call",
+                writes / calls as f64,
+                usec as f64 / calls as f64
+            )
+        };
+        format!(
+            "Redis commands per write (those scripts call included): data Redis {:.1} ({scripts}), queue Redis {:.1}",
+            commands(data).saturating_sub(self.data.0) as f64 / writes,
+            commands(queue).saturating_sub(self.queue) as f64 / writes
+        )
+    }
+}
+
+/// Commands `server` has processed so far (`INFO stats`).
+fn commands(server: &TestRedis) -> u64 {
+    let info: String = server.try_cmd(&["INFO", "stats"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `EVALSHA` calls `server` has run so far and the µs spent in them
+/// (`INFO commandstats`).
+fn script_calls(server: &TestRedis) -> (u64, u64) {
+    let info: String = server
+        .try_cmd(&["INFO", "commandstats"])
+        .unwrap_or_default();
+    let Some(line) = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+    else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("calls="), field("usec="))
+}
+
 /// Peak resident set size (VmHWM) of a process, MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
