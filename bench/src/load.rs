@@ -47,16 +47,9 @@ pub async fn start_api(env: &[(String, String)], port: u16) -> (KvqProcess, Stri
 /// Starts `kvq-worker` with `env` (and a free health port) and waits until
 /// its `/healthz` answers 200.
 pub async fn start_worker(env: &[(String, String)]) -> KvqProcess {
-    let health = kvq_testkit::free_port();
-    let mut env = env.to_vec();
-    env.push((
-        "KVQ_WORKER_HEALTH_BIND".to_owned(),
-        format!("127.0.0.1:{health}"),
-    ));
-    let worker = KvqProcess::spawn("kvq-worker", &env);
-    let probe = client();
+    let (worker, health) = spawn_worker(env);
     kvq_testkit::eventually(Duration::from_secs(20), "kvq-worker to be up", || async {
-        let r = probe
+        let r = client()
             .get(format!("http://127.0.0.1:{health}/healthz"))
             .send()
             .await
@@ -65,6 +58,18 @@ pub async fn start_worker(env: &[(String, String)]) -> KvqProcess {
     })
     .await;
     worker
+}
+
+/// Starts `kvq-worker` with `env` and a free health port, without waiting
+/// for it; answers the process and its health port.
+pub fn spawn_worker(env: &[(String, String)]) -> (KvqProcess, u16) {
+    let health = kvq_testkit::free_port();
+    let mut env = env.to_vec();
+    env.push((
+        "KVQ_WORKER_HEALTH_BIND".to_owned(),
+        format!("127.0.0.1:{health}"),
+    ));
+    (KvqProcess::spawn("kvq-worker", &env), health)
 }
 
 /// wrk script: POST creates of fresh keys under `tag`, unique across wrk's
@@ -109,7 +114,7 @@ pub fn kv_conn(env: &[(String, String)]) -> anyhow::Result<Conn> {
 /// key of the bench has a TTL), so it grows by one per applied create. Each
 /// index is asked on the server that holds it: one pipeline on one server,
 /// each index on its slot's master on a cluster.
-async fn indexed(kv: &Conn) -> anyhow::Result<u64> {
+pub async fn indexed(kv: &Conn) -> anyhow::Result<u64> {
     let cmds = (0..keys::BUCKETS)
         .map(|bucket| {
             let mut cmd = redis::cmd("ZCARD");
@@ -165,22 +170,185 @@ pub async fn burst(
         );
     }
     let writes = load.requests;
-    let target = before + writes;
-    let mut complete = false;
-    while started.elapsed() < deadline {
-        if indexed(kv).await? >= target {
-            complete = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let applied_in = started.elapsed();
+    let applied = applied(kv, before + writes, started, deadline).await?;
     Ok(Burst {
         writes,
         accepted_per_s: writes as f64 / accepted_in.as_secs_f64(),
-        applied_per_s: writes as f64 / applied_in.as_secs_f64(),
-        complete,
+        applied_per_s: writes as f64 / applied.all.as_secs_f64(),
+        complete: applied.complete,
     })
+}
+
+/// When the writes of a measurement were applied, counted from its start.
+#[derive(Debug, Clone, Copy)]
+pub struct Applied {
+    /// When the bucket indexes first grew (the first write applied).
+    pub first: Option<Duration>,
+    /// When they reached the target (every write applied), or gave up.
+    pub all: Duration,
+    /// Whether they reached it before the deadline.
+    pub complete: bool,
+}
+
+/// Polls the bucket indexes every 10 ms until they hold `target` keys, at
+/// most until `deadline` after `started`. An applied create (or upsert of a
+/// fresh key) adds its key to its bucket's index.
+pub async fn applied(
+    kv: &Conn,
+    target: u64,
+    started: Instant,
+    deadline: Duration,
+) -> anyhow::Result<Applied> {
+    let mut first = None;
+    let mut last_count = None;
+    while started.elapsed() < deadline {
+        let count = indexed(kv).await?;
+        if last_count.is_some_and(|last| count > last) && first.is_none() {
+            first = Some(started.elapsed());
+        }
+        if count >= target {
+            return Ok(Applied {
+                first: first.or(Some(started.elapsed())),
+                all: started.elapsed(),
+                complete: true,
+            });
+        }
+        last_count = Some(count);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(Applied {
+        first,
+        all: started.elapsed(),
+        complete: false,
+    })
+}
+
+/// Writes sent through `POST /v1/batch`.
+#[derive(Debug, Clone)]
+pub struct Batched {
+    /// Concurrent clients, each sending one batch at a time.
+    pub clients: usize,
+    /// Writes per batch.
+    pub size: usize,
+    /// Writes accepted (202).
+    pub writes: u64,
+    /// Batches that were not answered 202.
+    pub errors: u64,
+    /// Writes per second accepted (first send to last 202).
+    pub accepted_per_s: f64,
+    /// Writes per second applied (first send to last applied).
+    pub applied_per_s: f64,
+    /// Whether every accepted write was applied before the deadline.
+    pub complete: bool,
+}
+
+/// A batch of `size` upserts of fresh keys under `prefix`, 100-byte values.
+fn batch_body(prefix: &str, size: usize) -> String {
+    let mut body = String::with_capacity(size * (VALUE_100_BYTES.len() + 64) + 16);
+    body.push_str(r#"{"writes":["#);
+    for i in 0..size {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(r#"{"op":"upsert","key":""#);
+        body.push_str(prefix);
+        body.push('/');
+        body.push_str(&i.to_string());
+        body.push_str(r#"","value":""#);
+        body.push_str(VALUE_100_BYTES);
+        body.push_str(r#""}"#);
+    }
+    body.push_str("]}");
+    body
+}
+
+/// Sends one batch; answers its status, and whether a 202's body lists one
+/// job per write (checked when `check` is set).
+async fn post_batch(
+    http: &Client,
+    url: &str,
+    body: String,
+    size: usize,
+    check: bool,
+) -> anyhow::Result<u16> {
+    let response = http
+        .post(url)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await?;
+    if status == 202 && check {
+        let answer: serde_json::Value = serde_json::from_slice(&bytes)?;
+        let jobs = answer["jobs"].as_array().map_or(0, Vec::len);
+        if jobs != size {
+            bail!("a batch of {size} writes was answered 202 with {jobs} jobs");
+        }
+    }
+    Ok(status)
+}
+
+/// `clients` clients each send batches of `size` upserts of fresh keys
+/// (100-byte values) through `POST /v1/batch`, one batch at a time, for
+/// `duration`; then waits (at most `deadline`) until every accepted write
+/// is applied. Answers `None` if the API has no `/v1/batch` (an older
+/// build).
+pub async fn batches(
+    base: &str,
+    kv: &Conn,
+    clients: usize,
+    size: usize,
+    duration: Duration,
+    deadline: Duration,
+) -> anyhow::Result<Option<Batched>> {
+    let http = Client::builder()
+        .pool_max_idle_per_host(clients)
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let url = format!("{base}/v1/batch");
+    let before = indexed(kv).await?;
+    // One write first: an API without the route answers 404 (or 405).
+    match post_batch(&http, &url, batch_body("batch/probe", 1), 1, true).await? {
+        202 => {}
+        404 | 405 => return Ok(None),
+        status => bail!("a batch of one write was answered {status}"),
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in 0..clients {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut writes, mut errors) = (0_u64, 0_u64);
+            let mut round = 0_u64;
+            while started.elapsed() < duration {
+                let body = batch_body(&format!("batch/{client}/{round}"), size);
+                match post_batch(&http, &url, body, size, round == 0).await? {
+                    202 => writes += size as u64,
+                    _ => errors += 1,
+                }
+                round += 1;
+            }
+            anyhow::Ok((writes, errors))
+        }));
+    }
+    let (mut writes, mut errors) = (0, 0);
+    for task in tasks {
+        let (w, e) = task.await??;
+        writes += w;
+        errors += e;
+    }
+    let accepted_in = started.elapsed();
+    let applied = applied(kv, before + 1 + writes, started, deadline).await?;
+    Ok(Some(Batched {
+        clients,
+        size,
+        writes,
+        errors,
+        accepted_per_s: writes as f64 / accepted_in.as_secs_f64(),
+        applied_per_s: writes as f64 / applied.all.as_secs_f64(),
+        complete: applied.complete,
+    }))
 }
 
 /// Write-to-visible latency at a steady rate.
@@ -366,4 +534,23 @@ pub async fn list_cost(
         full_page_ms,
         index_bytes_per_key: index_bytes as f64 / keys as f64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_body_is_the_batch_apis_json_with_one_upsert_per_write() {
+        let body: serde_json::Value =
+            serde_json::from_str(&batch_body("batch/3/7", 1_000)).expect("valid JSON");
+        let writes = body["writes"].as_array().expect("a writes array");
+        assert_eq!(writes.len(), 1_000);
+        assert_eq!(
+            writes[999],
+            json!({"op": "upsert", "key": "batch/3/7/999", "value": VALUE_100_BYTES})
+        );
+        // Stored as serialized JSON, quotes included: 100 bytes.
+        assert_eq!(json!(VALUE_100_BYTES).to_string().len(), 100);
+    }
 }

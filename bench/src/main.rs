@@ -2,7 +2,9 @@
 //!
 //! Starts its own stack on 127.0.0.1 (two fresh redis-servers, the release
 //! `kvq-api`, one then two `kvq-worker`s), runs each measurement for a bounded
-//! time, then the scaling runs on stacks of their own (1, 2, 4 workers; the
+//! time (among them the writes accepted with no worker, that backlog drained
+//! by 2 workers, bursts end to end and batches through `POST /v1/batch`, each
+//! with the CPU every process used per write), then the scaling runs on stacks of their own (1, 2, 4 workers; the
 //! data on one server and on a Redis Cluster; `WAIT 1`), stops everything,
 //! and prints a markdown table; with `--out DIR` it also writes
 //! `DIR/results.md` and `DIR/chart.svg`.
@@ -12,15 +14,17 @@
 //! ```
 //!
 //! `--quick` runs every measurement small (about 75–90 s) as a smoke test.
-//! `--memory` runs only the API's memory under the worst write bodies
-//! (`KVQ_BIN_DIR` points it at other binaries, to compare builds);
+//! `--memory` runs only the API's memory under the worst write bodies;
 //! `--scaling` only the scaling runs (workers, Redis Cluster, `WAIT`) and
-//! redis-benchmark SET to compare them with.
+//! redis-benchmark SET to compare them with. `KVQ_BIN_DIR` points any run
+//! at the `kvq-api` and `kvq-worker` of another build, to compare builds
+//! (an API without `POST /v1/batch` leaves that measurement out).
 //!
 //! # Layout
 //! - `tools`: `wrk` and `redis-benchmark` runs and their output.
-//! - `load`: bursts timed until applied, steady-rate visibility, and the
-//!   data Redis' CPU per list page.
+//! - `tools`: also the CPU each process used per write (`/proc`).
+//! - `load`: bursts and batches timed until applied, steady-rate
+//!   visibility, and the data Redis' CPU per list page.
 //! - `scaling`: bursts with 1, 2, 4 workers, on one data server and on a
 //!   3-master cluster, with and without `WAIT 1`, and their CPU per write.
 //! - `memory`: the API's peak and settled RSS under the worst write bodies.
@@ -38,7 +42,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use kvq_testkit::TestRedis;
+use kvq_testkit::{KvqProcess, TestRedis};
 use report::{Bar, Row};
 use tools::Load;
 
@@ -50,6 +54,8 @@ struct Plan {
     redis_requests: u64,
     /// Length of each end-to-end burst.
     burst: Duration,
+    /// How long the clients of the batch API send batches.
+    batch: Duration,
     /// Length of the steady-rate visibility run.
     visibility: Duration,
     /// Jobs run for the queue-memory measurement.
@@ -68,6 +74,58 @@ const LIST_PAGES: u32 = 50;
 
 const RETENTION_SECONDS: u64 = 5;
 
+/// How long a measurement's writes may take to be applied.
+const APPLY_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Clients posting batches at once, each one batch at a time: enough that
+/// the API accepts faster than the workers apply.
+const BATCH_CLIENTS: usize = 8;
+
+/// Writes per batch: the most `POST /v1/batch` takes.
+const BATCH_SIZE: usize = 1_000;
+
+/// A backlog drained by workers started once it was queued.
+struct Drain {
+    /// Writes in the backlog.
+    writes: u64,
+    /// Writes per second applied, from the workers' start to the last
+    /// applied.
+    applied_per_s: f64,
+    /// When the first write was applied, ms after the workers started.
+    first_applied_ms: f64,
+    /// Whether every write was applied before the deadline.
+    complete: bool,
+    /// CPU per write while draining.
+    cpu: tools::CpuSplit,
+    /// CPU per write while the backlog was accepted.
+    accept_cpu: tools::CpuSplit,
+}
+
+/// The write path's measurements on the main stack.
+struct WritePath {
+    /// Writes accepted with no worker running (the drain's backlog).
+    accept: Load,
+    /// That backlog drained by 2 workers.
+    drain: Drain,
+    /// End to end with 1, then 2 workers.
+    bursts: Vec<load::Burst>,
+    /// CPU per write of the last burst (2 workers).
+    burst_cpu: tools::CpuSplit,
+    /// Batches through `POST /v1/batch` (none if the API has no such route).
+    batched: Option<(load::Batched, tools::CpuSplit)>,
+    /// Workers running after all of them.
+    alive: usize,
+}
+
+/// `(name, pid)` of the API, the Redis servers and each worker.
+fn processes(servers: &[(String, u32)], workers: &[KvqProcess]) -> Vec<(String, u32)> {
+    let mut all = servers.to_vec();
+    for (i, worker) in workers.iter().enumerate() {
+        all.push((format!("kvq-worker {}", i + 1), worker.pid()));
+    }
+    all
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -82,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
             wrk: Duration::from_secs(3),
             redis_requests: 50_000,
             burst: Duration::from_secs(1),
+            batch: Duration::from_secs(1),
             visibility: Duration::from_secs(3),
             memory_jobs: 2_000,
             list_keys: 5_000,
@@ -97,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
             wrk: Duration::from_secs(10),
             redis_requests: 300_000,
             burst: Duration::from_secs(3),
+            batch: Duration::from_secs(3),
             visibility: Duration::from_secs(10),
             memory_jobs: 20_000,
             list_keys: 100_000,
@@ -184,71 +244,155 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
     .await;
     let kvq_get = tools::wrk(&format!("{base}/v1/kv/bench/get"), 50, plan.wrk, None)?;
 
-    step("kvq writes accepted (wrk POST of fresh keys, 50 connections, no worker)");
+    step(
+        "kvq writes accepted (wrk POST of fresh keys, 50 connections, no worker): the backlog drained next",
+    );
     for worker in &mut workers {
         worker.signal("TERM");
         worker.wait_exit(Duration::from_secs(30)).await;
     }
     workers.clear();
+    let servers = [
+        ("kvq-api".to_owned(), api.pid()),
+        ("data Redis".to_owned(), kv.pid().unwrap_or(0)),
+        ("queue Redis".to_owned(), queue.pid().unwrap_or(0)),
+    ];
+    let backlog_before = load::indexed(&kv_conn).await?;
+    let cpu = tools::CpuMeter::start(&servers);
+    let commands = tools::Commands::start(&kv, &queue);
     let kvq_accept = tools::wrk(
         &format!("{base}/v1/kv"),
         50,
         plan.wrk,
         Some(&load::post_script("accept")),
     )?;
-    let _: () = kv.cmd(&["FLUSHALL"]);
-    let _: () = queue.cmd(&["FLUSHALL"]);
+    let accept_cpu = cpu.per_write(kvq_accept.requests);
+    println!("   CPU per accepted write: {}", accept_cpu.describe());
+    println!(
+        "   {}",
+        commands.per_write(&kv, &queue, kvq_accept.requests)
+    );
+
+    step(&format!(
+        "drain: the {} writes just accepted, 2 workers started at once, timed until all applied",
+        kvq_accept.requests
+    ));
+    let started = Instant::now();
+    for _ in 0..2 {
+        workers.push(load::spawn_worker(&env).0);
+    }
+    let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+    let commands = tools::Commands::start(&kv, &queue);
+    let applied = load::applied(
+        &kv_conn,
+        backlog_before + kvq_accept.requests,
+        started,
+        APPLY_DEADLINE,
+    )
+    .await?;
+    let drain = Drain {
+        writes: kvq_accept.requests,
+        applied_per_s: kvq_accept.requests as f64 / applied.all.as_secs_f64(),
+        first_applied_ms: applied.first.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0),
+        complete: applied.complete,
+        cpu: cpu.per_write(kvq_accept.requests),
+        accept_cpu,
+    };
+    println!(
+        "   {} writes drained at {:.0}/s (the first applied {:.0} ms after the workers started){}",
+        drain.writes,
+        drain.applied_per_s,
+        drain.first_applied_ms,
+        if drain.complete { "" } else { ", NOT all" }
+    );
+    println!("   CPU per drained write: {}", drain.cpu.describe());
+    println!("   {}", commands.per_write(&kv, &queue, drain.writes));
+    println!(
+        "   CPU per write, its accept and its drain: {}",
+        drain.accept_cpu.plus(&drain.cpu).describe()
+    );
+    for worker in &workers {
+        worker.signal("TERM");
+    }
+    for worker in &mut workers {
+        worker.wait_exit(Duration::from_secs(30)).await;
+    }
+    workers.clear();
 
     let mut bursts = Vec::new();
+    let mut burst_cpu = tools::CpuSplit::default();
     for n in 1..=2 {
         step(&format!(
             "end to end: {} s of writes (wrk), {n} worker(s), timed until all applied",
             plan.burst.as_secs()
         ));
         workers.push(load::start_worker(&env).await);
-        let mut pids = vec![
-            ("kvq-api".to_owned(), api.pid()),
-            ("KV Redis".to_owned(), kv.pid().unwrap_or(0)),
-            ("queue Redis".to_owned(), queue.pid().unwrap_or(0)),
-            ("this load generator".to_owned(), std::process::id()),
-        ];
-        for (i, worker) in workers.iter().enumerate() {
-            pids.push((format!("kvq-worker {}", i + 1), worker.pid()));
-        }
-        let cpu_before: Vec<f64> = pids
-            .iter()
-            .map(|(_, pid)| tools::cpu_seconds(*pid))
-            .collect();
+        scaling::partitions_settled(&queue, n).await;
+        let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+        let commands = tools::Commands::start(&kv, &queue);
         let burst = load::burst(
             &base,
             &kv_conn,
             &load::post_script(&format!("burst{n}")),
             plan.burst,
-            Duration::from_secs(120),
+            APPLY_DEADLINE,
         )
         .await?;
-        let cpu: Vec<String> = pids
-            .iter()
-            .zip(cpu_before)
-            .map(|((name, pid), before)| {
-                let us = (tools::cpu_seconds(*pid) - before) * 1e6 / burst.writes as f64;
-                format!("{name} {us:.0}")
-            })
-            .collect();
-        println!("   CPU per write, us: {}", cpu.join(", "));
+        burst_cpu = cpu.per_write(burst.writes);
+        println!(
+            "   {} writes, applied {:.0}/s; CPU per write: {}",
+            burst.writes,
+            burst.applied_per_s,
+            burst_cpu.describe()
+        );
+        println!("   {}", commands.per_write(&kv, &queue, burst.writes));
         bursts.push(burst);
     }
-    // What the apply script costs the KV Redis (the accept path no longer
-    // touches it).
-    let stats: String = kv.cmd(&["INFO", "commandstats"]);
-    for line in stats.lines().filter(|l| l.starts_with("cmdstat_evalsha:")) {
-        println!("   KV Redis {line}");
+
+    step(&format!(
+        "batch API: {BATCH_CLIENTS} clients each posting batches of {BATCH_SIZE} upserts for {} s, 2 workers, timed until all applied",
+        plan.batch.as_secs()
+    ));
+    let cpu = tools::CpuMeter::start(&processes(&servers, &workers));
+    let commands = tools::Commands::start(&kv, &queue);
+    let batched = load::batches(
+        &base,
+        &kv_conn,
+        BATCH_CLIENTS,
+        BATCH_SIZE,
+        plan.batch,
+        APPLY_DEADLINE,
+    )
+    .await?
+    .map(|batched| {
+        let cpu = cpu.per_write(batched.writes);
+        println!(
+            "   {} writes ({} batches not accepted), applied {:.0}/s, accepted {:.0}/s; CPU per write: {}",
+            batched.writes,
+            batched.errors,
+            batched.applied_per_s,
+            batched.accepted_per_s,
+            cpu.describe()
+        );
+        println!("   {}", commands.per_write(&kv, &queue, batched.writes));
+        (batched, cpu)
+    });
+    if batched.is_none() {
+        println!("   skipped: this kvq-api has no POST /v1/batch");
     }
     let alive = workers
         .iter_mut()
         .map(|w| w.is_running())
         .filter(|running| *running)
         .count();
+    let writes = WritePath {
+        accept: kvq_accept,
+        drain,
+        bursts,
+        burst_cpu,
+        batched,
+        alive,
+    };
 
     step("write-to-visible latency at 1,000 writes/s (2 workers)");
     let visible = load::visibility(&base, 1_000, plan.visibility).await?;
@@ -290,9 +434,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         &redis_get,
         &redis_set,
         &kvq_get,
-        &kvq_accept,
-        &bursts,
-        alive,
+        &writes,
         &visible,
         (baseline, after, per_100k_mib, all_applied),
         &listing,
@@ -306,13 +448,7 @@ async fn run(plan: &Plan, out: Option<&PathBuf>) -> anyhow::Result<Vec<Row>> {
         std::fs::write(
             dir.join("chart.svg"),
             chart(
-                &redis_get,
-                &redis_set,
-                &kvq_get,
-                &kvq_accept,
-                &bursts,
-                &visible,
-                &scaling,
+                &redis_get, &redis_set, &kvq_get, &writes, &visible, &scaling,
             ),
         )?;
         println!("wrote {}/results.md and chart.svg", dir.display());
@@ -377,16 +513,13 @@ fn rows(
     redis_get: &Load,
     redis_set: &Load,
     kvq_get: &Load,
-    kvq_accept: &Load,
-    bursts: &[load::Burst],
-    alive: usize,
+    writes: &WritePath,
     visible: &load::Visibility,
     memory: (u64, u64, f64, bool),
     listing: &load::ListCost,
     rss: (f64, f64),
 ) -> Vec<Row> {
     let get_ratio = ratio(kvq_get.rps, redis_get.rps);
-    let accept_ratio = ratio(kvq_accept.rps, redis_set.rps);
     let mut rows = vec![
         Row {
             what: "redis-benchmark GET (50 clients)".into(),
@@ -415,52 +548,8 @@ fn rows(
                 get_ratio >= 0.5 && kvq_get.errors == 0,
             )),
         },
-        Row {
-            what: "kvq writes accepted, 202 (50 connections)".into(),
-            value: format!(
-                "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} x redis SET, {} errors",
-                kvq_accept.rps,
-                kvq_accept.p50_ms,
-                kvq_accept.p99_ms,
-                accept_ratio,
-                kvq_accept.errors
-            ),
-            target: Some((
-                "≥ 0.25 x redis SET".into(),
-                accept_ratio >= 0.25 && kvq_accept.errors == 0,
-            )),
-        },
     ];
-    for (i, burst) in bursts.iter().enumerate() {
-        let workers = i + 1;
-        rows.push(Row {
-            what: format!(
-                "applied writes end to end, {workers} worker(s), burst of {}",
-                burst.writes
-            ),
-            value: format!(
-                "{:.0}/s (accepted at {:.0}/s){}",
-                burst.applied_per_s,
-                burst.accepted_per_s,
-                if burst.complete {
-                    ""
-                } else {
-                    ", NOT all applied within 120 s"
-                }
-            ),
-            target: (workers == 2).then(|| {
-                (
-                    "≥ 10,000/s with 2 workers".into(),
-                    burst.complete && burst.applied_per_s >= 10_000.0,
-                )
-            }),
-        });
-    }
-    rows.push(Row {
-        what: "workers still running after the bursts".into(),
-        value: format!("{alive} of {}", bursts.len()),
-        target: None,
-    });
+    rows.extend(write_rows(redis_set, writes));
     rows.push(Row {
         what: format!(
             "write → visible at {}/s ({} sampled)",
@@ -512,12 +601,143 @@ fn rows(
     rows
 }
 
+/// The write path's rows: accepted, drained, end to end, the batch API,
+/// each as a ratio to redis-benchmark SET, and the CPU per applied write.
+fn write_rows(redis_set: &Load, writes: &WritePath) -> Vec<Row> {
+    let set = |rate: f64| ratio(rate, redis_set.rps);
+    let not_all = |complete: bool| {
+        if complete {
+            ""
+        } else {
+            ", NOT all applied within 120 s"
+        }
+    };
+    let accept = &writes.accept;
+    let mut rows = vec![Row {
+        what: "kvq writes accepted, 202 (50 connections)".into(),
+        value: format!(
+            "{:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.2} x redis SET, {} errors",
+            accept.rps,
+            accept.p50_ms,
+            accept.p99_ms,
+            set(accept.rps),
+            accept.errors
+        ),
+        target: Some((
+            "≥ 0.25 x redis SET".into(),
+            set(accept.rps) >= 0.25 && accept.errors == 0,
+        )),
+    }];
+    let drain = &writes.drain;
+    rows.push(Row {
+        what: format!(
+            "a backlog of {} writes (those accepted) drained by 2 workers started at once",
+            drain.writes
+        ),
+        value: format!(
+            "{:.0}/s, {:.2} x redis SET (the first applied after {:.0} ms){}",
+            drain.applied_per_s,
+            set(drain.applied_per_s),
+            drain.first_applied_ms,
+            not_all(drain.complete)
+        ),
+        target: Some((
+            "≥ 0.3 x redis SET".into(),
+            drain.complete && set(drain.applied_per_s) >= 0.3,
+        )),
+    });
+    for (i, burst) in writes.bursts.iter().enumerate() {
+        let workers = i + 1;
+        rows.push(Row {
+            what: format!(
+                "applied writes end to end, {workers} worker(s), burst of {}",
+                burst.writes
+            ),
+            value: format!(
+                "{:.0}/s, {:.2} x redis SET (accepted at {:.0}/s){}",
+                burst.applied_per_s,
+                set(burst.applied_per_s),
+                burst.accepted_per_s,
+                not_all(burst.complete)
+            ),
+            target: (workers == 2).then(|| {
+                (
+                    "≥ 0.25 x redis SET with 2 workers".into(),
+                    burst.complete && set(burst.applied_per_s) >= 0.25,
+                )
+            }),
+        });
+    }
+    match &writes.batched {
+        Some((batched, _)) => rows.push(Row {
+            what: format!(
+                "writes through the batch API, applied, 2 workers ({} clients, batches of {} upserts, {} writes)",
+                batched.clients, batched.size, batched.writes
+            ),
+            value: format!(
+                "{:.0}/s, {:.2} x redis SET (accepted at {:.0}/s, {} batches not accepted){}",
+                batched.applied_per_s,
+                set(batched.applied_per_s),
+                batched.accepted_per_s,
+                batched.errors,
+                not_all(batched.complete)
+            ),
+            target: Some((
+                "≥ 1.0 x redis SET".into(),
+                batched.complete && batched.errors == 0 && set(batched.applied_per_s) >= 1.0,
+            )),
+        }),
+        None => rows.push(Row {
+            what: "writes through the batch API, applied, 2 workers".into(),
+            value: "not measured: this kvq-api has no POST /v1/batch".into(),
+            target: None,
+        }),
+    }
+    rows.push(Row {
+        what: "workers still running after the bursts".into(),
+        value: format!("{} of {}", writes.alive, writes.bursts.len()),
+        target: None,
+    });
+    let cpu = "CPU per applied write, all kvq processes and Redis";
+    // The same CPU in units of what one redis-benchmark SET cost Redis in
+    // this run (the scaling rows' yardstick), which moves with the machine
+    // less than µs do.
+    let sets = |split: &tools::CpuSplit| match redis_set.server_cpu_us {
+        Some(us) if us > 0.0 => format!(" = {:.1} SETs' worth", split.total() / us),
+        _ => String::new(),
+    };
+    rows.push(Row {
+        what: format!("{cpu}: end to end, 2 workers"),
+        value: format!("{}{}", writes.burst_cpu.describe(), sets(&writes.burst_cpu)),
+        target: Some(("≤ 80 µs".into(), writes.burst_cpu.total() <= 80.0)),
+    });
+    let with_accept = drain.accept_cpu.plus(&drain.cpu);
+    rows.push(Row {
+        what: format!("{cpu}: the drain (and with the accept of its backlog)"),
+        value: format!(
+            "{}{}; with its accept {}{}",
+            drain.cpu.describe(),
+            sets(&drain.cpu),
+            with_accept.describe(),
+            sets(&with_accept)
+        ),
+        target: None,
+    });
+    if let Some((_, batch_cpu)) = &writes.batched {
+        rows.push(Row {
+            what: format!("{cpu}: the batch API"),
+            value: format!("{}{}", batch_cpu.describe(), sets(batch_cpu)),
+            target: None,
+        });
+    }
+    rows
+}
+
 fn chart(
     redis_get: &Load,
     redis_set: &Load,
     kvq_get: &Load,
-    kvq_accept: &Load,
-    bursts: &[load::Burst],
+    writes: &WritePath,
     visible: &load::Visibility,
     scaling: &[scaling::Run],
 ) -> String {
@@ -537,12 +757,24 @@ fn chart(
         per_s("redis GET", redis_get.rps, true),
         per_s("kvq GET", kvq_get.rps, false),
         per_s("redis SET", redis_set.rps, true),
-        per_s("kvq writes accepted", kvq_accept.rps, false),
+        per_s("kvq writes accepted", writes.accept.rps, false),
+        per_s(
+            "kvq backlog drained, 2 w",
+            writes.drain.applied_per_s,
+            false,
+        ),
     ];
-    for (i, burst) in bursts.iter().enumerate() {
+    for (i, burst) in writes.bursts.iter().enumerate() {
         throughput.push(per_s(
             &format!("kvq applied, {} worker(s)", i + 1),
             burst.applied_per_s,
+            false,
+        ));
+    }
+    if let Some((batched, _)) = &writes.batched {
+        throughput.push(per_s(
+            "kvq batch API applied, 2 w",
+            batched.applied_per_s,
             false,
         ));
     }
@@ -551,7 +783,7 @@ fn chart(
         ms("kvq GET p50", kvq_get.p50_ms, false),
         ms("redis GET p99", redis_get.p99_ms, true),
         ms("kvq GET p99", kvq_get.p99_ms, false),
-        ms("kvq accept p99", kvq_accept.p99_ms, false),
+        ms("kvq accept p99", writes.accept.p99_ms, false),
         ms("write→visible p50", visible.p50_ms, false),
         ms("write→visible p99", visible.p99_ms, false),
     ];

@@ -458,7 +458,7 @@ const SETTLED_FOR: Duration = Duration::from_millis(1_300);
 /// to one of them, and the leases have not changed for [`SETTLED_FOR`]: the
 /// hand-overs after a worker joins are over before the burst starts.
 /// Answers how many partitions each worker owns, most first.
-async fn partitions_settled(queue: &TestRedis, workers: usize) -> Vec<usize> {
+pub async fn partitions_settled(queue: &TestRedis, workers: usize) -> Vec<usize> {
     let started = Instant::now();
     let mut seen: Option<(Vec<String>, Instant)> = None;
     loop {

@@ -175,6 +175,165 @@ fn stat_ticks(path: &str) -> [f64; 15] {
     fields
 }
 
+/// The CPU each process used over one measurement, per write, µs.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSplit {
+    /// kvq's processes and the Redis servers, by name, in order.
+    pub parts: Vec<(String, f64)>,
+    /// The load generator: this process (its HTTP clients and polling) and
+    /// the `wrk` runs it reaped.
+    pub load: f64,
+}
+
+impl CpuSplit {
+    /// kvq's processes and the Redis servers together, µs per write (the
+    /// load generator left out).
+    pub fn total(&self) -> f64 {
+        self.parts.iter().map(|(_, us)| us).sum()
+    }
+
+    /// `72 µs (kvq-api 20, data Redis 15, …; load generator 5 more)`.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .parts
+            .iter()
+            .map(|(name, us)| format!("{name} {us:.0}"))
+            .collect();
+        format!(
+            "{:.0} µs ({}; load generator {:.0} more)",
+            self.total(),
+            parts.join(", "),
+            self.load
+        )
+    }
+
+    /// Two phases of the same writes (their accept, then their apply) added
+    /// up process by process.
+    pub fn plus(&self, other: &CpuSplit) -> CpuSplit {
+        let mut parts = self.parts.clone();
+        for (name, us) in &other.parts {
+            match parts.iter_mut().find(|(n, _)| n == name) {
+                Some((_, sum)) => *sum += us,
+                None => parts.push((name.clone(), *us)),
+            }
+        }
+        CpuSplit {
+            parts,
+            load: self.load + other.load,
+        }
+    }
+}
+
+/// CPU times read at the start of a measurement, of named processes and of
+/// the load generator.
+pub struct CpuMeter {
+    processes: Vec<(String, u32, f64)>,
+    load: f64,
+}
+
+impl CpuMeter {
+    /// Reads the CPU time so far of each `(name, pid)` and of the load
+    /// generator. No kvq process or Redis server may be reaped before
+    /// [`CpuMeter::per_write`]: its CPU would count as the load generator's.
+    pub fn start(processes: &[(String, u32)]) -> Self {
+        Self {
+            processes: processes
+                .iter()
+                .map(|(name, pid)| (name.clone(), *pid, cpu_seconds(*pid)))
+                .collect(),
+            load: load_generator_seconds(),
+        }
+    }
+
+    /// The CPU used since [`CpuMeter::start`], per write of `writes`.
+    pub fn per_write(&self, writes: u64) -> CpuSplit {
+        let per = |seconds: f64| seconds * 1e6 / writes.max(1) as f64;
+        CpuSplit {
+            parts: self
+                .processes
+                .iter()
+                .map(|(name, pid, before)| (name.clone(), per(cpu_seconds(*pid) - before)))
+                .collect(),
+            load: per(load_generator_seconds() - self.load),
+        }
+    }
+}
+
+/// CPU time of this process and of its reaped children, seconds.
+fn load_generator_seconds() -> f64 {
+    cpu_seconds(std::process::id()) + children_cpu_seconds()
+}
+
+/// What the data and queue Redis had processed when a measurement began.
+pub struct Commands {
+    data: (u64, u64, u64),
+    queue: u64,
+}
+
+impl Commands {
+    /// Reads both servers' counts now.
+    pub fn start(data: &TestRedis, queue: &TestRedis) -> Self {
+        Self {
+            data: (commands(data), script_calls(data).0, script_calls(data).1),
+            queue: commands(queue),
+        }
+    }
+
+    /// Commands per write of `writes` since [`Commands::start`] (a script's
+    /// own calls count, as `INFO stats` counts them), and how many writes
+    /// one apply script call carried and how long it ran.
+    pub fn per_write(&self, data: &TestRedis, queue: &TestRedis, writes: u64) -> String {
+        let writes = writes.max(1) as f64;
+        let (calls, usec) = script_calls(data);
+        let calls = calls.saturating_sub(self.data.1);
+        let usec = usec.saturating_sub(self.data.2);
+        let scripts = if calls == 0 {
+            "no apply script".to_owned()
+        } else {
+            format!(
+                "apply script: {:.1} writes per call, {:.0} µs per call",
+                writes / calls as f64,
+                usec as f64 / calls as f64
+            )
+        };
+        format!(
+            "Redis commands per write (those scripts call included): data Redis {:.1} ({scripts}), queue Redis {:.1}",
+            commands(data).saturating_sub(self.data.0) as f64 / writes,
+            commands(queue).saturating_sub(self.queue) as f64 / writes
+        )
+    }
+}
+
+/// Commands `server` has processed so far (`INFO stats`).
+fn commands(server: &TestRedis) -> u64 {
+    let info: String = server.try_cmd(&["INFO", "stats"]).unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `EVALSHA` calls `server` has run so far and the µs spent in them
+/// (`INFO commandstats`).
+fn script_calls(server: &TestRedis) -> (u64, u64) {
+    let info: String = server
+        .try_cmd(&["INFO", "commandstats"])
+        .unwrap_or_default();
+    let Some(line) = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
+    else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("calls="), field("usec="))
+}
+
 /// Peak resident set size (VmHWM) of a process, MiB.
 pub fn peak_rss_mib(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -186,6 +345,24 @@ pub fn peak_rss_mib(pid: u32) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_splits_add_up_process_by_process() {
+        let accept = CpuSplit {
+            parts: vec![("kvq-api".into(), 20.0), ("queue Redis".into(), 10.0)],
+            load: 5.0,
+        };
+        let drain = CpuSplit {
+            parts: vec![("queue Redis".into(), 8.0), ("kvq-worker 1".into(), 12.0)],
+            load: 1.0,
+        };
+        let both = accept.plus(&drain);
+        assert_eq!(both.total(), 50.0);
+        assert_eq!(
+            both.describe(),
+            "50 µs (kvq-api 20, queue Redis 18, kvq-worker 1 12; load generator 6 more)"
+        );
+    }
 
     #[test]
     fn reads_wrk_output() {
