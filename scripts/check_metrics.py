@@ -12,9 +12,10 @@ prints it).
 An expression may name only the metrics of METRICS below (a histogram as
 NAME_bucket, NAME_sum or NAME_count), functions PromQL has, and in its
 selectors and by/without clauses only labels those metrics carry or that
-Prometheus adds when it scrapes a pod. METRICS is README's list of what
-kvq-api's and kvq-worker's /metrics serve: a metric renamed there must be
-renamed here, and then in every query this finds.
+Prometheus adds when it scrapes a pod. METRICS is what kvq-api's and
+kvq-worker's /metrics serve (README: "HTTP API (v1)", GET /metrics): a
+metric renamed or added there is renamed or added here, and this then finds
+every query to change.
 """
 
 import json
@@ -23,7 +24,7 @@ import sys
 
 import yaml
 
-# name: (type, labels). README: "Metrics".
+# name: (type, labels)
 METRICS = {
     # kvq-api's /metrics
     "kvq_api_http_requests_total": ("counter", {"method", "route", "status"}),
