@@ -7,7 +7,8 @@
 #   (kubernetes-validate, installed from PyPI into .local/tools), and its
 #   custom resources (PodMonitor, PrometheusRule, ScaledObject) against
 #   their CRDs' schemas, vendored in kubernetes/crd-schemas
-#   (scripts/validate_crds.py, with jsonschema); a kind neither knows fails;
+#   (scripts/validate_crds.py, with jsonschema); a kind neither knows fails,
+#   and so does a Deployment scaled by both KEDA and an HPA;
 # - the Grafana dashboards parse, and they, the alerts and the KEDA triggers
 #   name only metrics and labels kvq exports (scripts/check_metrics.py);
 # - every image has a pinned tag;

@@ -8,7 +8,9 @@ GROUP_VERSION_KIND.json (kubernetes/crd-schemas: prometheus-operator's
 PodMonitor and PrometheusRule, KEDA's ScaledObject; each folder says where
 its schemas come from). Every object of RENDERED.yaml whose apiVersion and
 kind have a schema there is validated against it; every other object is
-written to REST.yaml, for kubernetes-validate (the built-in kinds).
+written to REST.yaml, for kubernetes-validate (the built-in kinds). A
+ScaledObject must also scale something the rendering has, and that nothing
+else scales: KEDA runs an HPA of its own, and two fight over the count.
 
 Validation is strict, as `kubectl apply` is by default: a field the schema
 does not name is an error (an API server would refuse it, or drop it
@@ -90,6 +92,32 @@ def load_schemas(directory):
     return schemas
 
 
+def scaled_targets(objects):
+    """A ScaledObject's target must be in the rendering, and no
+    HorizontalPodAutoscaler may target it too (KEDA runs its own; two fight
+    over the count)."""
+    errors = []
+    names = {(obj["kind"], obj["metadata"]["name"]) for obj in objects}
+    hpas = {
+        (obj["spec"]["scaleTargetRef"]["kind"], obj["spec"]["scaleTargetRef"]["name"]): obj["metadata"]["name"]
+        for obj in objects
+        if obj["kind"] == "HorizontalPodAutoscaler"
+    }
+    for obj in objects:
+        if obj["kind"] != "ScaledObject":
+            continue
+        ref = obj["spec"]["scaleTargetRef"]
+        target = (ref.get("kind", "Deployment"), ref["name"])
+        name = f"ScaledObject/{obj['metadata']['name']}"
+        if target not in names:
+            errors.append(f"{name}: scales {target[0]}/{target[1]}, which is not in the rendering")
+        if target in hpas:
+            errors.append(
+                f"{name}: {target[0]}/{target[1]} is also scaled by HorizontalPodAutoscaler/{hpas[target]}"
+            )
+    return errors
+
+
 def main():
     if len(sys.argv) != 4:
         sys.exit(__doc__)
@@ -112,13 +140,17 @@ def main():
         for error in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
             where = ".".join(str(part) for part in error.absolute_path) or "(top)"
             errors.append(f"{name}: {where}: {error.message} (schema {path})")
+    errors += scaled_targets([yaml.safe_load(text) for text in texts])
     with open(rest, "w", encoding="utf-8") as file:
         file.write("---\n".join(others))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
     if errors:
         sys.exit(1)
-    print(f"{len(checked)} custom resources valid ({', '.join(checked) or 'none'})")
+    if checked:
+        print(f"{len(checked)} custom resources valid ({', '.join(checked)})")
+    else:
+        print("no custom resources")
 
 
 if __name__ == "__main__":
