@@ -111,4 +111,4 @@ for overlay in "${overlays[@]}"; do rendered+=(--rendered "$work/$overlay.yaml")
   exit 1
 }
 
-echo "check-deploy: ${#overlays[@]} overlays (${overlays[*]}), ${#dashboards[@]} dashboards and ${#scripts[@]} scripts passed"
+echo "check-deploy: ${#overlays[@]} overlays (${overlays[*]}), ${#dashboards[@]} dashboard(s) and ${#scripts[@]} scripts passed"
