@@ -9,6 +9,7 @@ are the expressions of the PrometheusRules and the Prometheus triggers of
 the ScaledObjects in each RENDERED.yaml (an overlay as kubectl kustomize
 prints it).
 
+Not a PromQL parser: besides balanced brackets, what it checks is names.
 An expression may name only the metrics of METRICS below (a histogram as
 NAME_bucket, NAME_sum or NAME_count), functions PromQL has, and in its
 selectors and by/without clauses only labels those metrics carry or that
@@ -94,6 +95,14 @@ def check(expr):
         return [] if label in labels | known else [f"{metric} has no label {label}"]
     # Strings, ranges and number literals carry no names.
     text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', expr)
+    stack = []
+    for char in text:
+        if char in "({[":
+            stack.append(")}]"["({[".index(char)])
+        elif char in ")}]" and (not stack or stack.pop() != char):
+            return ["unbalanced brackets"]
+    if stack:
+        return ["unbalanced brackets"]
     text = re.sub(r"\[[^\]]*\]", " ", text)
     text = re.sub(rf"(?<![A-Za-z0-9_:$])\d[\d.]*(?:[eE][+-]?\d+)?", " ", text)
     selectors = []
