@@ -4,7 +4,13 @@
 #   prints exactly that rendering;
 # - the rendering validates strictly (unknown fields are errors) against the
 #   API schemas of the oldest and newest Kubernetes kvq supports
-#   (kubernetes-validate, installed from PyPI into .local/tools);
+#   (kubernetes-validate, installed from PyPI into .local/tools), and its
+#   custom resources (PodMonitor, PrometheusRule, ScaledObject) against
+#   their CRDs' schemas, vendored in kubernetes/crd-schemas
+#   (scripts/validate_crds.py, with jsonschema); a kind neither knows fails,
+#   and so does a Deployment scaled by both KEDA and an HPA;
+# - the Grafana dashboards parse, and they, the alerts and the KEDA triggers
+#   name only metrics and labels kvq exports (scripts/check_metrics.py);
 # - every image has a pinned tag;
 # - every shell script is shellcheck-clean.
 #
@@ -20,6 +26,9 @@ source scripts/lib.sh
 readonly K8S_VERSIONS=(1.30.0 1.37.0)
 readonly VALIDATE_VERSION=1.37.0
 readonly VENV=.local/tools/kubernetes-validate
+# What scripts/validate_crds.py and scripts/check_metrics.py import.
+readonly JSONSCHEMA_VERSION=4.26.0
+readonly PYYAML_VERSION=6.0.4
 
 if ! command -v kubectl >/dev/null 2>&1; then
   echo "error: kubectl is missing; it renders the manifests (kubectl kustomize). Install kubectl and run again." >&2
@@ -27,14 +36,16 @@ if ! command -v kubectl >/dev/null 2>&1; then
 fi
 need_command shellcheck shellcheck
 
-if [ ! -x "$VENV/bin/kubernetes-validate" ]; then
+if [ ! -x "$VENV/bin/kubernetes-validate" ] ||
+  ! "$VENV/bin/python" -c 'import jsonschema, yaml' >/dev/null 2>&1; then
   need_command python3 python3 python3-venv
-  echo "installing kubernetes-validate $VALIDATE_VERSION into $VENV..." >&2
+  echo "installing kubernetes-validate $VALIDATE_VERSION, jsonschema and PyYAML into $VENV..." >&2
   python3 -m venv "$VENV" || {
     echo "error: python3 -m venv failed; install python3-venv" >&2
     exit 1
   }
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$VALIDATE_VERSION"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$VALIDATE_VERSION" \
+    "jsonschema==$JSONSCHEMA_VERSION" "PyYAML==$PYYAML_VERSION"
 fi
 
 work=$(mktemp -d)
@@ -64,11 +75,22 @@ for dir in kubernetes/overlays/*/; do
     echo "error: ./deploy.sh --dry-run --overlay $overlay does not print what kubectl kustomize renders" >&2
     exit 1
   fi
+  # Custom resources against their CRDs' schemas; the rest (built-in kinds)
+  # into $overlay.builtin.yaml for kubernetes-validate, which only warns
+  # about a kind it has no schema for: that is an error here.
+  crds=$("$VENV/bin/python" scripts/validate_crds.py kubernetes/crd-schemas \
+    "$work/$overlay.yaml" "$work/$overlay.builtin.yaml") || {
+    echo "error: overlay $overlay has invalid custom resources" >&2
+    exit 1
+  }
   for version in "${K8S_VERSIONS[@]}"; do
-    "$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$work/$overlay.yaml" || {
-      echo "error: overlay $overlay is not valid Kubernetes $version" >&2
+    if ! out=$("$VENV/bin/kubernetes-validate" --strict --quiet -k "$version" "$work/$overlay.builtin.yaml" 2>&1) ||
+      grep -q "Couldn't find schema" <<<"$out"; then
+      echo "$out" >&2
+      echo "error: overlay $overlay is not valid Kubernetes $version (or has a kind with no schema here or in kubernetes/crd-schemas)" >&2
       exit 1
-    }
+    fi
+    [ -z "$out" ] || echo "$out"
   done
   # A tag, and not "latest": a rollout must run the image that was tested.
   unpinned=$(awk '$1 == "image:" && ($2 !~ /:[^\/]+$/ || $2 ~ /:latest$/) && $2 !~ /@sha256:/ { print $2 }' \
@@ -77,7 +99,16 @@ for dir in kubernetes/overlays/*/; do
     echo "error: overlay $overlay runs images without a pinned tag: $unpinned" >&2
     exit 1
   fi
-  echo "overlay $overlay: $(grep -c '^kind:' "$work/$overlay.yaml") objects; valid for Kubernetes ${K8S_VERSIONS[*]}; images pinned; deploy.sh --dry-run agrees"
+  echo "overlay $overlay: $(grep -c '^kind:' "$work/$overlay.yaml") objects; valid for Kubernetes ${K8S_VERSIONS[*]}; $crds; images pinned; deploy.sh --dry-run agrees"
 done
 
-echo "check-deploy: ${#overlays[@]} overlays (${overlays[*]}) and ${#scripts[@]} scripts passed"
+# Every dashboard of every component, and what each overlay renders.
+dashboards=(kubernetes/components/*/dashboards/*.json)
+rendered=()
+for overlay in "${overlays[@]}"; do rendered+=(--rendered "$work/$overlay.yaml"); done
+"$VENV/bin/python" scripts/check_metrics.py "${dashboards[@]}" "${rendered[@]}" || {
+  echo "error: a dashboard, alert or KEDA trigger names a metric or label kvq does not export" >&2
+  exit 1
+}
+
+echo "check-deploy: ${#overlays[@]} overlays (${overlays[*]}), ${#dashboards[@]} dashboard(s) and ${#scripts[@]} scripts passed"
