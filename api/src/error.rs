@@ -166,12 +166,24 @@ impl ApiError {
             ApiError::RateLimited(_) => "Too many requests",
             ApiError::Unauthorized(_) => "Unauthorized",
             ApiError::Forbidden(_) => "Forbidden",
-            ApiError::JobFailed { status, .. } => status.canonical_reason().unwrap_or("Failed"),
+            ApiError::JobFailed { code, .. } => job_error_title(*code),
             ApiError::Overloaded(_) => "Overloaded",
             ApiError::BackendUnavailable(_) => "Backend unavailable",
             ApiError::OutcomeUnknown(_) => "Outcome unknown",
             ApiError::JobDead { .. } => "Job dead",
         }
+    }
+}
+
+/// The title of a job's error code: the same as the title of the problem
+/// type of that code answered directly (one title per problem type).
+fn job_error_title(code: kvq_shared::jobs::ErrorCode) -> &'static str {
+    use kvq_shared::jobs::ErrorCode;
+    match code {
+        ErrorCode::AlreadyExists => "Already exists",
+        ErrorCode::NotFound => "Not found",
+        ErrorCode::VersionMismatch => "Version mismatch",
+        ErrorCode::BackendUnavailable => "Backend unavailable",
     }
 }
 
@@ -283,5 +295,74 @@ impl ResponseError for ApiError {
             response.insert_header((header::RETRY_AFTER, seconds.to_string()));
         }
         response.json(problem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use kvq_shared::jobs::ErrorCode;
+
+    use super::*;
+
+    /// One of every variant (and every job error code).
+    fn every_error() -> Vec<ApiError> {
+        let text = || "x".to_owned();
+        let mut all = vec![
+            ApiError::InvalidKey(text()),
+            ApiError::MalformedJson(text()),
+            ApiError::InvalidBody(text()),
+            ApiError::InvalidRequest(text()),
+            ApiError::UnsupportedMediaType,
+            ApiError::UnsupportedEncoding,
+            ApiError::JobDead {
+                job_id: text(),
+                message: text(),
+            },
+            ApiError::ValueTooLarge(text()),
+            ApiError::NotFound(text()),
+            ApiError::MethodNotAllowed { allow: text() },
+            ApiError::Unauthorized(text()),
+            ApiError::Forbidden(text()),
+            ApiError::HeadersTooLarge(1),
+            ApiError::RequestTimeout,
+            ApiError::NotDead(text()),
+            ApiError::IdempotencyKeyReused,
+            ApiError::RateLimited(1),
+            ApiError::Overloaded(text()),
+            ApiError::BackendUnavailable(StoreError::Timeout(Duration::from_secs(1))),
+            ApiError::OutcomeUnknown(StoreError::Timeout(Duration::from_secs(1))),
+        ];
+        for (code, status) in [
+            (ErrorCode::AlreadyExists, StatusCode::CONFLICT),
+            (ErrorCode::NotFound, StatusCode::NOT_FOUND),
+            (ErrorCode::VersionMismatch, StatusCode::PRECONDITION_FAILED),
+            (
+                ErrorCode::BackendUnavailable,
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ] {
+            all.push(ApiError::JobFailed {
+                status,
+                code,
+                message: text(),
+            });
+        }
+        all
+    }
+
+    #[test]
+    fn each_problem_type_has_one_title() {
+        let mut titles: HashMap<String, &str> = HashMap::new();
+        let errors = every_error();
+        for error in &errors {
+            let (code, title) = (error.code().to_owned(), error.title());
+            if let Some(seen) = titles.insert(code.clone(), title) {
+                assert_eq!(seen, title, "the problem type {code} has two titles");
+            }
+        }
+        assert_eq!(titles["not_found"], "Not found");
     }
 }
