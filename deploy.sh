@@ -6,7 +6,11 @@
 #                                 print the URL and a writer token
 #   ./deploy.sh --overlay NAME    the same with kubernetes/overlays/NAME; an overlay
 #                                 other than docker-desktop also pushes the image to
-#                                 the registry its kustomization names
+#                                 the registry its kustomization names, built for
+#                                 linux/amd64 whatever this machine is
+#   ./deploy.sh --platform P      build the image for platform P (e.g. linux/arm64)
+#                                 instead: an overlay that pushes defaults to
+#                                 linux/amd64, docker-desktop to this machine's own
 #   ./deploy.sh --delete          delete what the overlay created; the namespace and
 #                                 the Redis volumes (the data) are kept
 #   ./deploy.sh --dry-run         render the overlay and print it (YAML on stdout, a
@@ -326,9 +330,20 @@ run_apply() {
       ;;
   esac
 
-  echo "==> building the kvq image"
+  # An image pushed to a cluster is built for the cluster's nodes, not for
+  # this machine (an arm64 laptop would push arm64 images to amd64 nodes);
+  # one for docker-desktop runs here.
+  local build_platform=$platform
+  if [ -z "$build_platform" ] && [ "$overlay" != docker-desktop ]; then
+    build_platform=linux/amd64
+  fi
+  local platform_args=()
+  if [ -n "$build_platform" ]; then
+    platform_args=(--platform "$build_platform")
+  fi
+  echo "==> building the kvq image${build_platform:+ for $build_platform}"
   local iid="$rendered.iid" id
-  docker build --iidfile "$iid" .
+  docker build "${platform_args[@]}" --iidfile "$iid" .
   id=$(cat "$iid")
   rm -f "$iid"
   [ -n "$id" ] || die "docker build wrote no image ID"
@@ -445,6 +460,7 @@ INFO
 
 mode=apply
 overlay=docker-desktop
+platform=""
 set_mode() {
   [ "$mode" = apply ] || {
     echo "error: $1 and --$mode exclude each other" >&2
@@ -464,6 +480,15 @@ while [ $# -gt 0 ]; do
       shift
       ;;
     --overlay=*) overlay=${1#--overlay=} ;;
+    --platform)
+      [ $# -ge 2 ] || {
+        echo "error: --platform needs a platform such as linux/amd64" >&2
+        exit 2
+      }
+      platform=$2
+      shift
+      ;;
+    --platform=*) platform=${1#--platform=} ;;
     -h | --help)
       usage
       exit 0

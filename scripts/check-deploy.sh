@@ -12,6 +12,8 @@
 # - the Grafana dashboards parse, and they, the alerts and the KEDA triggers
 #   name only metrics and labels kvq exports (scripts/check_metrics.py);
 # - every image has a pinned tag;
+# - every object (and pod template) carries the recommended
+#   app.kubernetes.io labels (scripts/check_labels.py);
 # - every shell script is shellcheck-clean.
 #
 # kubectl must be installed (it is what renders); shellcheck is installed
@@ -99,7 +101,12 @@ for dir in kubernetes/overlays/*/; do
     echo "error: overlay $overlay runs images without a pinned tag: $unpinned" >&2
     exit 1
   fi
-  echo "overlay $overlay: $(grep -c '^kind:' "$work/$overlay.yaml") objects; valid for Kubernetes ${K8S_VERSIONS[*]}; $crds; images pinned; deploy.sh --dry-run agrees"
+  "$VENV/bin/python" scripts/check_labels.py "$work/$overlay.yaml" >/dev/null || {
+    "$VENV/bin/python" scripts/check_labels.py "$work/$overlay.yaml" >&2 || true
+    echo "error: overlay $overlay has objects without the recommended labels" >&2
+    exit 1
+  }
+  echo "overlay $overlay: $(grep -c '^kind:' "$work/$overlay.yaml") objects; valid for Kubernetes ${K8S_VERSIONS[*]}; $crds; images pinned; labelled; deploy.sh --dry-run agrees"
 done
 
 # Every dashboard of every component, and what each overlay renders.

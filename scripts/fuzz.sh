@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Fuzzes the API with schemathesis against its own OpenAPI document
-# (`GET /openapi.json`): every check (no 5xx, every status, header, content
+# Validates the API's own OpenAPI document (`GET /openapi.json`) with
+# openapi-spec-validator, then fuzzes the API with schemathesis against it:
+# every check (no 5xx, every status, header, content
 # type and body as documented, bad input rejected, good input accepted,
 # 405 + Allow for undocumented methods, auth not ignored, ...).
 #
 # Starts its own stack on free ports (two redis-server, kvq-api with auth on
 # and a throwaway secret, one kvq-worker) from target/debug (or
-# target/$KVQ_FUZZ_PROFILE), installs schemathesis into .local/tools/ if
-# missing, and stops everything it started on exit.
+# target/$KVQ_FUZZ_PROFILE), installs schemathesis and openapi-spec-validator
+# into .local/tools/ if missing, and stops everything it started on exit.
 #
 #   KVQ_FUZZ_MAX_EXAMPLES  test cases per operation and phase (default 100)
 #   KVQ_FUZZ_SEED          schemathesis seed (default: random; printed)
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 ST_VERSION=4.32.5
+OSV_VERSION=0.9.0
 st_venv=$PWD/.local/tools/schemathesis
 profile=${KVQ_FUZZ_PROFILE:-debug}
 bin=$PWD/target/$profile
@@ -30,6 +32,10 @@ if ! "$st_venv/bin/st" --version 2>/dev/null | grep -qF "$ST_VERSION"; then
   echo "fuzz: installing schemathesis $ST_VERSION into $st_venv" >&2
   python3 -m venv "$st_venv"
   "$st_venv/bin/pip" install -q "schemathesis==$ST_VERSION"
+fi
+if ! "$st_venv/bin/pip" show openapi-spec-validator 2>/dev/null | grep -qx "Version: $OSV_VERSION"; then
+  echo "fuzz: installing openapi-spec-validator $OSV_VERSION into $st_venv" >&2
+  "$st_venv/bin/pip" install -q "openapi-spec-validator==$OSV_VERSION"
 fi
 if [ ! -x "$bin/kvq-api" ] || [ ! -x "$bin/kvq-worker" ]; then
   if [ "$profile" = release ]; then
@@ -93,6 +99,14 @@ pids+=("$!")
 base=http://127.0.0.1:$api_port
 wait_http "$base/readyz" 30
 wait_http "http://127.0.0.1:$health_port/healthz" 30
+
+# The document the API serves is a valid OpenAPI 3.1 document (client
+# generators refuse one that is not: e.g. an operationId used twice).
+curl -fsS "$base/openapi.json" >"$run/openapi.json"
+if ! "$st_venv/bin/openapi-spec-validator" "$run/openapi.json"; then
+  echo "fuzz: the served /openapi.json is not a valid OpenAPI document" >&2
+  exit 1
+fi
 
 seed_args=()
 if [ -n "${KVQ_FUZZ_SEED:-}" ]; then

@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use clap::Parser;
 use kvq_shared::{Config, telemetry};
 use kvq_worker::startup::Worker;
 
@@ -14,8 +15,33 @@ use kvq_worker::startup::Worker;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// kvq's queue worker: owns a share of the queue's partitions and applies
+/// their jobs to the data Redis, in order per key, exactly once; stops
+/// taking jobs on SIGTERM or ctrl-c and finishes the ones it runs.
+#[derive(Parser)]
+#[command(
+    name = "kvq-worker",
+    version,
+    after_help = "\
+Configuration comes from the environment, never from flags (README, \"Configuration\"):
+  KVQ_KV_REDIS_URL          the data Redis (default redis://127.0.0.1:6379)
+  KVQ_QUEUE_REDIS_URL       the queue Redis (default redis://127.0.0.1:6380)
+  KVQ_WORKER_HEALTH_BIND    health and /metrics address (default 127.0.0.1:9091)
+  KVQ_WORKER_CONCURRENCY    jobs run at once (default 32)
+  KVQ_WORKER_MAX_ATTEMPTS   runs before a failing job is dead
+  KVQ_LOG_FORMAT            json or text
+  OTEL_EXPORTER_OTLP_ENDPOINT  export traces over OTLP when set
+
+Exit status: 0 after a clean stop, 1 when the worker could not start or
+failed, 2 for a usage or configuration error."
+)]
+struct Cli {}
+
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Flags first: --help and --version need no configuration; anything
+    // else given is an error.
+    Cli::parse();
     kvq_shared::store::install_tls_provider();
     let config = match Config::from_env() {
         Ok(config) => config,

@@ -159,6 +159,7 @@ async fn submit(
 #[utoipa::path(
     post,
     path = "/create/{key}",
+    operation_id = "legacy_create",
     tag = "legacy",
     params(
         KeyPath,
@@ -190,6 +191,7 @@ pub async fn create(
 #[utoipa::path(
     put,
     path = "/update/{key}",
+    operation_id = "legacy_update",
     tag = "legacy",
     params(
         KeyPath,
@@ -222,6 +224,7 @@ pub async fn update(
 #[utoipa::path(
     delete,
     path = "/delete/{key}",
+    operation_id = "legacy_delete",
     tag = "legacy",
     params(
         KeyPath,
@@ -245,6 +248,7 @@ pub async fn delete(
 #[utoipa::path(
     get,
     path = "/read/{key}",
+    operation_id = "legacy_read",
     tag = "legacy",
     params(KeyPath),
     responses(

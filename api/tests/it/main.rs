@@ -10,6 +10,7 @@ mod batching;
 mod cluster;
 mod crashes;
 mod errors;
+mod flags;
 mod guarantees;
 mod hardening;
 mod health;
