@@ -11,8 +11,9 @@
 //! - [`state`]: [`state::AppState`], what every handler shares.
 //! - [`writes`]: the write pipeline every write route shares: accept,
 //!   `Idempotency-Key`, and the answer (`202`, or `Prefer: wait`'s).
-//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`, and
-//!   `legacy` (the original service's routes).
+//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`,
+//!   `legacy` (the original service's routes), and `ui` (the web dashboard
+//!   at `/ui`, its files in `api/ui/`).
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
 //! - [`caller`]: who sent a request (token subject or peer address).

@@ -25,7 +25,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{batch, health, jobs, kv, legacy};
+use crate::routes::{batch, health, jobs, kv, legacy, ui};
 
 /// The document: every path, its schemas, the bearer scheme.
 #[derive(OpenApi)]
@@ -55,6 +55,10 @@ use crate::routes::{batch, health, jobs, kv, legacy};
         health::readyz,
         crate::metrics::render,
         openapi_json,
+        ui::page,
+        ui::script,
+        ui::style,
+        ui::icon,
     ),
     modifiers(&Security, &HeaderParams, &ClosedBatchWrites),
     tags(
@@ -63,6 +67,7 @@ use crate::routes::{batch, health, jobs, kv, legacy};
         (name = "legacy", description = "The original service's routes, answering as it did (`KVQ_LEGACY_ROUTES=false` turns them off)"),
         (name = "health", description = "Liveness and readiness; no token needed"),
         (name = "meta", description = "This document and the metrics; no token needed"),
+        (name = "ui", description = "The web dashboard; the page needs no token, its data an admin token"),
     ),
 )]
 pub struct ApiDoc;

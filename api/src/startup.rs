@@ -99,6 +99,7 @@ impl Application {
                 .configure(routes::batch::configure)
                 .configure(routes::jobs::configure)
                 .configure(crate::openapi::configure)
+                .configure(routes::ui::configure)
                 .configure(|cfg| {
                     if legacy_routes {
                         routes::legacy::configure(cfg);

@@ -33,6 +33,10 @@ const SERVED: &[(&str, &str)] = &[
     ("/healthz", "/healthz"),
     ("/readyz", "/readyz"),
     ("/openapi.json", "/openapi.json"),
+    ("/ui", "/ui"),
+    ("/ui/app.js", "/ui/app.js"),
+    ("/ui/style.css", "/ui/style.css"),
+    ("/ui/favicon.png", "/ui/favicon.png"),
 ];
 
 const METHODS: &[&str] = &[
