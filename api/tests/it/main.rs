@@ -23,5 +23,6 @@ mod openapi;
 mod reshard;
 mod resilience;
 mod stalls;
+mod stats;
 mod ui;
 mod writepath;
