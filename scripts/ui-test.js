@@ -221,6 +221,7 @@ async function main() {
         Number(await page.$eval('#chart-rates', (canvas) => canvas.dataset.peak)) > 0);
       // Two more samples, so the lines have a rise to show.
       await sleep(2500);
+      await page.evaluate(() => window.scrollTo(0, 0));
       await page.screenshot({ path: path.join(SHOTS, 'dashboard-1280x800.png') });
     } finally {
       writing = false;
@@ -234,6 +235,7 @@ async function main() {
     step('at phone size (390x844) nothing overflows sideways');
     await page.setViewport({ width: 390, height: 844, deviceScaleFactor: 2, isMobile: true, hasTouch: true });
     await sleep(1500);
+    await page.evaluate(() => window.scrollTo(0, 0));
     const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
     assert.ok(overflow <= 0, 'the page is ' + overflow + ' px wider than the phone');
     assert.ok(await visible(page, '#chart-rates'), 'the chart shows on a phone');
