@@ -6,7 +6,7 @@
 //! Keycloak-style, `realm_access.roles`:
 //! - `reader`: reads keys and job status;
 //! - `writer`: also writes;
-//! - `admin`: also lists and retries dead jobs.
+//! - `admin`: also lists and retries dead jobs, and reads `GET /v1/stats`.
 //!
 //! The original service's routes (`/create`, `/read`, `/update`, `/delete`)
 //! need the same roles: `reader` to read, `writer` to write.
@@ -291,7 +291,7 @@ pub(crate) fn required_role(method: &Method, path: &str) -> Option<Role> {
     if !path.starts_with("/v1/") && path != "/v1" {
         return None;
     }
-    if path.starts_with("/v1/jobs") && (!read || path == "/v1/jobs") {
+    if (path.starts_with("/v1/jobs") && (!read || path == "/v1/jobs")) || path == "/v1/stats" {
         return Some(Role::Admin);
     }
     Some(if read { Role::Reader } else { Role::Writer })
@@ -467,6 +467,7 @@ mod tests {
             Some(Role::Writer)
         );
         assert_eq!(required_role(&Method::GET, "/v1/jobs"), Some(Role::Admin));
+        assert_eq!(required_role(&Method::GET, "/v1/stats"), Some(Role::Admin));
         assert_eq!(
             required_role(&Method::POST, "/v1/jobs/x/retry"),
             Some(Role::Admin)

@@ -11,8 +11,11 @@
 //! - [`state`]: [`state::AppState`], what every handler shares.
 //! - [`writes`]: the write pipeline every write route shares: accept,
 //!   `Idempotency-Key`, and the answer (`202`, or `Prefer: wait`'s).
-//! - [`routes`]: one module per resource: `kv`, `jobs`, `health`, and
-//!   `legacy` (the original service's routes).
+//! - [`routes`]: one module per resource: `kv`, `jobs`, `stats`, `health`,
+//!   `legacy` (the original service's routes), and `ui` (the web dashboard
+//!   at `/ui`, its files in `api/ui/`).
+//! - [`stats`]: the queue's figures as `GET /v1/stats` shows them, and the
+//!   write rates worked out from them.
 //! - [`auth`]: bearer tokens, roles, token minting; it also applies
 //!   [`rate_limit`].
 //! - [`caller`]: who sent a request (token subject or peer address).
@@ -41,6 +44,7 @@ pub mod request_id;
 pub mod routes;
 pub mod startup;
 pub mod state;
+pub mod stats;
 pub mod value;
 pub mod wait;
 pub mod writes;

@@ -5,15 +5,23 @@
 //!   every request; `route` is the route's pattern (`/v1/kv/{key}`), never
 //!   the raw path, so a client cannot blow up the number of series;
 //! - `kvq_api_writes_accepted_total{op}`;
-//! - `kvq_queue_jobs` (jobs waiting, in flight or waiting to be retried) and
-//!   `kvq_dead_jobs` (dead letters), read from the queue Redis for alerts and
-//!   for scaling workers on the backlog. `/metrics` is open to anyone, so
-//!   they are read at most once per [`QUEUE_GAUGES_EVERY`] per process (one
-//!   pipeline of three commands; concurrent scrapes share one read, see
-//!   [`crate::refresh`]). They are left out of a scrape when the last read
-//!   failed, and never shown stale: a figure older than
+//! - `kvq_queue_jobs` (jobs waiting, in flight or waiting to be retried),
+//!   `kvq_dead_jobs` (dead letters), and per partition
+//!   `kvq_queue_partition_jobs{partition}` (its depth) and
+//!   `kvq_queue_lag_seconds{partition}` (the age of its oldest job not yet
+//!   final, 0 when none), read from the queue Redis for alerts and for
+//!   scaling workers on the backlog. `/metrics` is open to anyone, so they
+//!   are read at most once per [`QUEUE_GAUGES_EVERY`] per process (one
+//!   pipeline of one script call per partition; concurrent scrapes share one
+//!   read, see [`crate::refresh`]). They are left out of a scrape when the
+//!   last read failed, and never shown stale: a figure older than
 //!   [`QUEUE_GAUGES_EVERY`] plus the read timeout (counted from when the read
-//!   started) is left out too;
+//!   started) is left out too. The partition label has at most
+//!   `KVQ_QUEUE_PARTITIONS` (≤ 64) values;
+//! - `kvq_redis_up{role="kv"|"queue"}`: 1 if that Redis answered the last
+//!   such reading (a `PING` to the KV Redis, the figures' read for the
+//!   queue Redis), else 0;
+//! - `kvq_build_info{component="api",version}`: always 1;
 //! - `kvq_api_body_bytes_in_flight` and `kvq_api_body_bytes_budget`: bytes
 //!   of write bodies held now, and `KVQ_MAX_BODY_BYTES_IN_FLIGHT` (see
 //!   [`crate::body`]).
@@ -31,6 +39,8 @@ use actix_web::{HttpResponse, web};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
+use kvq_shared::queue::{QueueStats, streams_config};
+
 use crate::body::BodyBudget;
 use crate::refresh::Refreshed;
 use crate::state::AppState;
@@ -44,9 +54,16 @@ const BUCKETS: [f64; 15] = [
 /// How often, at most, one API process reads the queue gauges.
 pub const QUEUE_GAUGES_EVERY: Duration = Duration::from_secs(1);
 
-/// The queue gauges of one process, `(queued, dead)`; `None` when the last
-/// read failed.
-pub struct QueueGauges(Refreshed<Option<(u64, u64)>>);
+/// One reading of the gauges that come from the Redis servers: the queue's
+/// figures (`None` when the read failed) and whether the KV Redis answered.
+#[derive(Clone)]
+pub struct RedisReading {
+    queue: Option<QueueStats>,
+    kv_up: bool,
+}
+
+/// The Redis gauges of one process (see [`RedisReading`]).
+pub struct QueueGauges(Refreshed<RedisReading>);
 
 impl Default for QueueGauges {
     fn default() -> Self {
@@ -71,6 +88,12 @@ pub fn handle() -> &'static PrometheusHandle {
             tracing::warn!("a metrics recorder was installed already; /metrics may be empty");
         }
         describe();
+        metrics::gauge!(
+            "kvq_build_info",
+            "component" => "api",
+            "version" => env!("CARGO_PKG_VERSION")
+        )
+        .set(1.0);
         handle
     })
 }
@@ -89,6 +112,10 @@ fn describe() {
     metrics::describe_counter!(
         "kvq_api_writes_accepted_total",
         "Writes queued (answered 202), by operation."
+    );
+    metrics::describe_gauge!(
+        "kvq_build_info",
+        "The running build: always 1, labelled with the component and its version."
     );
     metrics::describe_counter!(
         "kvq_api_dead_jobs_retried_total",
@@ -212,7 +239,7 @@ pub fn write_accepted(op: kvq_shared::jobs::Op) {
     get,
     path = "/metrics",
     tag = "meta",
-    description = "Prometheus text. Open to anyone; the queue gauges (`kvq_queue_jobs`, `kvq_dead_jobs`) are read from the queue Redis at most once a second per API process and shared by all scrapes, and are left out while the queue Redis does not answer.",
+    description = "Prometheus text. Open to anyone; the queue gauges (`kvq_queue_jobs`, `kvq_dead_jobs`, `kvq_queue_partition_jobs{partition}`, `kvq_queue_lag_seconds{partition}`) are read from the queue Redis at most once a second per API process and shared by all scrapes, and are left out while the queue Redis does not answer; `kvq_redis_up{role}` says which Redis answered that reading.",
     responses((status = 200, description = "Prometheus text exposition (version 0.0.4)", body = String, content_type = "text/plain")),
 )]
 pub async fn render(
@@ -238,50 +265,97 @@ pub async fn render(
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
         );
     }
-    // Gauges of the queue Redis are written here, not kept in the recorder,
-    // so that a failed read leaves them out instead of repeating an old value.
+    // Gauges of the Redis servers are written here, not kept in the
+    // recorder, so that a failed read leaves them out instead of repeating
+    // an old value.
     let timeout = state.read_attempt_timeout();
+    let live_for = streams_config(&state.config).lease;
     let reading = gauges
         .0
         .get(|| async {
-            match tokio::time::timeout(timeout, state.queue.depths()).await {
-                Ok(Ok(depths)) => Some(depths),
+            let (queue, kv) = tokio::join!(
+                tokio::time::timeout(timeout, state.queue.stats(live_for)),
+                tokio::time::timeout(timeout, state.kv.ping()),
+            );
+            let queue = match queue {
+                Ok(Ok(stats)) => Some(stats),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "could not read the queue depth for /metrics");
+                    tracing::warn!(error = %e, "could not read the queue's figures for /metrics");
                     None
                 }
                 Err(_) => {
                     tracing::warn!("the queue Redis did not answer in time for /metrics");
                     None
                 }
+            };
+            RedisReading {
+                queue,
+                kv_up: matches!(kv, Ok(Ok(()))),
             }
         })
         .await;
+    let _ = write!(
+        text,
+        "# HELP kvq_redis_up Whether the Redis server of this role answered the API's last reading (1) or not (0).\n# TYPE kvq_redis_up gauge\nkvq_redis_up{{role=\"kv\"}} {}\nkvq_redis_up{{role=\"queue\"}} {}\n\n",
+        u8::from(reading.value.kv_up),
+        u8::from(reading.value.queue.is_some()),
+    );
     // Reused readings are younger than this by construction; the check keeps
     // "never stale" true whatever the reuse rule becomes.
     let fresh = reading.started.elapsed() <= QUEUE_GAUGES_EVERY + timeout;
-    if let Some((queued, dead)) = reading.value.filter(|_| fresh) {
-        for (name, help, value) in [
-            (
-                "kvq_queue_jobs",
-                "Jobs waiting, in flight or waiting to be retried.",
-                queued,
-            ),
-            (
-                "kvq_dead_jobs",
-                "Dead letters: jobs whose retries ran out.",
-                dead,
-            ),
-        ] {
-            let _ = write!(
-                text,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
-            );
-        }
+    if let Some(stats) = reading.value.queue.as_ref().filter(|_| fresh) {
+        write_queue_gauges(&mut text, stats);
     }
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(text)
+}
+
+/// The queue's gauges for `stats`.
+fn write_queue_gauges(text: &mut String, stats: &QueueStats) {
+    let queued: u64 = stats.partitions.iter().map(|p| p.depth).sum();
+    let dead: u64 = stats.partitions.iter().map(|p| p.dead).sum();
+    for (name, help, value) in [
+        (
+            "kvq_queue_jobs",
+            "Jobs waiting, in flight or waiting to be retried.",
+            queued,
+        ),
+        (
+            "kvq_dead_jobs",
+            "Dead letters: jobs whose retries ran out.",
+            dead,
+        ),
+    ] {
+        let _ = write!(
+            text,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n\n"
+        );
+    }
+    let _ = writeln!(
+        text,
+        "# HELP kvq_queue_partition_jobs Jobs of the partition not yet final.\n# TYPE kvq_queue_partition_jobs gauge"
+    );
+    for p in &stats.partitions {
+        let _ = writeln!(
+            text,
+            "kvq_queue_partition_jobs{{partition=\"{}\"}} {}",
+            p.partition, p.depth
+        );
+    }
+    let _ = writeln!(
+        text,
+        "\n# HELP kvq_queue_lag_seconds Age of the partition's oldest job not yet final; 0 when none.\n# TYPE kvq_queue_lag_seconds gauge"
+    );
+    for p in &stats.partitions {
+        let _ = writeln!(
+            text,
+            "kvq_queue_lag_seconds{{partition=\"{}\"}} {}",
+            p.partition,
+            p.lag.as_secs_f64()
+        );
+    }
+    text.push('\n');
 }
 
 #[cfg(test)]

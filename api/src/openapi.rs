@@ -25,7 +25,7 @@ use utoipa::openapi::{
 };
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{batch, health, jobs, kv, legacy};
+use crate::routes::{batch, health, jobs, kv, legacy, stats, ui};
 
 /// The document: every path, its schemas, the bearer scheme.
 #[derive(OpenApi)]
@@ -47,6 +47,7 @@ use crate::routes::{batch, health, jobs, kv, legacy};
         jobs::get_job,
         jobs::list_jobs,
         jobs::retry_job,
+        stats::stats,
         legacy::create,
         legacy::read,
         legacy::update,
@@ -55,14 +56,19 @@ use crate::routes::{batch, health, jobs, kv, legacy};
         health::readyz,
         crate::metrics::render,
         openapi_json,
+        ui::page,
+        ui::script,
+        ui::style,
+        ui::icon,
     ),
     modifiers(&Security, &HeaderParams, &ClosedBatchWrites),
     tags(
         (name = "kv", description = "Keys: queued writes (one by one, or up to 1,000 in a batch), direct reads"),
-        (name = "jobs", description = "The status of queued writes; dead letters and their retry"),
+        (name = "jobs", description = "The status of queued writes; dead letters and their retry; the queue's figures"),
         (name = "legacy", description = "The original service's routes, answering as it did (`KVQ_LEGACY_ROUTES=false` turns them off)"),
         (name = "health", description = "Liveness and readiness; no token needed"),
         (name = "meta", description = "This document and the metrics; no token needed"),
+        (name = "ui", description = "The web dashboard; the page needs no token, its data an admin token"),
     ),
 )]
 pub struct ApiDoc;

@@ -44,6 +44,7 @@ impl Application {
         // One per process, shared by every worker thread.
         let queue_gauges = web::Data::new(crate::metrics::QueueGauges::default());
         let readiness = web::Data::new(routes::health::Readiness::default());
+        let rates = web::Data::new(crate::stats::Rates::default());
         let body_budget = web::Data::from(BodyBudget::new(
             config.max_body_bytes_in_flight,
             config.max_body_bytes(),
@@ -75,6 +76,7 @@ impl Application {
                 .app_data(body_timeout.clone())
                 .app_data(queue_gauges.clone())
                 .app_data(readiness.clone())
+                .app_data(rates.clone())
                 .app_data(body_budget.clone());
             if let Some(limit) = &rate_limit {
                 app = app.app_data(limit.clone());
@@ -98,7 +100,9 @@ impl Application {
                 .configure(routes::kv::configure)
                 .configure(routes::batch::configure)
                 .configure(routes::jobs::configure)
+                .configure(routes::stats::configure)
                 .configure(crate::openapi::configure)
+                .configure(routes::ui::configure)
                 .configure(|cfg| {
                     if legacy_routes {
                         routes::legacy::configure(cfg);

@@ -149,6 +149,16 @@ pub fn done_key(ns: &str, p: u16) -> String {
     format!("{}done", partition_prefix(ns, p))
 }
 
+/// A partition's counters, a hash: `accepted` (jobs queued, counted by the
+/// accept script), `done` (jobs passed by the committed position, counted
+/// by the commit script), `succeeded` and `failed` (jobs that ended so,
+/// counted with the worker's record writes): `{ns}:p:{<p>}:counts`. They
+/// count from when the queue Redis first held them, for
+/// `GET /v1/stats`.
+pub fn counts_key(ns: &str, p: u16) -> String {
+    format!("{}counts", partition_prefix(ns, p))
+}
+
 /// One job's record (status, attempts, timestamps, outcome), a hash in the
 /// queue Redis, in its partition's slot: `{ns}:p:{<p>}:job:<job id>`, `p`
 /// being the partition the id names. `None` for an id that is not kvq's.
@@ -285,6 +295,7 @@ mod tests {
                 lease_key("kvq", p),
                 generation_key("kvq", p),
                 done_key("kvq", p),
+                counts_key("kvq", p),
                 cancelled_key("kvq", p, "a"),
                 queued_key("kvq", p, &id),
                 dead_set("kvq", p),

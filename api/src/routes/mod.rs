@@ -5,6 +5,8 @@ pub mod health;
 pub mod jobs;
 pub mod kv;
 pub mod legacy;
+pub mod stats;
+pub mod ui;
 
 use actix_web::http::Method;
 use actix_web::{Resource, Route, web};

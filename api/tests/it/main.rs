@@ -24,4 +24,6 @@ mod openapi;
 mod reshard;
 mod resilience;
 mod stalls;
+mod stats;
+mod ui;
 mod writepath;

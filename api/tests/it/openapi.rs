@@ -21,6 +21,7 @@ const SERVED: &[(&str, &str)] = &[
         "/v1/jobs/{id}",
     ),
     ("/v1/jobs", "/v1/jobs"),
+    ("/v1/stats", "/v1/stats"),
     (
         "/v1/jobs/0198c3d2-0000-7000-8000-000000000000/retry",
         "/v1/jobs/{id}/retry",
@@ -33,6 +34,10 @@ const SERVED: &[(&str, &str)] = &[
     ("/healthz", "/healthz"),
     ("/readyz", "/readyz"),
     ("/openapi.json", "/openapi.json"),
+    ("/ui", "/ui"),
+    ("/ui/app.js", "/ui/app.js"),
+    ("/ui/style.css", "/ui/style.css"),
+    ("/ui/favicon.png", "/ui/favicon.png"),
 ];
 
 const METHODS: &[&str] = &[

@@ -27,7 +27,8 @@ const CANCELLED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
 /// or nothing: the group is one script.
 ///
 /// KEYS (one partition, one slot): the stream, the attempt's cancel mark,
-/// the partition's last `seq`, then per job its record and its queued mark.
+/// the partition's last `seq`, its counters (`accepted` goes up by the jobs
+/// queued), then per job its record and its queued mark.
 /// ARGV: retention (s), attempt, the number of jobs, then per job: id, op,
 /// key, enqueued_at, request id, the job as JSON, `new` or `again` (a dead
 /// job queued again: its record exists, and what its last run left is
@@ -48,9 +49,9 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local last = tonumber(redis.call('GET', KEYS[3]) or '0')
-local moved = false
+local moved = 0
 for i = 0, n - 1 do
-  local record, mark = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local record, mark = KEYS[5 + 2 * i], KEYS[6 + 2 * i]
   local a = 4 + 8 * i
   local id, op, key = ARGV[a], ARGV[a + 1], ARGV[a + 2]
   local found
@@ -66,7 +67,7 @@ for i = 0, n - 1 do
     local seq = now
     if seq <= last then seq = last + 1 end
     last = seq
-    moved = true
+    moved = moved + 1
     seq = string.format('%.0f', seq)
     redis.call('HSET', record, 'id', id, 'op', op, 'key', key, 'seq', seq,
       'status', 'queued', 'attempts', '0', 'enqueued_at', ARGV[a + 3],
@@ -80,7 +81,10 @@ for i = 0, n - 1 do
     out[i + 1] = {'queued', seq}
   end
 end
-if moved then redis.call('SET', KEYS[3], string.format('%.0f', last)) end
+if moved > 0 then
+  redis.call('SET', KEYS[3], string.format('%.0f', last))
+  redis.call('HINCRBY', KEYS[4], 'accepted', moved)
+end
 return out
 ",
     )
@@ -398,6 +402,20 @@ impl JobQueue {
         Ok((queued, dead))
     }
 
+    /// What the queue holds: per partition its depth, lag, owner and
+    /// counters, and the workers that heartbeat within `live_for` (one
+    /// script call per partition, in one pipeline on one server).
+    #[tracing::instrument(skip(self))]
+    pub async fn stats(&self, live_for: Duration) -> Result<super::QueueStats, StoreError> {
+        super::stats::read(
+            &self.core.conn,
+            &self.core.namespace,
+            self.partitions,
+            live_for,
+        )
+        .await
+    }
+
     /// Answers `PING` on the queue Redis.
     pub async fn ping(&self) -> Result<(), StoreError> {
         Ok(self.core.conn.ping().await?)
@@ -500,10 +518,11 @@ impl Core {
             // twice), which is what bounds the API's memory per write.
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(ACCEPT.get_hash())
-                .arg(3 + 2 * jobs.len())
+                .arg(4 + 2 * jobs.len())
                 .arg(keys::stream_key(ns, p))
                 .arg(keys::cancelled_key(ns, p, attempt))
-                .arg(keys::last_seq_key(ns, p));
+                .arg(keys::last_seq_key(ns, p))
+                .arg(keys::counts_key(ns, p));
             for job in *jobs {
                 cmd.arg(keys::job_key(ns, &job.id).ok_or_else(|| bad_id(&job.id))?)
                     .arg(keys::queued_key(ns, p, &job.id));

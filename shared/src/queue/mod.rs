@@ -47,6 +47,8 @@
 //! - this module: [`StreamsConfig`], the queue's settings;
 //! - [`accept`]: the producer side, [`JobQueue`]: accepting a job (and
 //!   settling an accept that got no answer), depths, ping;
+//! - [`stats`]: what the queue holds, per partition, and the live workers
+//!   ([`JobQueue::stats`]);
 //! - [`streams`]: the consumer side, [`StreamsBackend`], the apalis backend
 //!   (ownership, ordered hand-out, retries, commits, shutdown).
 
@@ -55,9 +57,11 @@ use std::time::Duration;
 use crate::config::Config;
 
 mod accept;
+mod stats;
 mod streams;
 
 pub use accept::{AcceptAnswer, Accepted, JobQueue, MAX_GROUP_JOBS, Prepared, Queueing};
+pub use stats::{PartitionStats, QueueStats, WorkerStats};
 pub use streams::{Fenced, Finish, FinishLayer, QueuedJob, StreamsBackend};
 
 /// Queue settings.

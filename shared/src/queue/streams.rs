@@ -165,15 +165,17 @@ return 1
     )
 });
 
-/// Commits a partition up to stream id ARGV[2] and trims the stream below
-/// ARGV[3], if lease KEYS[1] is still ARGV[1]. KEYS: lease, done, stream.
-/// Answers 1, or 0 if the lease was lost.
+/// Commits a partition up to stream id ARGV[2], trims the stream below
+/// ARGV[3] and counts the ARGV[4] jobs the commit passed, if lease KEYS[1]
+/// is still ARGV[1]. KEYS: lease, done, stream, counters. Answers 1, or 0
+/// if the lease was lost.
 static COMMIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('XTRIM', KEYS[3], 'MINID', ARGV[3])
+if tonumber(ARGV[4]) > 0 then redis.call('HINCRBY', KEYS[4], 'done', ARGV[4]) end
 return 1
 ",
     )
@@ -1086,13 +1088,17 @@ impl<T: QueuedJob> Partition<T> {
             return true;
         }
         let ns = self.ns().to_owned();
+        // The jobs this commit passes: the window's final prefix, up to `to`.
+        let passed = self.slots.keys().filter(|s| **s <= to).count();
         let committed: RedisResult<i64> = COMMIT
             .key(keys::lease_key(&ns, self.p))
             .key(keys::done_key(&ns, self.p))
             .key(keys::stream_key(&ns, self.p))
+            .key(keys::counts_key(&ns, self.p))
             .arg(&self.lease)
             .arg(format!("{to}-0"))
             .arg(format!("{to}-1"))
+            .arg(passed)
             .invoke_async(&mut self.shared.conn.clone())
             .await;
         match committed {
