@@ -23,4 +23,5 @@ mod openapi;
 mod reshard;
 mod resilience;
 mod stalls;
+mod traces;
 mod writepath;
