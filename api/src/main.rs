@@ -92,7 +92,14 @@ async fn main() -> ExitCode {
     if let Some(Command::Token { role, ttl }) = cli.command {
         return token(&config, role, ttl);
     }
-    telemetry::init(config.log_format);
+    let telemetry = telemetry::init(config.log_format, "kvq-api");
+    let code = serve(config).await;
+    telemetry.shutdown();
+    code
+}
+
+/// Checks the auth set-up, then serves until stopped.
+async fn serve(config: Config) -> ExitCode {
     match Auth::from_config(&config) {
         Ok(auth) if !auth.enabled() => {
             tracing::warn!("KVQ_AUTH_DISABLED=true: every route is open to anyone who can reach it")

@@ -1,6 +1,8 @@
 //! A request id on every request: the client's `X-Request-Id` if it is sane,
 //! else a new UUID. It is echoed in the response, attached to the request's
-//! log span, and carried in the job to the worker's logs.
+//! log span, and carried in the job to the worker's logs. The request's
+//! span also joins the trace of an incoming W3C `traceparent` header (see
+//! `kvq_shared::telemetry`).
 
 use std::time::Instant;
 
@@ -9,6 +11,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
 use actix_web::{HttpMessage, HttpRequest};
+use kvq_shared::telemetry;
 use tracing::Instrument;
 
 /// The header carrying the id.
@@ -54,6 +57,12 @@ pub async fn middleware(
         method = %req.method(),
         path = %req.path(),
     );
+    // The request joins the caller's trace, if it sent a `traceparent`.
+    let traceparent = req
+        .headers()
+        .get(telemetry::TRACEPARENT)
+        .and_then(|v| v.to_str().ok());
+    telemetry::join(&span, traceparent);
     let started = Instant::now();
     let mut response = next.call(req).instrument(span.clone()).await?;
     let status = response.status();

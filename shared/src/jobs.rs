@@ -165,6 +165,11 @@ pub struct ApplyJob {
     pub request_id: String,
     /// When the API accepted the write, Unix ms.
     pub enqueued_at: i64,
+    /// The W3C `traceparent` of the span that enqueued the job, which the
+    /// worker's apply span joins (see [`crate::telemetry`]); absent in
+    /// jobs queued before kvq carried it, and when there was no trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// A business failure: final, never retried.

@@ -16,7 +16,8 @@
 //! - [`queue`]: the partitioned queue: accepting jobs, and the apalis backend.
 //! - [`retry`]: the one retry policy for Redis calls.
 //! - [`error`]: store errors.
-//! - [`telemetry`]: log set-up.
+//! - [`telemetry`]: logs, and OpenTelemetry traces carried from request to
+//!   job.
 
 pub mod config;
 pub mod connection;

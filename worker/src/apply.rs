@@ -26,13 +26,13 @@
 use std::sync::Arc;
 
 use apalis::prelude::{AbortError, Attempt, BoxDynError, Data, DeferredError};
-use kvq_shared::StoreError;
 use kvq_shared::error::chain;
 use kvq_shared::jobs::{
     ApplyJob, Final, JobError, JobRecords, JobStatus, RETRIES_EXHAUSTED, now_ms,
 };
 use kvq_shared::queue::Fenced;
 use kvq_shared::store::{Applied, KvStore};
+use kvq_shared::{StoreError, telemetry};
 use tracing::Instrument;
 
 use crate::metrics::{InFlight, Metrics};
@@ -64,6 +64,8 @@ pub async fn handle(
         seq = job.seq,
         attempt,
     );
+    // The run joins the trace of the request that enqueued the job.
+    telemetry::join(&span, job.traceparent.as_deref());
     applier.run(job, attempt).instrument(span).await
 }
 

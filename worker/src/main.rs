@@ -50,7 +50,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
+    let telemetry = telemetry::init(config.log_format, "kvq-worker");
+    let code = work(config).await;
+    telemetry.shutdown();
+    code
+}
+
+/// Builds the worker and runs it until SIGTERM or ctrl-c.
+async fn work(config: Config) -> ExitCode {
     let worker = match Worker::build(config.clone()) {
         Ok(worker) => worker,
         Err(e) => {

@@ -16,9 +16,10 @@
 use std::time::Duration;
 
 use actix_web::HttpRequest;
-use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, JobRecords, now_ms};
 use kvq_shared::queue::{Accepted as Found, JobQueue, Queueing};
+use kvq_shared::{StoreError, telemetry};
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::request_id::RequestId;
@@ -44,24 +45,30 @@ pub(crate) async fn queue_job(
     job_id: String,
     idempotent: bool,
 ) -> Result<Queued, ApiError> {
-    let job = ApplyJob {
-        id: job_id,
-        op: write.op,
-        key: write.key,
-        seq: 0,
-        generation: 0,
-        redelivered: false,
-        value: write.value,
-        ttl_seconds: write.ttl_seconds,
-        if_match: write.if_match,
-        request_id: RequestId::of(req),
-        enqueued_at: now_ms(),
-    };
-    let queued = queue(state, job, Queueing::New, idempotent).await?;
-    if !queued.earlier {
-        crate::metrics::write_accepted(queued.accepted.op);
+    let span = tracing::info_span!("enqueue", job_id = %job_id, op = %write.op);
+    async move {
+        let job = ApplyJob {
+            id: job_id,
+            op: write.op,
+            key: write.key,
+            seq: 0,
+            generation: 0,
+            redelivered: false,
+            value: write.value,
+            ttl_seconds: write.ttl_seconds,
+            if_match: write.if_match,
+            request_id: RequestId::of(req),
+            enqueued_at: now_ms(),
+            traceparent: telemetry::traceparent(),
+        };
+        let queued = queue(state, job, Queueing::New, idempotent).await?;
+        if !queued.earlier {
+            crate::metrics::write_accepted(queued.accepted.op);
+        }
+        Ok(queued)
     }
-    Ok(queued)
+    .instrument(span)
+    .await
 }
 
 /// Queues `job` (the accept script gives it its `seq`), telling the truth
@@ -206,11 +213,20 @@ async fn settle_later(
 /// Queues a dead job again under its own id (`POST /v1/jobs/{id}/retry`),
 /// with a new `seq`, with the same truthful answers as a new write:
 /// `backend_unavailable` means it was not queued (it may go back among the
-/// dead letters), `outcome_unknown` that kvq cannot tell.
-pub(crate) async fn requeue(state: &AppState, job: ApplyJob) -> Result<ApplyJob, ApiError> {
-    let queued = queue(state, job.clone(), Queueing::Again, false).await?;
-    Ok(ApplyJob {
-        seq: queued.accepted.seq,
-        ..job
-    })
+/// dead letters), `outcome_unknown` that kvq cannot tell. The job's new run
+/// joins the retry request's trace, if it has one.
+pub(crate) async fn requeue(state: &AppState, mut job: ApplyJob) -> Result<ApplyJob, ApiError> {
+    let span = tracing::info_span!("enqueue", job_id = %job.id, op = %job.op, retry = true);
+    async move {
+        if let Some(traceparent) = telemetry::traceparent() {
+            job.traceparent = Some(traceparent);
+        }
+        let queued = queue(state, job.clone(), Queueing::Again, false).await?;
+        Ok(ApplyJob {
+            seq: queued.accepted.seq,
+            ..job
+        })
+    }
+    .instrument(span)
+    .await
 }

@@ -32,11 +32,12 @@ use std::time::Duration;
 use actix_web::{HttpRequest, HttpResponse};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use kvq_shared::StoreError;
 use kvq_shared::jobs::{ApplyJob, Claim, JobRecord, now_ms};
 use kvq_shared::keys;
 use kvq_shared::queue::{Accepted as Found, MAX_GROUP_JOBS, Prepared, Queueing};
+use kvq_shared::{StoreError, telemetry};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use crate::body::Reservation;
@@ -112,8 +113,13 @@ async fn submit(
             Claim::Reused => return Err(ApiError::IdempotencyKeyReused),
         }
     }
-    let jobs = prepare(req, state, &base, writes, scope.is_some())?;
-    let landed = queue_all(state, &jobs).await?;
+    let span = tracing::info_span!("enqueue", jobs = writes.len());
+    let landed = async {
+        let jobs = prepare(req, state, &base, writes, scope.is_some())?;
+        queue_all(state, &jobs).await
+    }
+    .instrument(span)
+    .await?;
     let replayed = landed.iter().all(|job| job.earlier);
     let queued = landed.iter().filter(|job| !job.earlier).count();
     tracing::info!(jobs = landed.len(), queued, replayed, "batch queued");
@@ -134,6 +140,8 @@ fn prepare(
 ) -> Result<Vec<Prepared>, ApiError> {
     let request_id = RequestId::of(req);
     let enqueued_at = now_ms();
+    // One trace for the whole batch: every job joins the enqueue span.
+    let traceparent = telemetry::traceparent();
     writes
         .into_iter()
         .enumerate()
@@ -159,6 +167,7 @@ fn prepare(
                 if_match: write.if_match,
                 request_id: request_id.clone(),
                 enqueued_at,
+                traceparent: traceparent.clone(),
             };
             state
                 .queue

@@ -25,5 +25,6 @@ mod reshard;
 mod resilience;
 mod stalls;
 mod stats;
+mod traces;
 mod ui;
 mod writepath;

@@ -366,6 +366,7 @@ impl Queue {
             if_match: None,
             request_id: "test".to_owned(),
             enqueued_at: now_ms(),
+            traceparent: None,
         };
         self.log.with(|s| s.plans.insert(job.id.clone(), plan));
         // The queue Redis may be restarting: accept is idempotent by job id.
