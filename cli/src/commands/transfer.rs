@@ -189,10 +189,11 @@ pub async fn import(client: &Client, args: ImportArgs) -> Result<(), CliError> {
             ttl_seconds: parsed.ttl_seconds,
         })
         .map_err(|e| CliError::Unexpected(format!("line {number}: {e}")))?;
-        if !batch.writes.is_empty() && batch.bytes + write.len() + 1 > MAX_BATCH_BYTES {
-            if let Err(e) = importer.send(&mut batch).await {
-                break Err(e);
-            }
+        if !batch.writes.is_empty()
+            && batch.bytes + write.len() + 1 > MAX_BATCH_BYTES
+            && let Err(e) = importer.send(&mut batch).await
+        {
+            break Err(e);
         }
         batch.bytes += write.len() + 1;
         batch.writes.push(write);

@@ -21,7 +21,7 @@ fn line(i: usize) -> String {
         5 => "null".to_owned(),
         _ => format!("[{i},{},\"x\"]", i * 2),
     };
-    let ttl = if i % 100 == 0 {
+    let ttl = if i.is_multiple_of(100) {
         ",\"ttl_seconds\":3600"
     } else {
         ""
