@@ -142,10 +142,13 @@ kvq is running at $base  (logs: $dir/logs, Ctrl-C stops everything)
 
 A writer token, valid 24 h (\`target/release/kvq-api token --role ROLE\` mints more):
   export KVQ_TOKEN=$token
+  export KVQ_URL=$base
 
+  target/release/kvq put greeting hello --string --wait
+  target/release/kvq get greeting
   curl -s -X POST $base/v1/kv -H "Authorization: Bearer \$KVQ_TOKEN" \\
-       -H 'Content-Type: application/json' -d '{"key":"greeting","value":"hello"}'
-  curl -s $base/v1/kv/greeting -H "Authorization: Bearer \$KVQ_TOKEN"
+       -H 'Content-Type: application/json' -d '{"key":"greeting2","value":"hello"}'
+  curl -s $base/v1/kv/greeting2 -H "Authorization: Bearer \$KVQ_TOKEN"
 INFO
   # Stay up until Ctrl-C, or until a kvq process dies.
   while true; do

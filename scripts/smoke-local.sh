@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Starts `./deploy.sh --local` on spare ports, writes and reads a key through
-# it, stops it with Ctrl-C (SIGINT) and checks that everything stopped.
+# it (with curl, then with the `kvq` command line), stops it with Ctrl-C
+# (SIGINT) and checks that everything stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -44,6 +45,17 @@ done
 curl -fsS "${auth[@]}" "$base/v1/kv/smoke/1" | grep -q '"version":1' || {
   echo "smoke: the write was not applied" >&2
   cat "$out" >&2
+  exit 1
+}
+
+# The command line, configured as the deploy prints it.
+cli=$(KVQ_TOKEN=$token KVQ_URL=$base target/release/kvq put smoke/2 '{"via":"kvq"}' --wait)
+[ "$cli" = "created smoke/2, version 1" ] || {
+  echo "smoke: kvq put answered: $cli" >&2
+  exit 1
+}
+[ "$(KVQ_TOKEN=$token KVQ_URL=$base target/release/kvq get smoke/2)" = '{"via":"kvq"}' ] || {
+  echo "smoke: kvq get did not read what kvq put wrote" >&2
   exit 1
 }
 
