@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::connection::{Conn, WaitReplicas, query_all};
+use crate::connection::{Conn, WaitReplicas, query_all, query_loading};
 use crate::error::StoreError;
 use crate::group::{Flush, GroupCommit, Limits};
 use crate::keys;
@@ -490,7 +490,25 @@ struct RecordWrite {
     announce: bool,
     /// When a job whose retries ran out died: it joins the dead letters.
     dead_at: Option<i64>,
+    /// How the job ended, if it ended `succeeded` or `failed`: counted in
+    /// its partition's counters ([`keys::counts_key`]).
+    ended: Option<JobStatus>,
 }
+
+/// Adds ended jobs to partitions' counters. KEYS: the partitions'
+/// counters. ARGV: per key, the jobs that ended succeeded and failed.
+static COUNT_ENDS: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 1, #KEYS do
+  local ok, failed = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  if ok > 0 then redis.call('HINCRBY', KEYS[i], 'succeeded', ok) end
+  if failed > 0 then redis.call('HINCRBY', KEYS[i], 'failed', failed) end
+end
+return 1
+",
+    )
+});
 
 impl JobRecords {
     /// Job records under `KVQ_NAMESPACE`, kept for `KVQ_JOB_RETENTION_SECONDS`
@@ -558,6 +576,7 @@ impl JobRecords {
         clear: &'static [&'static str],
         announce: bool,
         dead_at: Option<i64>,
+        ended: Option<JobStatus>,
     ) -> Result<(), StoreError> {
         let (p, key) = self.key_of(job_id)?;
         let write = RecordWrite {
@@ -568,6 +587,7 @@ impl JobRecords {
             clear,
             announce,
             dead_at,
+            ended,
         };
         self.writes.submit(usize::from(p), write).await
     }
@@ -578,7 +598,7 @@ impl JobRecords {
         let mut fields = Self::base_fields(job, attempt, now);
         fields.push(("status", JobStatus::Running.as_str().to_owned()));
         let clear: &[&str] = if attempt > 1 { &["finished_at"] } else { &[] };
-        self.write(&job.id, fields, clear, false, None).await
+        self.write(&job.id, fields, clear, false, None, None).await
     }
 
     /// Records how a job's `attempt`-th run, started at `started_at`, ended,
@@ -613,7 +633,8 @@ impl JobRecords {
                 serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             fields.push((PAYLOAD, payload));
         }
-        self.write(&job.id, fields, &[], true, dead_at).await
+        let ended = matches!(status, JobStatus::Succeeded | JobStatus::Failed).then_some(status);
+        self.write(&job.id, fields, &[], true, dead_at, ended).await
     }
 
     /// Takes job `id` out of the dead letters and returns what it queued and
@@ -875,7 +896,8 @@ impl Flush for RecordWriter {
 }
 
 impl RecordWriter {
-    /// `writes` (of one partition on a cluster) in one pipeline, then one
+    /// `writes` (of one partition on a cluster) in one pipeline, with one
+    /// call that counts the jobs that ended succeeded or failed, then one
     /// notice naming every job that ended, space-separated.
     async fn write_group(&self, writes: &[RecordWrite]) -> Result<(), StoreError> {
         // No MULTI: each command is idempotent, and a retry repeats them all.
@@ -899,6 +921,32 @@ impl RecordWriter {
                     .ignore();
             }
         }
+        // Ended jobs by partition, in order of first appearance: (succeeded,
+        // failed).
+        let mut counts: Vec<(u16, u64, u64)> = Vec::new();
+        for write in writes {
+            let (ok, failed) = match write.ended {
+                Some(JobStatus::Succeeded) => (1, 0),
+                Some(JobStatus::Failed) => (0, 1),
+                _ => continue,
+            };
+            match counts.iter_mut().find(|(p, ..)| *p == write.p) {
+                Some(count) => {
+                    count.1 += ok;
+                    count.2 += failed;
+                }
+                None => counts.push((write.p, ok, failed)),
+            }
+        }
+        if !counts.is_empty() {
+            let mut call = COUNT_ENDS.prepare_invoke();
+            for (p, ok, failed) in &counts {
+                call.key(keys::counts_key(&self.namespace, *p))
+                    .arg(*ok)
+                    .arg(*failed);
+            }
+            pipe.invoke_script(&call).ignore();
+        }
         let ended: Vec<&str> = writes
             .iter()
             .filter(|w| w.announce)
@@ -913,7 +961,7 @@ impl RecordWriter {
         if !ended.is_empty() && !publish_apart {
             pipe.publish(&channel, &notice).ignore();
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        query_loading::<()>(&conn, &pipe, &COUNT_ENDS).await?;
         // The notice is best effort there: a `Prefer: wait` request that
         // misses it answers 202 when its time runs out. Failing the jobs'
         // records for it would stall every partition's jobs while the

@@ -638,13 +638,24 @@ impl Stack {
     /// [`Stack::workers`]; `None` if it does not answer (a frozen worker
     /// does not) or has no such sample.
     pub async fn worker_metric(&self, index: usize, name: &str) -> Option<i64> {
+        let text = self.worker_metrics(index).await?;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))?
+            .trim()
+            .parse::<i64>()
+            .ok()
+    }
+
+    /// The `/metrics` text of worker `index` of [`Stack::workers`]; `None`
+    /// if it does not answer.
+    pub async fn worker_metrics(&self, index: usize) -> Option<String> {
         let port = self.workers[index]
             .logs()
             .iter()
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             .find_map(|line| line["health_port"].as_u64())?;
-        let text = self
-            .http
+        self.http
             .get(format!("http://127.0.0.1:{port}/metrics"))
             .timeout(Duration::from_secs(5))
             .send()
@@ -652,12 +663,6 @@ impl Stack {
             .ok()?
             .text()
             .await
-            .ok()?;
-        let prefix = format!("{name} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))?
-            .trim()
-            .parse::<i64>()
             .ok()
     }
 

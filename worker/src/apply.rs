@@ -45,7 +45,7 @@ pub struct Applier {
     pub records: JobRecords,
     /// Runs before a job with errors Redis answered is `dead`.
     pub max_attempts: u32,
-    /// Counters for `/metrics`.
+    /// The metrics of `/metrics`.
     pub metrics: Arc<Metrics>,
 }
 
@@ -66,7 +66,10 @@ pub async fn handle(
     );
     // The run joins the trace of the request that enqueued the job.
     telemetry::join(&span, job.traceparent.as_deref());
-    applier.run(job, attempt).instrument(span).await
+    let (op, started) = (job.op, std::time::Instant::now());
+    let result = applier.run(job, attempt).instrument(span).await;
+    applier.metrics.run(op, started.elapsed());
+    result
 }
 
 /// Why a run did not end the job.
@@ -141,6 +144,7 @@ impl Applier {
                     tracing::error!(error = %chain(&record), "could not record the job as dead");
                     return Err(DeferredError::new(record).into());
                 }
+                self.metrics.applied(job.op, job.enqueued_at, now_ms());
                 Err(AbortError::new(e).into())
             }
             Err(RunError::Store(e)) => {
@@ -194,6 +198,7 @@ impl Applier {
         self.records
             .finish(job, &end, attempt, started_at, now_ms())
             .await?;
+        self.metrics.applied(job.op, job.enqueued_at, now_ms());
         Ok(end)
     }
 }

@@ -6,7 +6,8 @@
 //!   bound first, so tests use port 0) and runs the apalis worker under a
 //!   supervisor that restarts it after queue errors and drains it on stop.
 //! - [`apply`]: the job handler.
-//! - [`metrics`]: counters served at `/metrics` beside `/healthz`.
+//! - [`metrics`]: counters, gauges and histograms (the `metrics` crate),
+//!   served at `/metrics` beside `/healthz`.
 
 pub mod apply;
 pub mod metrics;

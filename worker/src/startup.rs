@@ -72,9 +72,8 @@ impl Worker {
     /// jobs finish for at most `KVQ_WORKER_SHUTDOWN_TIMEOUT_SECONDS`, and
     /// returns. Jobs cut off by that timeout are re-run by another worker.
     pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), anyhow::Error> {
-        let metrics = self.applier.metrics.clone();
+        let upkeep = tokio::spawn(crate::metrics::upkeep());
         let health = HttpServer::new(move || {
-            let metrics = metrics.clone();
             App::new()
                 .route(
                     "/healthz",
@@ -84,13 +83,10 @@ impl Worker {
                 )
                 .route(
                     "/metrics",
-                    web::get().to(move || {
-                        let text = metrics.render();
-                        async move {
-                            HttpResponse::Ok()
-                                .content_type("text/plain; version=0.0.4")
-                                .body(text)
-                        }
+                    web::get().to(|| async {
+                        HttpResponse::Ok()
+                            .content_type("text/plain; version=0.0.4")
+                            .body(crate::metrics::render())
                     }),
                 )
         })
@@ -123,6 +119,7 @@ impl Worker {
         }
         health_handle.stop(true).await;
         let _ = health_task.await;
+        upkeep.abort();
         Ok(())
     }
 }

@@ -30,6 +30,7 @@ const SERVED: &[(&str, &str)] = &[
     ("/read/k", "/read/{key}"),
     ("/update/k", "/update/{key}"),
     ("/delete/k", "/delete/{key}"),
+    ("/v1/stats", "/v1/stats"),
     ("/metrics", "/metrics"),
     ("/healthz", "/healthz"),
     ("/readyz", "/readyz"),
