@@ -12,7 +12,7 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::connection::{Conn, WaitReplicas, query_all, query_loading};
+use crate::connection::{Conn, WaitReplicas, query_all};
 use crate::error::StoreError;
 use crate::group::{Flush, GroupCommit, Limits};
 use crate::keys;
@@ -495,21 +495,6 @@ struct RecordWrite {
     ended: Option<JobStatus>,
 }
 
-/// Adds ended jobs to partitions' counters. KEYS: the partitions'
-/// counters. ARGV: per key, the jobs that ended succeeded and failed.
-static COUNT_ENDS: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
-        r"
-for i = 1, #KEYS do
-  local ok, failed = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
-  if ok > 0 then redis.call('HINCRBY', KEYS[i], 'succeeded', ok) end
-  if failed > 0 then redis.call('HINCRBY', KEYS[i], 'failed', failed) end
-end
-return 1
-",
-    )
-});
-
 impl JobRecords {
     /// Job records under `KVQ_NAMESPACE`, kept for `KVQ_JOB_RETENTION_SECONDS`
     /// once written, over `KVQ_QUEUE_PARTITIONS` partitions.
@@ -896,8 +881,8 @@ impl Flush for RecordWriter {
 }
 
 impl RecordWriter {
-    /// `writes` (of one partition on a cluster) in one pipeline, with one
-    /// call that counts the jobs that ended succeeded or failed, then one
+    /// `writes` (of one partition on a cluster) in one pipeline, with
+    /// the counts of jobs that ended succeeded or failed, then one
     /// notice naming every job that ended, space-separated.
     async fn write_group(&self, writes: &[RecordWrite]) -> Result<(), StoreError> {
         // No MULTI: each command is idempotent, and a retry repeats them all.
@@ -939,13 +924,18 @@ impl RecordWriter {
             }
         }
         if !counts.is_empty() {
-            let mut call = COUNT_ENDS.prepare_invoke();
+            // Plain commands, not a script: a script the server has
+            // forgotten would fail the pipeline after its other commands
+            // ran, and sending it again would repeat the notice.
             for (p, ok, failed) in &counts {
-                call.key(keys::counts_key(&self.namespace, *p))
-                    .arg(*ok)
-                    .arg(*failed);
+                let key = keys::counts_key(&self.namespace, *p);
+                if *ok > 0 {
+                    pipe.hincr(&key, "succeeded", *ok).ignore();
+                }
+                if *failed > 0 {
+                    pipe.hincr(&key, "failed", *failed).ignore();
+                }
             }
-            pipe.invoke_script(&call).ignore();
         }
         let ended: Vec<&str> = writes
             .iter()
@@ -961,7 +951,7 @@ impl RecordWriter {
         if !ended.is_empty() && !publish_apart {
             pipe.publish(&channel, &notice).ignore();
         }
-        query_loading::<()>(&conn, &pipe, &COUNT_ENDS).await?;
+        pipe.query_async::<()>(&mut conn).await?;
         // The notice is best effort there: a `Prefer: wait` request that
         // misses it answers 202 when its time runs out. Failing the jobs'
         // records for it would stall every partition's jobs while the
