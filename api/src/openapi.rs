@@ -61,6 +61,8 @@ use crate::routes::{batch, health, jobs, kv, legacy, stats, ui};
         ui::style,
         ui::icon,
     ),
+    // Schemas a parameter refers to by name (`$ref`) but no body carries.
+    components(schemas(health::ReadyScope)),
     modifiers(&Security, &HeaderParams, &ClosedBatchWrites),
     tags(
         (name = "kv", description = "Keys: queued writes (one by one, or up to 1,000 in a batch), direct reads"),
